@@ -1,0 +1,39 @@
+"""Packaging for stepvideo.
+
+torch is deliberately left unpinned: GPU hosts bring their own build (for example
+torch 2.11 on Python 3.12). CI pins the CPU wheel through ``constraints-ci.txt``.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="stepvideo",
+    version="0.1.0",
+    description="Inference toolkit for the Step-Video T2V / TI2V models",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["stepvideo", "stepvideo.*"]),
+    install_requires=[
+        "torch>=2.3",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm",
+        "sentencepiece>=0.1.99",
+        "transformers>=4.39.1",
+        "flask>=2.2",
+        "waitress>=2.1",
+        "requests",
+        "pillow",
+        "imageio>=2.30",
+        "imageio-ffmpeg>=0.4.9",
+    ],
+    extras_require={
+        "hub": ["huggingface_hub>=0.20"],
+        "test": ["pytest>=7", "pytest-timeout"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "stepvideo-tiny=stepvideo.testing.tiny:main",
+        ]
+    },
+)

@@ -1,0 +1,94 @@
+"""Shared test fixtures.
+
+``shared_dir`` resolves the project's shared material (specs, golden vectors, data): by
+default ``../shared`` next to the repository root, or the folder named by the environment
+variable ``STEPVIDEO_SHARED_DIR``. Tests that need it are skipped, naming the path tried,
+only when it is absent.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ENV = "STEPVIDEO_SHARED_DIR"
+
+
+def shared_path() -> Path:
+    env = os.environ.get(SHARED_ENV)
+    return Path(env).resolve() if env else (REPO_ROOT.parent / "shared").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    path = shared_path()
+    if not path.is_dir():
+        pytest.skip(f"shared material not found at {path} (set {SHARED_ENV} to override)")
+    return path
+
+
+class Golden:
+    """Access to ``<shared>/golden``: the manifest and the tensors of each case."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.manifest = json.loads((root / "manifest.json").read_text())
+        self._cache = {}
+
+    def case(self, name: str) -> dict:
+        return self.manifest["cases"][name]
+
+    def tensors(self, filename: str) -> dict:
+        if filename not in self._cache:
+            from safetensors.torch import load_file
+            self._cache[filename] = load_file(str(self.root / filename))
+        return self._cache[filename]
+
+    def data(self, name: str) -> dict:
+        return self.tensors(self.case(name)["file"])
+
+    def weights(self, name: str) -> dict:
+        """State dict of a case, under the upstream key names (later files override earlier)."""
+        state = {}
+        for f in self.case(name)["weights_files"]:
+            state.update({k[len("weights."):]: v for k, v in self.tensors(f).items() if k.startswith("weights.")})
+        return state
+
+    def tolerance(self, name: str) -> dict:
+        tol = self.case(name)["tolerance"]
+        return {"atol": tol["atol"], "rtol": tol["rtol"]}
+
+
+@pytest.fixture(scope="session")
+def golden(shared_dir) -> Golden:
+    root = shared_dir / "golden"
+    if not (root / "manifest.json").is_file():
+        pytest.skip(f"golden vectors not found at {root}")
+    return Golden(root)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    """Goldens were produced with 2 torch threads; keep results comparable and stable."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A complete tiny T2V model dir written once per session by the package's factory."""
+    from stepvideo.testing.tiny import write_tiny_model_dir
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "t2v", variant="t2v", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ti2v_model_dir(tmp_path_factory) -> Path:
+    """A complete tiny TI2V model dir (same text encoders and VAE as the T2V one)."""
+    from stepvideo.testing.tiny import write_tiny_model_dir
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "ti2v", variant="ti2v", seed=0)
