@@ -202,6 +202,7 @@ def load_state_into_model(
         current = getattr(module, attr)
         if tuple(current.shape) != tuple(tensor.shape):
             report.mismatched.append((key, tuple(tensor.shape), tuple(current.shape)))
+            seen.add(name)   # present, but wrong: reported as mismatched, not missing
             continue
         value = _convert(tensor, dtype, device)
         if is_param:

@@ -1,0 +1,1 @@
+"""Neural network modules. Import the submodule you need (``stepvideo.models.dit`` ...)."""

@@ -1,0 +1,82 @@
+"""3D rotary position embedding of the DiT self-attention.
+
+The 128 head channels are split ``[64, 32, 32]`` for (frame, row, column). Within a chunk of
+width ``D`` the inverse frequencies are ``10000 ** (-2k / D)``; angles ``p * theta`` are
+computed in fp32, then cast to the token dtype BEFORE cos/sin (a bf16 quirk of the
+reference that changes numbers), and the rotate-half convention is used per chunk.
+
+Tables are built for the full token list of a latent grid ``(F, h, w)`` in frame-major
+order; sequence-parallel ranks take the same contiguous row range as their tokens.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import torch
+
+ROPE_SPLIT = (64, 32, 32)
+ROPE_BASE = 10000.0
+
+
+def _axis_table(length: int, dim: int, dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions ``0..length-1`` of one chunk: each ``[length, dim]`` in ``dtype``."""
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    pos = torch.arange(length, dtype=torch.float32, device=device)
+    angles = torch.outer(pos, inv_freq).to(dtype)            # [P, dim/2], rounded to token dtype
+    angles = torch.cat([angles, angles], dim=-1)              # [P, dim]
+    return angles.cos(), angles.sin()
+
+
+class RoPE3D:
+    """Builds and caches ``(cos, sin)`` tables of shape ``[L, 128]`` per (grid, dtype, device).
+
+    The cache is a plain per-instance dict (no module buffers), so models built on the meta
+    device need no re-materialisation.
+    """
+
+    def __init__(self, split: Sequence[int] = ROPE_SPLIT, max_cache: int = 8):
+        self.split = tuple(split)
+        self.head_dim = sum(self.split)
+        self._cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._max_cache = max_cache
+
+    def tables(self, grid: Sequence[int], dtype: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``[F*h*w, head_dim]`` in ``dtype``, token order frame-major."""
+        key = (tuple(grid), dtype, str(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        frames, rows, cols = grid
+        length = max(frames, rows, cols)   # one shared table length, as the reference
+        cos_parts, sin_parts = [], []
+        axis_len = (frames, rows, cols)
+        for axis, dim in enumerate(self.split):
+            cos, sin = _axis_table(length, dim, dtype, device)
+            shape = [1, 1, 1, dim]
+            shape[axis] = axis_len[axis]
+            expand = (frames, rows, cols, dim)
+            cos_parts.append(cos[: axis_len[axis]].view(shape).expand(expand))
+            sin_parts.append(sin[: axis_len[axis]].view(shape).expand(expand))
+        cos = torch.cat(cos_parts, dim=-1).reshape(frames * rows * cols, self.head_dim)
+        sin = torch.cat(sin_parts, dim=-1).reshape(frames * rows * cols, self.head_dim)
+        if len(self._cache) >= self._max_cache:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = (cos, sin)
+        return cos, sin
+
+
+def rotate_half_chunks(x: torch.Tensor, split: Sequence[int] = ROPE_SPLIT) -> torch.Tensor:
+    """``[u, v] -> [-v, u]`` inside each chunk of the last dim."""
+    out = []
+    for chunk in x.split(list(split), dim=-1):
+        u, v = chunk.chunk(2, dim=-1)
+        out.append(torch.cat([-v, u], dim=-1))
+    return torch.cat(out, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               split: Sequence[int] = ROPE_SPLIT) -> torch.Tensor:
+    """Rotate ``x [B, L, N, D]`` with tables ``cos, sin [L, D]`` (same dtype as ``x``)."""
+    cos = cos[None, :, None, :]
+    sin = sin[None, :, None, :]
+    return x * cos + rotate_half_chunks(x, split) * sin
