@@ -50,7 +50,12 @@ def test_pytorch_model_bin_is_loaded_safely(golden, golden_clip_dir, tmp_path):
     _check_golden(HunyuanClip(folder), golden)
 
     torch.save({"payload": NotWeights()}, encoder / "pytorch_model.bin")
-    with pytest.raises(CorruptCheckpointError, match="pytorch_model.bin"):
+    with pytest.raises(CorruptCheckpointError, match="weights_only=True"):
+        HunyuanClip(folder)
+
+    (encoder / "pytorch_model.bin").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 1302\n")
+    with pytest.raises(CorruptCheckpointError, match="git-lfs"):
         HunyuanClip(folder)
 
 

@@ -46,13 +46,24 @@ def _weight_source(encoder_dir: Path) -> Tuple[str, list]:
 def _read_bin(path: Path) -> dict:
     """``torch.load(weights_only=True)`` of a state dict (memory-mapped, so tensors are paged in
     one at a time as they are moved to the target device)."""
-    from ..loading import CorruptCheckpointError
+    import zipfile
 
+    from ..loading import CorruptCheckpointError
+    from ..loading.checkpoint import LFS_POINTER_PREFIX
+
+    with open(path, "rb") as fh:
+        if fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX:
+            raise CorruptCheckpointError(
+                f"{path} is a git-lfs pointer file, not the weights: run `git lfs pull` in the checkpoint "
+                "repository or download it with huggingface_hub")
+    # mmap needs the zip format (torch >= 1.6); older pickles are read into memory
+    mmap = zipfile.is_zipfile(path)
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # pickle/zip errors come in many types
-        raise CorruptCheckpointError(f"{path} could not be read as a torch weights file "
-                                     f"({type(err).__name__}: {err}); download it again") from err
+        raise CorruptCheckpointError(f"{path} could not be read as a torch weights file with "
+                                     f"weights_only=True ({type(err).__name__}: {err}); if it was truncated, "
+                                     "download it again") from err
     if not isinstance(state, dict):
         raise CorruptCheckpointError(f"{path} does not hold a state dict (got {type(state).__name__})")
     return state
