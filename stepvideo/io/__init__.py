@@ -1,0 +1,1 @@
+"""Video, image and frame conversion helpers (no heavy imports here)."""

@@ -1,0 +1,361 @@
+"""``StepVideoPipeline``: text-to-video and image-to-video sampling (spec section 5).
+
+Stages: ``check_inputs`` -> ``encode_prompt`` (remote service or local encoders, or precomputed
+embeddings) -> ``prepare_latents`` -> [TI2V] ``prepare_condition`` -> ``denoise`` (CFG + Euler) ->
+``decode`` (rank 0) -> ``postprocess`` + mp4 (rank 0).
+
+The mode follows the transformer: a model built with ``use_additional_conditions=True`` (the
+TI2V checkpoint) needs a first image (or precomputed condition latents) and a motion score.
+
+Numerics follow the reference: noise drawn in bf16 from a fresh default-seeded generator on
+the execution device unless a seed/generator is given; latents cast to bf16 on entry, fp32 after
+the first Euler step and re-cast to the transformer dtype each step; CFG evaluated in the model
+dtype; text mask cast to the model dtype (bf16 length rounding).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from ..config import OutputConfig
+from .outputs import StepVideoPipelineOutput
+from .postprocess import decoded_to_frames
+
+logger = logging.getLogger(__name__)
+
+FRAMES_PER_CHUNK = 17          # pixel frames per VAE chunk
+LATENTS_PER_CHUNK = 3          # latent frames per VAE chunk
+SPATIAL_COMPRESSION = 16
+
+
+class StepVideoPipeline:
+    """Sampling pipeline; constructor arguments are the reference's plus keyword-only extras.
+
+    Args:
+        transformer: ``StepVideoModel`` (or any callable with the same forward, e.g. a
+            CFG-parallel wrapper exposing ``dtype``, ``device`` and ``use_additional_conditions``).
+        scheduler: ``FlowMatchDiscreteScheduler``.
+        vae_url, caption_url: the service's address (``http://host:port`` or a bare host meaning
+            port 8080), used when no local ``vae`` / ``caption_encoder`` is given.
+        save_path, name_suffix: where mp4 files go and an optional name suffix.
+        caption_encoder: anything with ``embedding(prompts) -> {y, y_mask, clip_embedding}``.
+        vae: anything with ``decode(latents)`` and ``encode(video, ...)``.
+        rank: global rank; only rank 0 decodes, writes files and shows progress.
+    """
+
+    vae_scale_factor_temporal = 8
+    vae_scale_factor_spatial = SPATIAL_COMPRESSION
+
+    def __init__(self, transformer, scheduler, vae_url: str = "127.0.0.1", caption_url: str = "127.0.0.1",
+                 save_path: str = "./results", name_suffix: str = "", *, caption_encoder=None, vae=None,
+                 rank: int = 0, service_token: Optional[str] = None):
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.vae_url = vae_url
+        self.caption_url = caption_url
+        self.save_path = save_path
+        self.name_suffix = name_suffix
+        self.caption_encoder = caption_encoder
+        self.vae = vae
+        self.rank = rank
+        self.service_token = service_token
+
+    # ------------------------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_dir: Union[str, os.PathLike], *, torch_dtype=torch.bfloat16,
+                        device: Union[str, torch.device] = "cpu", **kwargs) -> "StepVideoPipeline":
+        """Load ``transformer/`` and ``scheduler/`` of a model dir (or Hub repo id)."""
+        from ..loading import layout
+        from ..loading.hub import resolve_model_dir
+        from ..models.dit import StepVideoModel
+        from ..schedulers.flow_match_euler import FlowMatchDiscreteScheduler
+
+        root = resolve_model_dir(model_dir, allow_patterns=layout.DIT_PATTERNS)
+        transformer = StepVideoModel.from_pretrained(root, torch_dtype=torch_dtype, device=device,
+                                                     progress=kwargs.pop("progress", False))
+        scheduler = FlowMatchDiscreteScheduler.from_pretrained(root)
+        return cls(transformer, scheduler, **kwargs)
+
+    def setup_api(self, vae_url: str, caption_url: str) -> None:
+        """Point the pipeline at a running caption/VAE service (the reference's method)."""
+        from ..service.client import RemoteCaptionEncoder, RemoteVAE
+
+        self.vae_url, self.caption_url = vae_url, caption_url
+        self.caption_encoder = RemoteCaptionEncoder(caption_url, token=self.service_token)
+        self.vae = RemoteVAE(vae_url, token=self.service_token)
+
+    def to(self, device=None, dtype=None) -> "StepVideoPipeline":
+        self.transformer.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def is_ti2v(self) -> bool:
+        return bool(getattr(self.transformer, "use_additional_conditions", False))
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def _caption(self):
+        if self.caption_encoder is None:
+            self.setup_api(self.vae_url, self.caption_url)
+        return self.caption_encoder
+
+    def _vae(self):
+        if self.vae is None:
+            self.setup_api(self.vae_url, self.caption_url)
+        return self.vae
+
+    # ------------------------------------------------------------------------------------
+    # stages
+    # ------------------------------------------------------------------------------------
+    @staticmethod
+    def check_inputs(height: int, width: int, num_frames: int):
+        """Round sizes down (frames to a multiple of 17, sides to multiples of 16) with a warning;
+        raise for values below the minimum. Returns ``(height, width, num_frames)``."""
+        for name, value, minimum in (("num_frames", num_frames, FRAMES_PER_CHUNK),
+                                     ("height", height, SPATIAL_COMPRESSION), ("width", width, SPATIAL_COMPRESSION)):
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
+        frames = num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK
+        h = height // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION
+        w = width // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION
+        if frames != num_frames:
+            warnings.warn(f"num_frames={num_frames} is not a multiple of 17; using {frames}", stacklevel=3)
+        if (h, w) != (height, width):
+            warnings.warn(f"height/width {height}x{width} are not multiples of 16; using {h}x{w}", stacklevel=3)
+        return h, w, frames
+
+    def latent_shape(self, height: int, width: int, num_frames: int, batch: int = 1):
+        channels = getattr(self.transformer, "in_channels", 64)
+        frames = num_frames // FRAMES_PER_CHUNK * LATENTS_PER_CHUNK
+        return (batch, frames, channels, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+
+    def encode_prompt(self, prompt: str, pos_magic: str = "", neg_magic: str = "", prompt_embeds=None):
+        """``[prompt + pos_magic, neg_magic]`` -> ``(y [2, L, C], y_mask [2, 77 + L], clip [2, 77, C'])``
+        on the execution device in the transformer dtype (the mask too, as the reference)."""
+        if prompt_embeds is None:
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"`prompt` must be a non-empty string, got {prompt!r}")
+            prompt_embeds = self._caption().embedding([prompt + pos_magic, neg_magic])
+        elif isinstance(prompt_embeds, (tuple, list)):
+            prompt_embeds = dict(zip(("y", "y_mask", "clip_embedding"), prompt_embeds))
+        missing = {"y", "y_mask", "clip_embedding"} - set(prompt_embeds)
+        if missing:
+            raise ValueError(f"prompt_embeds lacks {sorted(missing)}")
+        y, mask, clip = prompt_embeds["y"], prompt_embeds["y_mask"], prompt_embeds["clip_embedding"]
+        if y.shape[0] != 2 or mask.shape[0] != 2 or clip.shape[0] != 2:
+            raise ValueError("prompt embeddings must hold 2 rows [conditional, unconditional], got "
+                             f"{y.shape[0]}, {mask.shape[0]}, {clip.shape[0]}")
+        if mask.shape[1] != clip.shape[1] + y.shape[1]:
+            raise ValueError(f"y_mask has {mask.shape[1]} columns, expected clip {clip.shape[1]} + text {y.shape[1]}")
+        device, dtype = self.device, self.dtype
+        return y.to(device, dtype), mask.to(device, dtype), clip.to(device, dtype)
+
+    def prepare_latents(self, shape, latents: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Initial noise in bf16 (the reference's dtype, whatever the transformer dtype).
+
+        Given ``latents`` are only moved and cast. Otherwise noise is drawn from ``generator``, or
+        a generator seeded with ``seed``, or, with neither, a FRESH generator with PyTorch's
+        default seed on the execution device: the reference's behaviour (its ``--seed`` does not
+        reach the noise, so every run starts from the same noise for a given shape).
+        """
+        device = self.device
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shape):
+                raise ValueError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
+            return latents.to(device=device, dtype=torch.bfloat16)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            if seed is not None:
+                generator.manual_seed(seed)
+        return torch.randn(shape, generator=generator, dtype=torch.bfloat16, device=device)
+
+    def prepare_condition(self, shape, first_image=None, condition_latents: Optional[torch.Tensor] = None,
+                          seed: Optional[int] = None) -> torch.Tensor:
+        """TI2V condition ``[2 * B, F, C, h, w]`` bf16: frame 0 = image latent, zeros after,
+        identical for both CFG rows."""
+        b, frames, channels, h, w = shape
+        if condition_latents is None:
+            if first_image is None:
+                raise ValueError("this is a TI2V model: pass `first_image` (path, PIL image or tensor) "
+                                 "or precomputed `condition_latents`")
+            from ..io.image import prepare_first_image
+            image = prepare_first_image(first_image, h * SPATIAL_COMPRESSION, w * SPATIAL_COMPRESSION)
+            condition_latents = encode_image(self._vae(), image, seed)
+        cond = condition_latents.detach().to("cpu")
+        if cond.ndim != 5 or tuple(cond.shape[2:]) != (channels, h, w):
+            raise ValueError(f"condition latents must be [B, 1 | F, {channels}, {h}, {w}], got {list(cond.shape)}")
+        if cond.shape[1] == 1:
+            cond = cond.repeat(b // cond.shape[0], 1, 1, 1, 1)
+            zeros = torch.zeros(b, frames - 1, channels, h, w, dtype=torch.float32)
+            cond = torch.cat([cond, zeros], dim=1)
+        elif cond.shape[1] != frames:
+            raise ValueError(f"condition latents have {cond.shape[1]} frames, expected 1 or {frames}")
+        return torch.cat([cond, cond], dim=0).to(self.device, torch.bfloat16)
+
+    def denoise(self, latents, y, y_mask, clip, num_inference_steps: int, guidance_scale: float,
+                time_shift: float, condition=None, motion_score: Optional[float] = None,
+                callback: Optional[Callable] = None, progress: bool = True) -> torch.Tensor:
+        """The CFG + Euler loop; returns the final latents (fp32)."""
+        from tqdm.auto import tqdm
+
+        do_cfg = guidance_scale > 1
+        if not do_cfg:        # the reference sends batch-2 text anyway and fails; we use the cond row
+            y, y_mask, clip = y[:1], y_mask[:1], clip[:1]
+            condition = condition[:1] if condition is not None else None
+        self.scheduler.set_timesteps(num_inference_steps, time_shift=time_shift, device=self.device)
+        extra = {}
+        if self.is_ti2v:
+            extra = {"condition_hidden_states": condition, "motion_score": float(motion_score)}
+        steps = self.scheduler.timesteps
+        for i, t in enumerate(tqdm(steps, desc="denoising", disable=not progress or self.rank != 0)):
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            model_input = model_input.to(self.dtype)
+            timestep = t.expand(model_input.shape[0]).to(model_input.dtype)
+            with torch.no_grad():
+                out = self.transformer(hidden_states=model_input, timestep=timestep, encoder_hidden_states=y,
+                                       encoder_hidden_states_2=clip, encoder_attention_mask=y_mask,
+                                       return_dict=False, **extra)
+            if do_cfg:
+                cond, uncond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(out, t, latents)
+            if callback is not None:
+                callback(i, t, latents)
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, F, C, h, w]`` -> video ``[B, T, 3, H, W]`` (bf16 from the service)."""
+        vae = self._vae()
+        return vae.decode(latents.detach().float().cpu() if _is_remote(vae) else latents)
+
+    # ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Optional[str] = None,
+        height: int = 544,
+        width: int = 992,
+        num_frames: Optional[int] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 9.0,
+        time_shift: float = 13.0,
+        neg_magic: str = "",
+        pos_magic: str = "",
+        num_videos_per_prompt: Optional[int] = 1,
+        generator: Optional[torch.Generator] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: Optional[str] = "mp4",
+        output_file_name: Optional[str] = "",
+        return_dict: bool = True,
+        first_image=None,
+        motion_score: float = 2.0,
+        *,
+        seed: Optional[int] = None,
+        prompt_embeds=None,
+        condition_latents: Optional[torch.Tensor] = None,
+        output_path: Optional[Union[str, os.PathLike]] = None,
+        callback: Optional[Callable] = None,
+        progress: bool = True,
+        output: Optional[OutputConfig] = None,
+    ):
+        """Generate one video.
+
+        Reference arguments keep their defaults (``num_frames`` defaults to 204 for T2V and 102
+        for TI2V models). Extras: ``seed`` (seeds the noise and the TI2V image encoding; without
+        it the reference's fixed noise is used), ``prompt_embeds`` (dict or tuple of
+        ``y, y_mask, clip_embedding`` instead of calling the caption encoder),
+        ``condition_latents`` (TI2V: encoded first image ``[1, 1, C, h, w]``), ``output_path``
+        (explicit mp4 path), ``callback(step, t, latents)``.
+
+        ``output_type``: ``"mp4"`` (decode, write a file, return frames), ``"np"`` (decode, return
+        frames, no file), ``"latent"`` (return the fp32 latents).
+        """
+        if output_type not in ("mp4", "np", "latent"):
+            raise ValueError(f"output_type must be 'mp4', 'np' or 'latent', got {output_type!r}")
+        if num_videos_per_prompt not in (None, 1):
+            raise ValueError("num_videos_per_prompt must be 1 (the text batch is [cond, uncond])")
+        if num_frames is None:
+            num_frames = 102 if self.is_ti2v else 204
+        height, width, num_frames = self.check_inputs(height, width, num_frames)
+        timings = {}
+
+        start = time.perf_counter()
+        y, y_mask, clip = self.encode_prompt(prompt, pos_magic, neg_magic, prompt_embeds)
+        timings["encode_prompt_s"] = time.perf_counter() - start
+
+        shape = self.latent_shape(height, width, num_frames)
+        latents = self.prepare_latents(shape, latents, seed=seed, generator=generator)
+        condition = None
+        if self.is_ti2v:
+            start = time.perf_counter()
+            condition = self.prepare_condition(shape, first_image, condition_latents, seed=seed)
+            timings["encode_image_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        latents = self.denoise(latents, y, y_mask, clip, num_inference_steps, guidance_scale, time_shift,
+                               condition, motion_score, callback, progress)
+        timings["denoise_s"] = time.perf_counter() - start
+
+        if self.rank != 0:
+            result = StepVideoPipelineOutput(video=None, latents=latents, path=None, timings=timings)
+            return result if return_dict else (None,)
+        if output_type == "latent":
+            result = StepVideoPipelineOutput(video=latents, latents=latents, path=None, timings=timings)
+            return result if return_dict else (latents,)
+
+        start = time.perf_counter()
+        video = self.decode(latents)
+        timings["decode_s"] = time.perf_counter() - start
+        out_cfg = output or OutputConfig(save_path=self.save_path, name_suffix=self.name_suffix)
+        frames = decoded_to_frames(video, crop_540p=out_cfg.crop_540p)
+        path = None
+        if output_type == "mp4":
+            from ..io.video import output_video_path, write_mp4
+
+            start = time.perf_counter()
+            path = output_video_path(out_cfg.save_path, prompt or "video", seed=seed,
+                                     output_file_name=output_file_name or out_cfg.output_file_name,
+                                     name_suffix=out_cfg.name_suffix, output_path=output_path or out_cfg.output_path)
+            write_mp4(path, frames, fps=out_cfg.fps, denoise=out_cfg.denoise_filter)
+            timings["write_s"] = time.perf_counter() - start
+            logger.info("Saved the generated video in %s", path)
+        result = StepVideoPipelineOutput(video=frames, latents=latents, path=path, timings=timings)
+        return result if return_dict else (frames,)
+
+
+def _is_remote(vae) -> bool:
+    return type(vae).__module__.startswith("stepvideo.service")
+
+
+def encode_image(vae, image: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
+    """Encode the prepared first image ``[1, 1, 3, H, W]`` with a local or remote VAE.
+
+    The reference samples the posterior (unseeded); with ``seed`` the sample is reproducible.
+    """
+    params = inspect.signature(vae.encode).parameters
+    if "seed" in params:                                  # remote client
+        return vae.encode(image, seed=seed)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = getattr(vae, "dtype", torch.bfloat16)
+    device = getattr(vae, "device", "cpu")
+    # the reference server casts the image to bf16 before encoding
+    x = image.to(torch.bfloat16).to(device=device, dtype=dtype)
+    return vae.encode(x, generator=generator) if "generator" in params else vae.encode(x)
