@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loading import layout
+from ..models.norms import RMSNorm
 from .alibi import sqrt_alibi_attention, sqrt_alibi_bias
 
 logger = logging.getLogger(__name__)
@@ -95,20 +96,6 @@ class Step1Config:
 # ----------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------
-
-class RMSNorm(nn.Module):
-    """RMSNorm with the DiT numerics: fp32 statistics, cast back to the input dtype, then ``·γ``."""
-
-    def __init__(self, dim: int, eps: float, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return h.to(x.dtype) * self.weight
-
 
 class Step1Attention(nn.Module):
     """GQA self-attention with fused ``wqkv = [q (H) | per group (k (D) | v (D))]`` rows."""

@@ -1,0 +1,96 @@
+"""Command-line argument groups shared by ``run_parallel.py`` and ``benchmark/evaluation.py``.
+
+Arguments are turned into plain config objects here (``SamplingConfig``, ``OutputConfig``,
+``ParallelConfig``); library code never sees an argparse ``Namespace``.
+
+Sampling flags default to ``None`` so that a preset fills them: the CLI applies ``--preset``
+(``t2v`` by default, ``ti2v`` when ``--first_image_path`` is given) and explicit flags win.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from .config import PRESETS, OutputConfig, SamplingConfig, get_preset
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_dir", default=None,
+                   help="checkpoint folder or Hub repo id (e.g. stepfun-ai/stepvideo-t2v); "
+                        "default ./ckpts")
+    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="DiT weight dtype")
+    g.add_argument("--attention_backend", default="auto", choices=["auto", "sdpa", "flash"],
+                   help="DiT self-attention kernel")
+    g.add_argument("--local", action="store_true",
+                   help="run the text encoders and the VAE in this process instead of calling the service")
+    g.add_argument("--vae_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
+    g.add_argument("--caption_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
+    g.add_argument("--service_token", default=None,
+                   help="shared token of the service (default: env STEPVIDEO_SERVICE_TOKEN)")
+    # reference flags kept for compatibility; they have no effect (documented)
+    g.add_argument("--flow_reverse", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--flow_solver", default="euler", help=argparse.SUPPRESS)
+    g.add_argument("--model_resolution", default="540p", help=argparse.SUPPRESS)
+    g.add_argument("--use-cpu-offload", dest="use_cpu_offload", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--batch_size", type=int, default=1, help=argparse.SUPPRESS)
+    g.add_argument("--num_videos", type=int, default=1, help=argparse.SUPPRESS)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, with_prompt: bool = True) -> None:
+    g = parser.add_argument_group("sampling (unset flags come from --preset)")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="t2v (default), t2v-turbo, or ti2v (default when an image is given)")
+    if with_prompt:
+        g.add_argument("--prompt", default=None, help="the text prompt (Chinese or English)")
+        g.add_argument("--first_image_path", default=None, help="TI2V: the first frame image")
+    g.add_argument("--infer_steps", type=int, default=None, help="denoising steps")
+    g.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance scale (> 1)")
+    g.add_argument("--time_shift", type=float, default=None, help="schedule time shift")
+    g.add_argument("--num_frames", type=int, default=None, help="frames (rounded down to a multiple of 17)")
+    g.add_argument("--height", type=int, default=None, help="height in pixels (multiple of 16)")
+    g.add_argument("--width", type=int, default=None, help="width in pixels (multiple of 16)")
+    g.add_argument("--motion_score", type=float, default=None, help="TI2V motion: 2 stable, 5 default, 10-20 more")
+    g.add_argument("--pos_magic", default=None, help="text appended to the prompt")
+    g.add_argument("--neg_magic", default=None, help="the negative prompt")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed the initial noise (default: the reference's fixed noise, same for every run)")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("output")
+    g.add_argument("--save_path", default="./results", help="output folder")
+    g.add_argument("--output_file_name", default="", help="file name stem (default: from the prompt)")
+    g.add_argument("--output_path", default=None, help="explicit mp4 path (used as given)")
+    g.add_argument("--name_suffix", default="", help="appended to automatic file names")
+    g.add_argument("--no_crop", action="store_true", help="skip the reference's 540p centre crop")
+    g.add_argument("--no_denoise_filter", action="store_true", help="skip ffmpeg's atadenoise filter")
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parallelism (torchrun)")
+    g.add_argument("--ulysses_degree", type=int, default=None,
+                   help="sequence-parallel degree (default: world size / tp / cfg)")
+    g.add_argument("--ring_degree", type=int, default=1, help="must be 1 (kept for compatibility)")
+    g.add_argument("--tensor_parallel_degree", type=int, default=1, help="tensor-parallel degree")
+    g.add_argument("--cfg_parallel", action="store_true",
+                   help="run the conditional and unconditional branches on two halves of the ranks")
+    g.add_argument("--parallel_backend", default="native", choices=["native", "xfuser"],
+                   help="native all-to-all on torch.distributed, or xfuser (CUDA hosts)")
+
+
+def sampling_config(args: argparse.Namespace, has_image: Optional[bool] = None) -> SamplingConfig:
+    """Preset (explicit, or by mode) with the explicit flags applied on top."""
+    if has_image is None:
+        has_image = bool(getattr(args, "first_image_path", None))
+    preset = get_preset(args.preset or ("ti2v" if has_image else "t2v"))
+    return preset.with_overrides(
+        num_inference_steps=args.infer_steps, guidance_scale=args.cfg_scale, time_shift=args.time_shift,
+        num_frames=args.num_frames, height=args.height, width=args.width, motion_score=args.motion_score,
+        pos_magic=args.pos_magic, neg_magic=args.neg_magic, seed=args.seed)
+
+
+def output_config(args: argparse.Namespace) -> OutputConfig:
+    return OutputConfig(save_path=args.save_path, output_file_name=args.output_file_name,
+                        name_suffix=args.name_suffix, output_path=args.output_path,
+                        crop_540p=not args.no_crop, denoise_filter=not args.no_denoise_filter)
