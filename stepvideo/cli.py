@@ -22,8 +22,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="DiT weight dtype")
     g.add_argument("--attention_backend", default="auto", choices=["auto", "sdpa", "flash"],
                    help="DiT self-attention kernel")
-    g.add_argument("--local", action="store_true",
-                   help="run the text encoders and the VAE in this process instead of calling the service")
+    g.add_argument("--local", "--local_encoders", dest="local", action="store_true",
+                   help="run the text encoders and the VAE in this process instead of calling the service "
+                        "(under torchrun spell it --local_encoders: torchrun's own parser rejects --local as "
+                        "an ambiguous abbreviation)")
     g.add_argument("--vae_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
     g.add_argument("--caption_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
     g.add_argument("--service_token", default=None,
@@ -94,3 +96,32 @@ def output_config(args: argparse.Namespace) -> OutputConfig:
     return OutputConfig(save_path=args.save_path, output_file_name=args.output_file_name,
                         name_suffix=args.name_suffix, output_path=args.output_path,
                         crop_540p=not args.no_crop, denoise_filter=not args.no_denoise_filter)
+
+
+def parallel_config(args: argparse.Namespace, world_size: Optional[int] = None):
+    """``ParallelConfig`` from the flags; an unset ``--ulysses_degree`` takes the remaining ranks."""
+    import os
+
+    from .parallel.state import ParallelConfig
+
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = 2 if args.cfg_parallel else 1
+    ulysses = args.ulysses_degree
+    if ulysses is None:
+        ulysses = max(1, world // (cfg * args.tensor_parallel_degree))
+    return ParallelConfig(ulysses_degree=ulysses, tensor_parallel_degree=args.tensor_parallel_degree,
+                          cfg_parallel=args.cfg_parallel, ring_degree=args.ring_degree, backend=args.parallel_backend)
+
+
+def runtime_config(args: argparse.Namespace):
+    from .runtime import RuntimeConfig
+
+    return RuntimeConfig(model_dir=args.model_dir or "./ckpts", dtype=args.dtype,
+                         attention_backend=args.attention_backend, local=args.local, vae_url=args.vae_url,
+                         caption_url=args.caption_url, service_token=args.service_token)
+
+
+def token_count(sampling: SamplingConfig) -> int:
+    """DiT tokens per sample ``F * h * w`` for the (rounded) sampling sizes."""
+    frames = sampling.num_frames // 17 * 3
+    return frames * (sampling.height // 16) * (sampling.width // 16)

@@ -1,0 +1,130 @@
+"""The README's main job: the whole decoupled system, end to end.
+
+    bash scripts/demo.sh [--model_dir DIR] [--prompt TEXT] [--nproc 2] [--first_image_path IMG]
+
+1. Without ``--model_dir``, writes the built-in tiny model dir (once, cached under ``.cache/``).
+2. Starts the caption/VAE service (``api/call_remote_server.py``) on a free loopback port and
+   waits for ``/ready``.
+3. Runs ``torchrun --nproc_per_node N run_parallel.py ...`` with Ulysses degree N (gloo on CPU,
+   NCCL on GPUs), pointing it at the service.
+4. Stops the service and prints the mp4's path as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PROMPT = "一名宇航员在月球上发现一块石碑，上面印有“stepfun”字样，闪闪发光"
+# tiny-model generation settings: seconds on a CPU
+TINY_ARGS = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_tiny_model(cache: Path, variant: str) -> Path:
+    from .testing.tiny import write_tiny_model_dir
+
+    folder = cache / f"tiny-model-{variant}"
+    if not (folder / "tiny_model.json").is_file():
+        print(f"[demo] writing the tiny {variant} model to {folder}", file=sys.stderr)
+        write_tiny_model_dir(folder, variant=variant, overwrite=True)
+    return folder
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited with code {proc.returncode} before becoming ready")
+        try:
+            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the service at {url} was not ready after {timeout:.0f} s")
+
+
+def stop(proc: Optional[subprocess.Popen]) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/demo.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", default=None, help="real checkpoint (default: the built-in tiny model)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--first_image_path", default=None, help="run image-to-video with this image")
+    parser.add_argument("--nproc", type=int, default=2, help="torchrun ranks (Ulysses degree)")
+    parser.add_argument("--save_path", default=str(REPO_ROOT / "results"))
+    parser.add_argument("--service_device", default=None, help="device of the service (default: auto)")
+    parser.add_argument("--ready_timeout", type=float, default=600.0)
+    args, passthrough = parser.parse_known_args(argv)
+
+    tiny = args.model_dir is None
+    variant = "ti2v" if args.first_image_path else "t2v"
+    model_dir = ensure_tiny_model(REPO_ROOT / ".cache", variant) if tiny else Path(args.model_dir)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if tiny:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    server_cmd = [sys.executable, str(REPO_ROOT / "api" / "call_remote_server.py"), "--model_dir", str(model_dir),
+                  "--port", str(port)]
+    if args.service_device or tiny:
+        server_cmd += ["--device", args.service_device or "cpu"]
+    print(f"[demo] starting the service: {' '.join(server_cmd)}", file=sys.stderr)
+    server = subprocess.Popen(server_cmd, env=env, stdout=sys.stderr, stderr=sys.stderr)
+    try:
+        wait_ready(url, server, args.ready_timeout)
+        print(f"[demo] service ready at {url}", file=sys.stderr)
+        worker_cmd: List[str] = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            str(REPO_ROOT / "run_parallel.py"), "--model_dir", str(model_dir), "--vae_url", url,
+            "--caption_url", url, "--ulysses_degree", str(args.nproc), "--prompt", args.prompt,
+            "--save_path", args.save_path]
+        if args.first_image_path:
+            worker_cmd += ["--first_image_path", args.first_image_path]
+        if tiny:
+            worker_cmd += TINY_ARGS + ["--dtype", "fp32"]
+        worker_cmd += list(passthrough)
+        print(f"[demo] running: {' '.join(worker_cmd)}", file=sys.stderr)
+        result = subprocess.run(worker_cmd, env=env, stdout=subprocess.PIPE, text=True)
+        sys.stderr.write(result.stdout)
+        if result.returncode != 0:
+            print(f"[demo] run_parallel.py failed with exit code {result.returncode}", file=sys.stderr)
+            return result.returncode
+        videos = [line.strip() for line in result.stdout.splitlines() if line.strip().endswith(".mp4")]
+        if not videos or not Path(videos[-1]).is_file():
+            print("[demo] run_parallel.py did not report an mp4", file=sys.stderr)
+            return 1
+    finally:
+        stop(server)
+    print(videos[-1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
