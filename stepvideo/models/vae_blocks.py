@@ -144,9 +144,9 @@ class ResnetBlock3D(nn.Module):
         self.nin_shortcut = CausalConv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
         shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return self.conv2(F.silu(self.norm2(h)), residual=shortcut)
+        return self.conv2(F.silu(self.norm2(h), inplace=True), residual=shortcut)
 
 
 class CausalAttnBlock(nn.Module):
@@ -244,9 +244,9 @@ class Res3DBlockUpsample(nn.Module):
         self.norm2 = FrameGroupNorm(channels, per_frame_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.norm1(self.conv1(x)))
-        h = self.norm2(self.conv2(h))
-        return F.silu(h + x).add_(x)
+        h = F.silu(self.norm1(self.conv1(x)), inplace=True)
+        h = self.norm2(self.conv2(h)).add_(x)
+        return F.silu(h, inplace=True).add_(x)
 
 
 class Upsample3D(nn.Module):

@@ -96,5 +96,5 @@ class VideoDecoder(nn.Module):
         h = self.mid(h)
         for level in reversed(self.up):
             h = level(h)                                                      # -> [B, ch, 4(2F-1), 16h, 16w]
-        h = self.conv_out(F.silu(self.norm_out(h)))                           # [B, 3, 4(2F-1), H, W]
+        h = self.conv_out(F.silu(self.norm_out(h), inplace=True))                           # [B, 3, 4(2F-1), H, W]
         return h[:, :, self.trim_frames:]                                     # [B, 3, 8F-7, H, W]

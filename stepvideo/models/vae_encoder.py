@@ -87,6 +87,6 @@ class VideoEncoder(nn.Module):
         for level in self.down:
             h = level(h)                                                      # -> [B, C, F', H/8, W/8]
         h = self.mid(h)
-        h = F.silu(self.norm_out(h))                                          # no zero frames here (v2)
+        h = F.silu(self.norm_out(h), inplace=True)                                          # no zero frames here (v2)
         h = self.conv_patchify(h, residual=self.shortcut_pathify(h))          # [B, 32z, F, H/16, W/16]
         return self.conv_out(h, residual=self.shortcut_out(h))                # [B, 2z, F, H/16, W/16]
