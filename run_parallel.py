@@ -44,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     from stepvideo.parallel.state import ParallelState
-    from stepvideo.runtime import VideoGenerator
+    from stepvideo.runtime import GenerationError, VideoGenerator
 
     try:
         state = ParallelState.from_env(parallel)
@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         generator = VideoGenerator(runtime, state, sequence_tokens=cli.token_count(sampling))
         result = generator.generate(args.prompt, sampling, output, first_image=args.first_image_path)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, GenerationError) as err:
         print(f"error (rank {state.rank}): {err}", file=sys.stderr)
         return 2
     finally:

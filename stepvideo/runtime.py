@@ -43,6 +43,10 @@ class RuntimeConfig:
     encoder_device: Optional[str] = None     # --local: where the text encoders / VAE run (default: DiT device)
 
 
+class GenerationError(RuntimeError):
+    """A generation failed for a reason the user can act on (service down, bad image, ...)."""
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -154,8 +158,8 @@ class VideoGenerator:
         inputs = broadcast_from_main(self.state, inputs)
         if "error" in inputs:
             if error is not None:
-                raise RuntimeError(error)
-            raise RuntimeError(f"rank 0 failed to prepare the inputs: {inputs['error']}")
+                raise GenerationError(error)
+            raise GenerationError(f"rank 0 failed to prepare the inputs: {inputs['error']}")
 
         pipe = self.pipeline
         if self.state.is_main:
@@ -163,17 +167,26 @@ class VideoGenerator:
                 pipe.vae = _LazyVAE(self._local_vae)
             else:
                 pipe.vae = self._remote_clients()[1]
-        result = pipe(prompt=prompt, height=sampling.height, width=sampling.width, num_frames=sampling.num_frames,
-                      num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
-                      time_shift=sampling.time_shift, pos_magic=sampling.pos_magic, neg_magic=sampling.neg_magic,
-                      motion_score=sampling.motion_score, seed=sampling.seed, prompt_embeds=inputs["embeds"],
-                      condition_latents=inputs.get("condition"), output_type="mp4", output=output,
-                      output_file_name=output.output_file_name, output_path=output.output_path,
-                      progress=progress)
+                pipe.vae.output = "uint8"     # converted on the server: half the bytes, same numbers
+        failure = None
+        try:
+            result = pipe(prompt=prompt, height=sampling.height, width=sampling.width, num_frames=sampling.num_frames,
+                          num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
+                          time_shift=sampling.time_shift, pos_magic=sampling.pos_magic, neg_magic=sampling.neg_magic,
+                          motion_score=sampling.motion_score, seed=sampling.seed, prompt_embeds=inputs["embeds"],
+                          condition_latents=inputs.get("condition"), output_type="mp4", output=output,
+                          output_file_name=output.output_file_name, output_path=output.output_path,
+                          progress=progress)
+        except Exception as exc:      # rank 0's decode/write: still meet the others at the barrier
+            if not self.state.distributed:
+                raise
+            failure, result = exc, None
         if self.runtime.local and self.state.is_main:
             pipe.vae = None
             _free(self._encoder_device())
         self.state.barrier()
+        if failure is not None:
+            raise failure
         return result if self.state.is_main else None
 
 
