@@ -154,6 +154,22 @@ class StepVideoModel(nn.Module):
         files and truncated shards are detected. ``torch_dtype=None`` keeps the stored dtypes.
         ``overrides`` replace config values (e.g. ``attention_type='torch'``).
         """
+        folder, config, files = cls.locate_checkpoint(pretrained_model_name_or_path, subfolder, revision)
+        dtype = ckpt.parse_dtype(torch_dtype) if torch_dtype is not None else None
+        with torch.device("meta"):
+            model = cls.from_config(config, **overrides)
+        ckpt.load_files_into_model(model, files, dtype=dtype, device=device, strict=True, progress=progress)
+        ckpt.assert_materialized(model, f"StepVideoModel from {folder}")
+        return model.eval().requires_grad_(False)
+
+    @staticmethod
+    def locate_checkpoint(pretrained_model_name_or_path: Union[str, os.PathLike], subfolder: Optional[str] = None,
+                          revision: Optional[str] = None):
+        """Resolve a ``transformer/`` folder (or a model dir / Hub repo id holding one).
+
+        Returns ``(folder, config dict, weight files)``; every file is validated (git-lfs
+        pointers, truncation) before anything is built.
+        """
         from ..loading.hub import resolve_model_dir
 
         folder = resolve_model_dir(pretrained_model_name_or_path, allow_patterns=layout.DIT_PATTERNS,
@@ -164,14 +180,9 @@ class StepVideoModel(nn.Module):
             folder = folder / layout.TRANSFORMER_DIR
         config = ckpt.read_json(folder / layout.TRANSFORMER_CONFIG)
         files = ckpt.find_weight_files(folder, layout.TRANSFORMER_WEIGHTS)
-        for f in files:           # fail fast, before building anything
+        for f in files:
             ckpt.check_safetensors_file(f)
-        dtype = ckpt.parse_dtype(torch_dtype) if torch_dtype is not None else None
-        with torch.device("meta"):
-            model = cls.from_config(config, **overrides)
-        ckpt.load_files_into_model(model, files, dtype=dtype, device=device, strict=True, progress=progress)
-        ckpt.assert_materialized(model, f"StepVideoModel from {folder}")
-        return model.eval().requires_grad_(False)
+        return folder, config, files
 
     def set_sequence_parallel(self, hooks) -> None:
         """Install sequence-parallel hooks (an object with ``split``/``gather``/``attention``)."""

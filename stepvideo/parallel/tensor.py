@@ -151,17 +151,9 @@ def load_tensor_parallel_dit(pretrained_model_name_or_path: Union[str, os.PathLi
     checkpoint tensor is cut by :func:`shard_tensor` before it is cast and moved to ``device``.
     """
     from ..loading import checkpoint as ckpt
-    from ..loading import layout
-    from ..loading.hub import resolve_model_dir
     from ..models.dit import StepVideoModel
 
-    folder = resolve_model_dir(pretrained_model_name_or_path, allow_patterns=layout.DIT_PATTERNS)
-    if not (folder / layout.TRANSFORMER_CONFIG).is_file() and (folder / layout.TRANSFORMER_DIR).is_dir():
-        folder = folder / layout.TRANSFORMER_DIR
-    config = ckpt.read_json(folder / layout.TRANSFORMER_CONFIG)
-    files = ckpt.find_weight_files(folder, layout.TRANSFORMER_WEIGHTS)
-    for f in files:                      # fail fast, before building anything
-        ckpt.check_safetensors_file(f)
+    folder, config, files = StepVideoModel.locate_checkpoint(pretrained_model_name_or_path)
     dtype = ckpt.parse_dtype(torch_dtype) if torch_dtype is not None else None
     with torch.device("meta"):
         model = StepVideoModel.from_config(config, **overrides)
