@@ -15,9 +15,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .norms import RMSNorm
+from .norms import RMSNorm, rms_norm
 from .parallel_hooks import LocalSequence
 from .rope import apply_rope
+
+
+# Small element-wise stages, written once and used by the eager and the compiled path
+# (``stepvideo.perf.compile.compile_blocks``): torch.compile fuses each into one kernel; eager
+# evaluates exactly the same ops in the same order, so both paths compute the same numbers.
+def qk_norm_rope(x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """QK-norm (fp32 statistics, cast back, ``* weight``) then 3D RoPE, ``x [B, L, N, Dh]``."""
+    return apply_rope(rms_norm(x, norm.weight, norm.eps), cos, sin)
+
+
+def modulate(x_norm: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """AdaLN modulation in the reference order: ``x_norm * (1 + scale) + shift``."""
+    return x_norm * (1 + scale) + shift
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``gate * y + x`` (not ``addcmul``, whose fused rounding would change bf16 numbers)."""
+    return gate * y + x
 
 
 class SelfAttention(nn.Module):
@@ -37,8 +55,8 @@ class SelfAttention(nn.Module):
         b, length, _ = x.shape
         qkv = self.wqkv(x).view(b, length, -1, 3 * self.head_dim)     # [B, L, N, 3Dh]
         q, k, v = qkv.split(self.head_dim, dim=-1)                     # [B, L, N, Dh] each
-        q = apply_rope(self.q_norm(q), *rope)
-        k = apply_rope(self.k_norm(k), *rope)
+        q = qk_norm_rope(q, self.q_norm, *rope)
+        k = qk_norm_rope(k, self.k_norm, *rope)
         out = sequence.attention(q, k, v, lambda q_, k_, v_: attention(q_, k_, v_, backend=backend))
         return self.wo(out.reshape(b, length, -1))                     # [B, L, N*Dh] -> [B, L, D]
 
@@ -116,11 +134,11 @@ class StepVideoTransformerBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = rows.chunk(6, dim=1)
 
         # 1. Self-attention
-        h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        x = gate_msa * self.attn1(h, rope, backend, sequence) + x
+        h = modulate(self.norm1(x), scale_msa, shift_msa)
+        x = gated_residual(x, gate_msa, self.attn1(h, rope, backend, sequence))
         # 2. Cross-attention on the un-normalised stream, no gate
         x = self.attn2(x, context, cross_mask) + x
         # 3. Feed-forward
-        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
-        x = gate_mlp * self.ff(h) + x
+        h = modulate(self.norm2(x), scale_mlp, shift_mlp)
+        x = gated_residual(x, gate_mlp, self.ff(h))
         return x

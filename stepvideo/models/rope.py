@@ -74,9 +74,34 @@ def rotate_half_chunks(x: torch.Tensor, split: Sequence[int] = ROPE_SPLIT) -> to
     return torch.cat(out, dim=-1)
 
 
+_PARTNERS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _partner_and_sign(split: Tuple[int, ...], device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Channel permutation and sign with ``rotate_half_chunks(x) == x[..., perm] * sign`` (cached)."""
+    hit = _PARTNERS.get((split, device))
+    if hit is not None:
+        return hit
+    perm, sign, offset = [], [], 0
+    for dim in split:
+        half = dim // 2
+        perm += [offset + half + i for i in range(half)] + [offset + i for i in range(half)]
+        sign += [-1.0] * half + [1.0] * half
+        offset += dim
+    hit = (torch.tensor(perm, dtype=torch.long, device=device),
+           torch.tensor(sign, dtype=torch.float32, device=device))
+    _PARTNERS[(split, device)] = hit
+    return hit
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                split: Sequence[int] = ROPE_SPLIT) -> torch.Tensor:
-    """Rotate ``x [B, L, N, D]`` with tables ``cos, sin [L, D]`` (same dtype as ``x``)."""
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-    return x * cos + rotate_half_chunks(x, split) * sin
+    """Rotate ``x [B, L, N, D]`` with tables ``cos, sin [L, D]`` (same dtype as ``x``).
+
+    Computes ``x * cos + rotate_half_chunks(x) * sin`` as ``x * cos + x[..., perm] * (sign * sin)``:
+    one gather instead of six slices and four concatenations. Bit-identical, because
+    ``(-a) * b == a * (-b)`` exactly in IEEE arithmetic and ``sign * sin`` only flips signs.
+    """
+    perm, sign = _partner_and_sign(tuple(split), str(x.device))
+    signed_sin = sin * sign.to(sin.dtype)
+    return x * cos[None, :, None, :] + x[..., perm] * signed_sin[None, :, None, :]
