@@ -211,6 +211,10 @@ def test_client_quotes_the_server_error(server):
     with pytest.raises(ServiceError, match=r"HTTP 400: samples \[B, F, C, h, w\]: dim 2 must be 8") as info:
         RemoteVAE(server.url).decode(torch.zeros(1, 3, 4, 2, 2))
     assert info.value.status == 400
+    too_big = torch.zeros(1, 3, 8, 128, 256)     # 3 MiB: refused by waitress itself (plain text), still a 413
+    with pytest.raises(ServiceError, match="HTTP 413.*max_body_mb") as info:
+        RemoteVAE(server.url, retries=0).decode(too_big)
+    assert info.value.status == 413
     with pytest.raises(ValueError, match="list of strings"):     # the local check, before any request
         RemoteCaptionEncoder(server.url).embedding("a cat")
 

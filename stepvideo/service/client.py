@@ -123,7 +123,7 @@ def _error_message(body: bytes, content_type: str) -> str:
                 return obj["error"]
         except ValueError:
             pass
-    text = body[:300].decode("utf-8", errors="replace").strip()
+    text = " ".join(body[:300].decode("utf-8", errors="replace").split())
     return text or "(empty body)"
 
 
@@ -221,6 +221,9 @@ class ServiceClient:
                 continue
             if resp.status_code != 200:
                 message = _error_message(data, resp.headers.get("Content-Type", ""))
+                if resp.status_code == 413 and body is not None:
+                    message += (f" (this request body: {len(body)} bytes; the server's limit is set with "
+                                "--max_body_mb and reported by GET /ready)")
                 raise ServiceError(f"{self.name} at {url} answered HTTP {resp.status_code}: {message}",
                                    status=resp.status_code, url=url)
             got = media_type(resp.headers.get("Content-Type"))
