@@ -12,6 +12,7 @@ import argparse
 from typing import Optional
 
 from .config import PRESETS, OutputConfig, SamplingConfig, get_preset
+from .models.attention import BACKENDS as ATTENTION_BACKENDS
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +21,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="checkpoint folder or Hub repo id (e.g. stepfun-ai/stepvideo-t2v); "
                         "default ./ckpts")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="DiT weight dtype")
-    g.add_argument("--attention_backend", default="auto", choices=["auto", "sdpa", "flash"],
-                   help="DiT self-attention kernel")
+    g.add_argument("--attention_backend", default="auto", choices=list(ATTENTION_BACKENDS),
+                   help="DiT self-attention kernel (auto: flash-attn 3 on Hopper, flash-attn 2 on CUDA, else SDPA)")
+    g.add_argument("--fp8", action="store_true",
+                   help="FP8 (e4m3, per-channel scales) weights for the DiT block linears (scaled matmul on Hopper)")
+    g.add_argument("--use-cpu-offload", "--cpu_offload", dest="use_cpu_offload", action="store_true",
+                   help="keep DiT block weights in CPU memory and stream each block to the GPU when it runs")
     g.add_argument("--local", "--local_encoders", dest="local", action="store_true",
                    help="run the text encoders and the VAE in this process instead of calling the service "
                         "(under torchrun spell it --local_encoders: torchrun's own parser rejects --local as "
@@ -34,7 +39,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--flow_reverse", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--flow_solver", default="euler", help=argparse.SUPPRESS)
     g.add_argument("--model_resolution", default="540p", help=argparse.SUPPRESS)
-    g.add_argument("--use-cpu-offload", dest="use_cpu_offload", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--batch_size", type=int, default=1, help=argparse.SUPPRESS)
     g.add_argument("--num_videos", type=int, default=1, help=argparse.SUPPRESS)
 
@@ -118,7 +122,8 @@ def runtime_config(args: argparse.Namespace):
 
     return RuntimeConfig(model_dir=args.model_dir or "./ckpts", dtype=args.dtype,
                          attention_backend=args.attention_backend, local=args.local, vae_url=args.vae_url,
-                         caption_url=args.caption_url, service_token=args.service_token)
+                         caption_url=args.caption_url, service_token=args.service_token, fp8=args.fp8,
+                         cpu_offload=args.use_cpu_offload)
 
 
 def token_count(sampling: SamplingConfig) -> int:

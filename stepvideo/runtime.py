@@ -41,6 +41,8 @@ class RuntimeConfig:
     caption_url: str = "127.0.0.1"
     service_token: Optional[str] = None
     encoder_device: Optional[str] = None     # --local: where the text encoders / VAE run (default: DiT device)
+    fp8: bool = False                        # FP8 weights for the DiT block linears
+    cpu_offload: bool = False                # DiT blocks stay in CPU memory, streamed to the device per block
 
 
 class GenerationError(RuntimeError):
@@ -89,7 +91,15 @@ class VideoGenerator:
 
         # each rank materialises only its tensor-parallel shard, then SP hooks / CFG wrapper
         self.model = load_parallel_dit(transformer_dir, state, torch_dtype=runtime.dtype,
+                                       device="cpu" if runtime.cpu_offload else state.device,
                                        attention_backend=runtime.attention_backend)
+        dit = getattr(self.model, "module", self.model)          # inside a CFG-parallel wrapper
+        if runtime.fp8:
+            from .perf.fp8 import quantize_blocks
+            quantize_blocks(dit)
+        if runtime.cpu_offload:
+            from .perf.offload import enable_block_offload
+            enable_block_offload(dit, state.device)
         self.pipeline = StepVideoPipeline(self.model, FlowMatchDiscreteScheduler.from_pretrained(self.root),
                                           vae_url=runtime.vae_url, caption_url=runtime.caption_url,
                                           rank=state.rank,

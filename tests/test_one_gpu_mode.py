@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_local_mode_writes_mp4(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--use-cpu-offload", "--fp8"]], ids=["resident", "offload+fp8"])
+def test_local_mode_writes_mp4(tmp_path, extra):
     from stepvideo.io.video import read_mp4
     from stepvideo.testing.tiny import write_tiny_model_dir
 
@@ -19,7 +20,7 @@ def test_local_mode_writes_mp4(tmp_path):
     save = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "run_parallel.py"), "--local", "--model_dir", str(model_dir),
            "--prompt", "x", "--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2",
-           "--dtype", "fp32", "--save_path", str(save)]
+           "--dtype", "fp32", "--save_path", str(save), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = Path(proc.stdout.strip().splitlines()[-1])
