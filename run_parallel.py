@@ -9,8 +9,6 @@ the written mp4's path as its last line of output.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -28,17 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    cli.configure_logging()
     if not args.prompt:
         print("error: --prompt is required", file=sys.stderr)
         return 2
     try:
-        sampling = cli.sampling_config(args)
-        output = cli.output_config(args)
-        parallel = cli.parallel_config(args)
-        runtime = cli.runtime_config(args)
+        sampling, output, parallel, runtime = cli.launch_configs(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

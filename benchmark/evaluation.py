@@ -43,9 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    rank = cli.configure_logging()
     from stepvideo.evaluation.gallery import build_gallery
 
     root = Path(args.save_path)
@@ -60,10 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         shard = parse_shard(args.shard)
         has_image = Path(args.prompts).is_dir() or None
-        sampling = cli.sampling_config(args, has_image=bool(has_image))
-        output = cli.output_config(args)
-        parallel = cli.parallel_config(args)
-        runtime = cli.runtime_config(args)
+        sampling, output, parallel, runtime = cli.launch_configs(args, has_image=bool(has_image))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ Sampling flags default to ``None`` so that a preset fills them: the CLI applies 
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from .config import PRESETS, OutputConfig, SamplingConfig, get_preset
 from .models.attention import BACKENDS as ATTENTION_BACKENDS
@@ -130,3 +130,29 @@ def token_count(sampling: SamplingConfig) -> int:
     """DiT tokens per sample ``F * h * w`` for the (rounded) sampling sizes."""
     frames = sampling.num_frames // 17 * 3
     return frames * (sampling.height // 16) * (sampling.width // 16)
+
+
+class LaunchConfigs(NamedTuple):
+    """Everything an entry point builds from its flags."""
+
+    sampling: SamplingConfig
+    output: OutputConfig
+    parallel: "object"
+    runtime: "object"
+
+
+def launch_configs(args: argparse.Namespace, has_image: Optional[bool] = None) -> LaunchConfigs:
+    """All config objects of a torchrun entry point; raises ValueError naming a bad flag."""
+    return LaunchConfigs(sampling_config(args, has_image=has_image), output_config(args), parallel_config(args),
+                         runtime_config(args))
+
+
+def configure_logging() -> int:
+    """INFO on global rank 0, ERROR elsewhere, with the rank in every line; returns the rank."""
+    import logging
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
+                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    return rank

@@ -17,7 +17,6 @@ import gc
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch

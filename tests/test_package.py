@@ -1,6 +1,5 @@
 """Package hygiene: cheap, side-effect-free import; public names; the tiny-model factory CLI."""
 import json
-import os
 import subprocess
 import sys
 

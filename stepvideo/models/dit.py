@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import torch
 from torch import nn

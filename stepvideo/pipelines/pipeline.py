@@ -19,7 +19,6 @@ import logging
 import os
 import time
 import warnings
-from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
