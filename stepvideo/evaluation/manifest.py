@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Tuple
 
+from ..io.atomic import atomic_write_bytes
 from ..io.video import slugify
 from .sets import EvalItem, sha256_file
 
@@ -85,17 +85,8 @@ def append_record(path, record: dict) -> None:
 
 
 def _rewrite(path: Path, records: Iterable[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    text = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for record in records)
+    atomic_write_bytes(path, text.encode("utf-8"), suffix=".tmp")
 
 
 def is_complete(root, record: dict) -> bool:

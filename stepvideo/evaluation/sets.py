@@ -22,12 +22,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
+
+from ..io.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +115,7 @@ def fetch_t2v_eval(cache_dir, url: str = T2V_EVAL_URL, sha256: str = T2V_EVAL_SH
     if got != sha256:
         raise ValueError(f"the t2v-eval prompts downloaded from {url} have sha256 {got}, expected {sha256}; "
                          "the file was changed upstream or corrupted in transit (nothing was cached)")
-    fd, tmp = tempfile.mkstemp(prefix=f".{T2V_EVAL_FILENAME}.", suffix=".partial", dir=cache)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return atomic_write_bytes(target, data)
 
 
 # ------------------------------------------------------------------------------ other sources
