@@ -28,6 +28,7 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
+from stepvideo.parallel.launch import free_port
 
 CODECS = ("stepvideo", "pickle")
 # name -> (direction, tensors); built identically (fixed seed) in both processes
@@ -95,10 +96,6 @@ def _serve(port: int, names: List[str]) -> None:
     serve(app, host="127.0.0.1", port=port, threads=2, max_request_body_size=1 << 31, _quiet=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(port: int, timeout: float = 120.0) -> None:
@@ -148,7 +145,7 @@ def main() -> None:
     import requests
 
     names = [n for n in PAYLOADS if not (args.skip_video and n in VIDEO_PAYLOADS)]
-    port = _free_port()
+    port = free_port()
     server = multiprocessing.get_context("spawn").Process(target=_serve, args=(port, names), daemon=True)
     server.start()
     try:

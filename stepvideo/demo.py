@@ -14,23 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+from .parallel.launch import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PROMPT = "一名宇航员在月球上发现一块石碑，上面印有“stepfun”字样，闪闪发光"
 # tiny-model generation settings: seconds on a CPU
 TINY_ARGS = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_tiny_model(cache: Path, variant: str) -> Path:
@@ -44,19 +38,13 @@ def ensure_tiny_model(cache: Path, variant: str) -> Path:
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    import requests
+    """Wait for the service's ``/ready``; give up at once if its process ``proc`` exits."""
+    from .service.client import wait_ready as poll_ready
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited with code {proc.returncode} before becoming ready")
-        try:
-            if requests.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the service at {url} was not ready after {timeout:.0f} s")
+    def exited() -> Optional[str]:
+        return None if proc.poll() is None else f"the service exited with code {proc.returncode}"
+
+    poll_ready(url, timeout=timeout, abort=exited)
 
 
 def stop(proc: Optional[subprocess.Popen]) -> None:

@@ -22,6 +22,7 @@ from safetensors.torch import save
 from stepvideo.service.client import (RemoteCaptionEncoder, RemoteVAE, ServiceConnectionError, ServiceError,
                                       wait_ready)
 from stepvideo.service.protocol import JSON_CONTENT_TYPE, TENSOR_CONTENT_TYPE, encode_json, encode_tensors
+from stepvideo.parallel.launch import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -313,14 +314,10 @@ def _call(fn, *args):
 # Client behaviour against stand-in servers (no models)
 # ----------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_client_reports_server_down():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(ServiceConnectionError, match=r"cannot connect to the caption service .* after 3 attempt"):
         RemoteCaptionEncoder(url, retries=2, backoff=0.01).embedding(["a"])

@@ -2,7 +2,6 @@
 exactly the single-process result."""
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -14,14 +13,11 @@ from stepvideo.models.vae import AutoencoderKL
 from stepvideo.parallel.vae_decode import chunk_share
 from stepvideo.testing.tiny import TINY
 from stepvideo.testing.tiny_vae import write_tiny_vae
+from stepvideo.parallel.launch import free_port
 
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -52,7 +48,7 @@ def test_rank_split_decode_equals_single_process(tmp_path):
     z = torch.randn(2, 7, TINY.z_channels, 2, 2, generator=torch.Generator().manual_seed(0))
     save_file({"z": z}, str(tmp_path / "inputs.safetensors"))
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
     torch.set_num_threads(1)
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae", dtype=torch.float32)
