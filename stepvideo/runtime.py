@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -103,17 +102,13 @@ class VideoGenerator:
                                           vae_url=runtime.vae_url, caption_url=runtime.caption_url,
                                           rank=state.rank,
                                           service_token=runtime.service_token)
+        if state.is_main and not runtime.local:
+            self.pipeline.setup_api(runtime.vae_url, runtime.caption_url)   # token: flag, else the env var
+            self.pipeline.vae.output = "uint8"     # converted on the server: half the bytes, same numbers
 
     # ------------------------------------------------------------------------------------
     def _encoder_device(self) -> torch.device:
         return torch.device(self.runtime.encoder_device) if self.runtime.encoder_device else self.state.device
-
-    def _remote_clients(self):
-        from .service.client import RemoteCaptionEncoder, RemoteVAE
-
-        token = self.runtime.service_token or os.environ.get("STEPVIDEO_SERVICE_TOKEN")
-        return (RemoteCaptionEncoder(self.runtime.caption_url, token=token),
-                RemoteVAE(self.runtime.vae_url, token=token))
 
     def _encode_inputs(self, prompt: str, sampling: SamplingConfig, first_image) -> dict:
         """Rank 0: text embeddings (and TI2V image latent) as CPU tensors."""
@@ -124,6 +119,9 @@ class VideoGenerator:
         needs_image = self.pipeline.is_ti2v
         if needs_image and first_image is None:
             raise ValueError("this is a TI2V checkpoint: pass --first_image_path")
+        image = None
+        if needs_image:
+            image = prepare_first_image(first_image, sampling.height // 16 * 16, sampling.width // 16 * 16)
         result = {}
         if self.runtime.local:
             from .text_encoders.caption import CaptionEncoder
@@ -135,16 +133,13 @@ class VideoGenerator:
             _free(device)
             if needs_image:
                 vae = self._local_vae()
-                image = prepare_first_image(first_image, sampling.height // 16 * 16, sampling.width // 16 * 16)
                 result["condition"] = encode_image(vae, image, sampling.seed).cpu()
                 del vae
                 _free(device)
         else:
-            caption, vae = self._remote_clients()
-            result["embeds"] = caption.embedding(prompts)
+            result["embeds"] = self.pipeline.caption_encoder.embedding(prompts)
             if needs_image:
-                image = prepare_first_image(first_image, sampling.height // 16 * 16, sampling.width // 16 * 16)
-                result["condition"] = encode_image(vae, image, sampling.seed).cpu()
+                result["condition"] = encode_image(self.pipeline.vae, image, sampling.seed).cpu()
         return result
 
     def _local_vae(self):
@@ -171,12 +166,8 @@ class VideoGenerator:
             raise GenerationError(f"rank 0 failed to prepare the inputs: {inputs['error']}")
 
         pipe = self.pipeline
-        if self.state.is_main:
-            if self.runtime.local:
-                pipe.vae = _LazyVAE(self._local_vae)
-            else:
-                pipe.vae = self._remote_clients()[1]
-                pipe.vae.output = "uint8"     # converted on the server: half the bytes, same numbers
+        if self.state.is_main and self.runtime.local:
+            pipe.vae = _LazyVAE(self._local_vae)
         failure = None
         try:
             result = pipe(prompt=prompt, height=sampling.height, width=sampling.width, num_frames=sampling.num_frames,
