@@ -1,7 +1,6 @@
 """Video-VAE v2 (``stepvideo.models.vae``): golden replay, key tree, loading, chunking, tiling."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -154,13 +153,11 @@ def test_from_pretrained_not_found(tmp_path):
 # Behaviour on the tiny VAE
 # ----------------------------------------------------------------------------------------
 
-def test_tiny_decode_shape_and_speed(tiny_vae):
+def test_tiny_decode_shape(tiny_vae):
+    # speed is measured by benchmark/bench_vae_decode.py, not asserted here (a loaded CI box varies)
     z = torch.randn(1, 3, TINY.z_channels, 4, 4, generator=torch.Generator().manual_seed(0))
-    start = time.perf_counter()
     video = tiny_vae.decode(z)
-    elapsed = time.perf_counter() - start
     assert video.shape == (1, 17, 3, 64, 64) and torch.isfinite(video).all()
-    assert elapsed < 5.0, f"tiny VAE decode took {elapsed:.2f}s"
 
 
 def test_tiny_encode_shapes_and_short_last_chunk(tiny_vae):
