@@ -1,7 +1,6 @@
 """Video-VAE v2 (``stepvideo.models.vae``): golden replay, key tree, loading, chunking, tiling."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
