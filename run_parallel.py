@@ -37,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
     from stepvideo.parallel.state import ParallelState
-    from stepvideo.runtime import GenerationError, VideoGenerator
+    from stepvideo.generator import GenerationError, VideoGenerator
 
     try:
         state = ParallelState.from_env(parallel)

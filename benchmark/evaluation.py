@@ -65,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from stepvideo.evaluation.runner import plan_on_main, run_items
     from stepvideo.parallel.state import ParallelState
-    from stepvideo.runtime import VideoGenerator
+    from stepvideo.generator import VideoGenerator
 
     try:
         state = ParallelState.from_env(parallel)

@@ -118,7 +118,7 @@ def parallel_config(args: argparse.Namespace, world_size: Optional[int] = None):
 
 
 def runtime_config(args: argparse.Namespace):
-    from .runtime import RuntimeConfig
+    from .generator import RuntimeConfig
 
     return RuntimeConfig(model_dir=args.model_dir or "./ckpts", dtype=args.dtype,
                          attention_backend=args.attention_backend, local=args.local, vae_url=args.vae_url,

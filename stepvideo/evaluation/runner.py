@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..config import OutputConfig, SamplingConfig
-from ..runtime import broadcast_from_main
+from ..generator import broadcast_from_main
 from . import manifest as mf
 from .sets import EvalItem, load_items, select_items, sha256_file
 

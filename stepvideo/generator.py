@@ -1,4 +1,4 @@
-"""The multi-rank generation runtime behind ``run_parallel.py`` and ``benchmark/evaluation.py``.
+"""The multi-rank video generator behind ``run_parallel.py`` and ``benchmark/evaluation.py``.
 
 ``VideoGenerator`` loads the DiT once (validated against the parallel layout before any weight
 is read), applies tensor / sequence / CFG parallelism, and generates one video per call:
