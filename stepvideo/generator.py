@@ -3,12 +3,17 @@
 ``VideoGenerator`` loads the DiT once (validated against the parallel layout before any weight
 is read), applies tensor / sequence / CFG parallelism, and generates one video per call:
 
-1. rank 0 encodes the prompt (service, or local encoders loaded in turn with ``--local``) and,
-   for TI2V, the first image; the results are broadcast to every rank;
+1. rank 0 encodes the prompt (service, or local encoders loaded in turn with ``--no_service``)
+   and, for TI2V, the first image; the results are broadcast to every rank;
 2. every rank runs the identical denoising loop on its share of the work;
-3. rank 0 decodes (service or local VAE) and writes the mp4.
+3. rank 0 decodes (service or local VAE) and writes the mp4, retrying with backoff; if that
+   still fails, the final latents are saved next to the intended output
+   (``<name>.latents.safetensors``, see :mod:`stepvideo.decode`) so no denoising is lost.
 
-With ``--local`` the text encoders, the DiT and the VAE are never on the device at the same
+Every step is collective (:mod:`stepvideo.parallel.agree`): a failure on any rank raises the
+same :class:`~stepvideo.parallel.agree.RankFailure` on every rank.
+
+With ``--no_service`` the text encoders, the DiT and the VAE are never on the device at the same
 time: the encoders are loaded, used and freed before the DiT's loop, the VAE after it.
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -41,6 +47,9 @@ class RuntimeConfig:
     encoder_device: Optional[str] = None     # --local: where the text encoders / VAE run (default: DiT device)
     fp8: bool = False                        # FP8 weights for the DiT block linears
     cpu_offload: bool = False                # DiT blocks stay in CPU memory, streamed to the device per block
+    compile: bool = False                    # torch.compile every DiT block (stepvideo.perf.compile)
+    decode_retries: int = 2                  # extra decode/write attempts before the latents are saved
+    decode_backoff: float = 2.0              # seconds before the first retry (doubles each time)
 
 
 class GenerationError(RuntimeError):
@@ -64,6 +73,14 @@ def broadcast_from_main(state, payload):
     return box[0]
 
 
+def latents_path(video_path) -> "Path":
+    """Where the latents of ``video_path`` are kept when decoding or writing fails."""
+    from pathlib import Path
+
+    video_path = Path(video_path)
+    return video_path.with_name(video_path.stem + ".latents.safetensors")
+
+
 class VideoGenerator:
     """Loads the DiT once per process and generates videos on every rank of the layout."""
 
@@ -73,24 +90,31 @@ class VideoGenerator:
         from .pipelines.pipeline import StepVideoPipeline
         from .schedulers.flow_match_euler import FlowMatchDiscreteScheduler
 
+        from .parallel.agree import on_all, on_main
+
         self.runtime = runtime
         self.state = state
         patterns = layout.DIT_PATTERNS + (layout.SERVICE_PATTERNS if runtime.local else [])
-        if state.is_main:
-            root = resolve_model_dir(runtime.model_dir, allow_patterns=patterns)
-        state.barrier()       # rank 0 downloads first, the others reuse its cache
-        self.root = root if state.is_main else resolve_model_dir(runtime.model_dir, allow_patterns=patterns)
+        # rank 0 downloads first (a failure reaches every rank), the others reuse its cache
+        root = on_main(state, lambda: str(resolve_model_dir(runtime.model_dir, allow_patterns=patterns)))
+
+        def read_config():
+            local_root = Path(root) if state.is_main else resolve_model_dir(runtime.model_dir, allow_patterns=patterns)
+            config = ckpt.read_json(local_root / layout.TRANSFORMER_DIR / layout.TRANSFORMER_CONFIG)
+            validate_before_loading(state.config, num_heads=int(config.get("num_attention_heads", 48)),
+                                    world_size=state.world_size, token_count=sequence_tokens)
+            return local_root, config
+
+        self.root, config = on_all(state, read_config)
         transformer_dir = self.root / layout.TRANSFORMER_DIR
-        config = ckpt.read_json(transformer_dir / layout.TRANSFORMER_CONFIG)
-        validate_before_loading(state.config, num_heads=int(config.get("num_attention_heads", 48)),
-                                world_size=state.world_size, token_count=sequence_tokens)
         self.transformer_config = config
         from .parallel import load_parallel_dit
 
-        # each rank materialises only its tensor-parallel shard, then SP hooks / CFG wrapper
-        self.model = load_parallel_dit(transformer_dir, state, torch_dtype=runtime.dtype,
-                                       device="cpu" if runtime.cpu_offload else state.device,
-                                       attention_backend=runtime.attention_backend)
+        # each rank materialises only its tensor-parallel shard, then SP hooks / CFG wrapper;
+        # a bad shard on any rank stops every rank with the same line
+        self.model = on_all(state, lambda: load_parallel_dit(
+            transformer_dir, state, torch_dtype=runtime.dtype, device="cpu" if runtime.cpu_offload else state.device,
+            attention_backend=runtime.attention_backend))
         dit = getattr(self.model, "module", self.model)          # inside a CFG-parallel wrapper
         if runtime.fp8:
             from .perf.fp8 import quantize_blocks
@@ -98,6 +122,9 @@ class VideoGenerator:
         if runtime.cpu_offload:
             from .perf.offload import enable_block_offload
             enable_block_offload(dit, state.device)
+        if runtime.compile:
+            from .perf.compile import compile_blocks
+            compile_blocks(dit)
         self.pipeline = StepVideoPipeline(self.model, FlowMatchDiscreteScheduler.from_pretrained(self.root),
                                           vae_url=runtime.vae_url, caption_url=runtime.caption_url,
                                           rank=state.rank,
@@ -118,7 +145,10 @@ class VideoGenerator:
         prompts = [prompt + sampling.pos_magic, sampling.neg_magic]
         needs_image = self.pipeline.is_ti2v
         if needs_image and first_image is None:
-            raise ValueError("this is a TI2V checkpoint: pass --first_image_path")
+            raise ValueError(f"{self.runtime.model_dir} is an image-to-video (TI2V) checkpoint: pass --first_image_path")
+        if first_image is not None and not needs_image:
+            raise ValueError(f"a first image was given ({first_image}), but {self.runtime.model_dir} is a "
+                             "text-to-video (T2V) checkpoint; use a Step-Video-TI2V checkpoint or drop the image")
         image = None
         if needs_image:
             image = prepare_first_image(first_image, sampling.height // 16 * 16, sampling.width // 16 * 16)
@@ -150,44 +180,73 @@ class VideoGenerator:
     # ------------------------------------------------------------------------------------
     def generate(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, first_image=None,
                  progress: bool = True):
-        """Generate one video; returns the pipeline output on rank 0 and ``None`` elsewhere."""
-        error = None
-        inputs = None
-        if self.state.is_main:
-            try:
-                inputs = self._encode_inputs(prompt, sampling, first_image)
-            except Exception as exc:      # every rank must learn about it, or the others hang
-                error = f"{type(exc).__name__}: {exc}"
-                inputs = {"error": error}
-        inputs = broadcast_from_main(self.state, inputs)
-        if "error" in inputs:
-            if error is not None:
-                raise GenerationError(error)
-            raise GenerationError(f"rank 0 failed to prepare the inputs: {inputs['error']}")
+        """Generate one video; returns the pipeline output on rank 0 and ``None`` elsewhere.
 
+        Collective. Raises :class:`~stepvideo.parallel.agree.RankFailure` on every rank when any
+        step fails on any rank; a failed decode/write leaves the latents on disk (see the message).
+        """
+        from .parallel.agree import on_all, on_main
+
+        inputs = on_main(self.state, lambda: self._encode_inputs(prompt, sampling, first_image))
         pipe = self.pipeline
         if self.state.is_main and self.runtime.local:
             pipe.vae = _LazyVAE(self._local_vae)
-        failure = None
         try:
-            result = pipe(prompt=prompt, height=sampling.height, width=sampling.width, num_frames=sampling.num_frames,
-                          num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
-                          time_shift=sampling.time_shift, pos_magic=sampling.pos_magic, neg_magic=sampling.neg_magic,
-                          motion_score=sampling.motion_score, seed=sampling.seed, prompt_embeds=inputs["embeds"],
-                          condition_latents=inputs.get("condition"), output_type="mp4", output=output,
-                          output_file_name=output.output_file_name, output_path=output.output_path,
-                          progress=progress)
-        except Exception as exc:      # rank 0's decode/write: still meet the others at the barrier
-            if not self.state.distributed:
-                raise
-            failure, result = exc, None
-        if self.runtime.local and self.state.is_main:
-            pipe.vae = None
-            _free(self._encoder_device())
-        self.state.barrier()
-        if failure is not None:
-            raise failure
-        return result if self.state.is_main else None
+            denoised = on_all(self.state, lambda: pipe(
+                prompt=prompt, height=sampling.height, width=sampling.width, num_frames=sampling.num_frames,
+                num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
+                time_shift=sampling.time_shift, pos_magic=sampling.pos_magic, neg_magic=sampling.neg_magic,
+                motion_score=sampling.motion_score, seed=sampling.seed, prompt_embeds=inputs["embeds"],
+                condition_latents=inputs.get("condition"), output_type="latent", progress=progress))
+            finished = {}
+
+            def finish() -> None:
+                finished["result"] = self._finish(prompt, sampling, output, denoised)
+
+            on_main(self.state, finish)
+        finally:
+            if self.runtime.local and self.state.is_main:
+                pipe.vae = None
+                _free(self._encoder_device())
+        return finished.get("result") if self.state.is_main else None
+
+    def _finish(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, denoised):
+        """Rank 0: decode and write the mp4 (with retries); on failure save the latents and raise."""
+        import time
+
+        from .decode import save_latents, write_video
+        from .io.video import output_video_path
+
+        timings = dict(denoised.timings)
+        path = output_video_path(output.save_path, prompt or "video", seed=sampling.seed,
+                                 output_file_name=output.output_file_name, name_suffix=output.name_suffix,
+                                 output_path=output.output_path)
+        attempts = max(0, self.runtime.decode_retries) + 1
+        for attempt in range(attempts):
+            try:
+                frames = write_video(self.pipeline.decode, denoised.latents, path, output, timings=timings)
+                logger.info("Saved the generated video in %s", path)
+                from .pipelines.outputs import StepVideoPipelineOutput
+                return StepVideoPipelineOutput(video=frames, latents=denoised.latents, path=path, timings=timings)
+            except Exception as exc:         # retried, then the latents are kept
+                if attempt + 1 < attempts:
+                    delay = self.runtime.decode_backoff * 2 ** attempt
+                    logger.warning("decoding/writing %s failed (%s: %s); retry %d of %d in %.0f s", path,
+                                   type(exc).__name__, exc, attempt + 1, attempts - 1, delay)
+                    time.sleep(delay)
+                    continue
+                failure = exc
+        saved = save_latents(latents_path(path), denoised.latents, prompt=prompt, sampling=sampling, output=output,
+                             video_path=path, remote=not self.runtime.local, model_dir=str(self.root))
+        how = f"--vae_url {self.runtime.vae_url}" if not self.runtime.local else f"--model_dir {self.root}"
+        raise GenerationError(f"{_short(failure)}; the denoised latents are saved in {saved}: make the video with "
+                              f"`python -m stepvideo.decode {saved} {how}`") from failure
+
+
+def _short(exc: BaseException) -> str:
+    from .errors import one_line
+
+    return one_line(exc)
 
 
 class _LazyVAE:
