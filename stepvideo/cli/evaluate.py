@@ -65,6 +65,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.max_service_failures < 0:
         raise ValueError(f"--max_service_failures must be >= 0, got {args.max_service_failures}")
     has_image = Path(args.prompts).is_dir()
+    watch_launcher()                     # under torchrun: exit if the launcher dies (the lock goes with us)
     (sampling, output, parallel, runtime), state = cli.start_ranks(args, has_image=has_image)
 
     from ..errors import debug_requested
@@ -102,7 +103,6 @@ def _run(args, root: Path, shard, has_image: bool, sampling, output, parallel, r
 
     try:
         on_main(state, preflight)
-        watch_launcher(on_exit=lock.release)
         plan = plan_on_main(state, root, args.prompts, args.cache_dir, args.prompts_url, ids=args.ids,
                             shard=shard, limit=args.limit, motion_score=args.motion_score)
         if state.is_main:

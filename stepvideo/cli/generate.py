@@ -36,10 +36,10 @@ def generate(args: argparse.Namespace) -> int:
     from ..parallel.agree import on_main
     from ..preflight import preflight
 
+    watch_launcher()                     # under torchrun: exit if the launcher dies
     if not args.prompt:
         raise UserError("--prompt is required")
     (sampling, output, parallel, runtime), state = cli.start_ranks(args)
-    watch_launcher()
     try:
         on_main(state, lambda: preflight(runtime, sampling, output, parallel, first_image=args.first_image_path))
         generator = VideoGenerator(runtime, state, sequence_tokens=cli.token_count(sampling))
