@@ -33,8 +33,9 @@ TINY = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps"
 
 
 def _env(token=None, **extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("STEPVIDEO_DEBUG", None)
+    env.update(extra)
     if token is not None:
         env["STEPVIDEO_SERVICE_TOKEN"] = token
     return env
@@ -302,9 +303,26 @@ def test_second_runner_refused_and_workers_exit_with_their_launcher(tiny_model_d
             launcher.kill()
         log.close()
     assert "the torchrun launcher" in (tmp_path / "run.log").read_text()
-    lock = OutputLock(root)
-    lock.acquire()                                       # the lock died with its holder
+    lock = OutputLock(root)                              # the lock went with its holder
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            lock.acquire()
+            break
+        except Exception:
+            holders = [fd.parent.parent.name for fd in Path("/proc").glob("[0-9]*/fd/*")
+                       if _readlink(fd).endswith(lock_file.name)]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"lock still held by {holders}; workers {workers}")
+            time.sleep(0.5)
     lock.release()
+
+
+def _readlink(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
 
 
 # ------------------------------------------------------------------------------------------
