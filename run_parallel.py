@@ -1,62 +1,13 @@
-"""Generate one video with the Step-Video DiT, split across the ranks of a torchrun launch.
+r"""Generate one video with the Step-Video DiT under torchrun (shim for ``stepvideo.cli.generate``).
 
     torchrun --nproc_per_node 4 run_parallel.py --model_dir ckpts --ulysses_degree 4 \
         --vae_url http://127.0.0.1:8080 --caption_url http://127.0.0.1:8080 --prompt "..."
 
-Flags are the reference's (plus --preset, --local, --seed, --output_path, ...). Rank 0 prints
-the written mp4's path as its last line of output.
+Same flags as ``torchrun -m stepvideo.cli.generate`` and the ``stepvideo-generate`` console script.
 """
-from __future__ import annotations
-
-import argparse
 import sys
-from typing import Optional, Sequence
 
-from stepvideo import cli
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
-    cli.add_sampling_args(parser)
-    cli.add_output_args(parser)
-    cli.add_parallel_args(parser)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    cli.configure_logging()
-    if not args.prompt:
-        print("error: --prompt is required", file=sys.stderr)
-        return 2
-    try:
-        sampling, output, parallel, runtime = cli.launch_configs(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    from stepvideo.parallel.state import ParallelState
-    from stepvideo.runtime import GenerationError, VideoGenerator
-
-    try:
-        state = ParallelState.from_env(parallel)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        generator = VideoGenerator(runtime, state, sequence_tokens=cli.token_count(sampling))
-        result = generator.generate(args.prompt, sampling, output, first_image=args.first_image_path)
-    except (ValueError, FileNotFoundError, GenerationError) as err:
-        print(f"error (rank {state.rank}): {err}", file=sys.stderr)
-        return 2
-    finally:
-        state.destroy()
-    if result is not None and result.path is not None:
-        print(f"Saved the generated video in {result.path}", file=sys.stderr)
-        print(result.path)
-    return 0
-
+from stepvideo.cli.generate import build_parser, main  # noqa: F401  (build_parser: for --help tests)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="run_parallel.py"))

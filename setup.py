@@ -34,6 +34,11 @@ setup(
     entry_points={
         "console_scripts": [
             "stepvideo-tiny=stepvideo.testing.tiny:main",
+            "stepvideo-generate=stepvideo.cli.generate:main",
+            "stepvideo-eval=stepvideo.cli.evaluate:main",
+            "stepvideo-service=stepvideo.cli.service:main",
+            "stepvideo-demo=stepvideo.cli.demo:main",
+            "stepvideo-decode=stepvideo.decode:main",
         ]
     },
 )

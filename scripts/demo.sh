@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-exec "$STEPVIDEO_PY" -m stepvideo.demo "$@"
+exec "$STEPVIDEO_PY" -m stepvideo.cli.demo "$@"

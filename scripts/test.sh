@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Install (first run only) and run the test suite on CPU.
 #   bash scripts/test.sh [pytest args]
+# Installs nothing outside ./.venv. The gallery render test needs a headless Chromium
+# (/usr/bin/chromium) and is skipped, with the reason, without one. To let this script install
+# Debian's chromium system-wide (as root, with apt-get), opt in:
+#   STEPVIDEO_INSTALL_BROWSER=1 bash scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-# Headless Chromium for the gallery render test (tests/test_evaluation.py skips without it):
-# installed once, only as root with apt-get; a failure is ignored.
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "[stepvideo] installing chromium for the gallery test ..." >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
-        || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
-        || echo "[stepvideo] chromium not installed; the gallery render test will be skipped" >&2
+if [ "${STEPVIDEO_INSTALL_BROWSER:-0}" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[stepvideo] STEPVIDEO_INSTALL_BROWSER=1: installing Debian's chromium system-wide (apt-get) ..." >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
+            || echo "[stepvideo] chromium not installed; the gallery render test will be skipped" >&2
+    else
+        echo "[stepvideo] STEPVIDEO_INSTALL_BROWSER=1 needs root and apt-get; the gallery render test will be skipped" >&2
+    fi
 fi
 exec "$STEPVIDEO_PY" -m pytest -q --timeout 600 "$@" tests

@@ -37,9 +37,9 @@ class SamplingConfig:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.time_shift <= 0:
             raise ValueError(f"time_shift must be > 0, got {self.time_shift}")
-        if self.guidance_scale <= 1:
-            raise ValueError(f"guidance_scale must be > 1 (classifier-free guidance is always on), "
-                             f"got {self.guidance_scale}")
+        if not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be >= 0 (> 1: classifier-free guidance; <= 1: the conditional "
+                             f"branch only), got {self.guidance_scale}")
         if self.num_frames < 17:
             raise ValueError(f"num_frames must be >= 17 (one VAE chunk), got {self.num_frames}")
         if self.height < 16 or self.width < 16:

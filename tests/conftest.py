@@ -92,3 +92,26 @@ def tiny_ti2v_model_dir(tmp_path_factory) -> Path:
     """A complete tiny TI2V model dir (same text encoders and VAE as the T2V one)."""
     from stepvideo.testing.tiny import write_tiny_model_dir
     return write_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "ti2v", variant="ti2v", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_service(tiny_model_dir):
+    """One caption/VAE service for the session (``python -m stepvideo.cli.service`` on the tiny
+    T2V dir, CPU, token ``tiny-token``): ``(url, token)``. Its parts equal the TI2V dir's."""
+    import subprocess
+    import sys
+
+    from stepvideo.cli.demo import process_exited, service_command, stop
+    from stepvideo.parallel.launch import free_port
+    from stepvideo.service.client import wait_ready
+
+    port, token = free_port(), "tiny-token"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPVIDEO_SERVICE_TOKEN": token}
+    proc = subprocess.Popen(service_command(tiny_model_dir, port, "cpu") + ["--torch_threads", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, token=token, timeout=180, abort=process_exited(proc))
+        yield url, token
+    finally:
+        stop(proc)

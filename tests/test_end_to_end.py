@@ -1,6 +1,6 @@
 """End to end: the real service on 127.0.0.1, 2 torchrun ranks (Ulysses 2, gloo), real mp4 files.
 
-Also runs the README's main job (``stepvideo.demo``, what ``scripts/demo.sh`` calls).
+Also runs the README's main job (``stepvideo.cli.demo``, what ``scripts/demo.sh`` calls).
 """
 import os
 import subprocess
@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stepvideo.demo import free_port, stop, wait_ready
+from stepvideo.cli.demo import process_exited, stop
+from stepvideo.parallel.launch import free_port
+from stepvideo.service.client import wait_ready
 from stepvideo.io.video import read_mp4
 from stepvideo.testing.tiny import write_tiny_model_dir
 
@@ -34,7 +36,7 @@ def service(models):
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc, timeout=180)
+        wait_ready(url, timeout=180, abort=process_exited(proc))
         yield url
     finally:
         stop(proc)
@@ -93,9 +95,11 @@ def test_errors_before_loading(models, service, tmp_path):
 
 
 def test_readme_main_job(tmp_path):
-    """``scripts/demo.sh`` runs ``python -m stepvideo.demo``: tiny model, service, 2 ranks, an mp4."""
-    res = subprocess.run([sys.executable, "-m", "stepvideo.demo", "--save_path", str(tmp_path)], env=ENV,
-                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    """``scripts/demo.sh`` runs ``python -m stepvideo.cli.demo``: tiny model, service, 2 ranks, an mp4."""
+    # run outside the repository: the demo finds the service and the generator as modules
+    res = subprocess.run([sys.executable, "-m", "stepvideo.cli.demo", "--save_path", str(tmp_path)],
+                         env={**ENV, "STEPVIDEO_CACHE": str(tmp_path / "cache")},
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     path = Path(res.stdout.strip().splitlines()[-1])
     assert path.is_file() and path.parent == tmp_path

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from stepvideo.demo import TINY_ARGS, free_port, stop, wait_ready
+from stepvideo.cli.demo import TINY_ARGS, process_exited, stop
+from stepvideo.parallel.launch import free_port
+from stepvideo.service.client import wait_ready
 from stepvideo.evaluation import manifest as mf
 from stepvideo.evaluation.sets import (T2V_EVAL_SHA256, fetch_t2v_eval, load_items, parse_shard, parse_t2v_eval,
                                        select_items, shard_items)
@@ -115,7 +117,7 @@ def service(tiny_model_dir):
                              str(tiny_model_dir), "--port", str(port), "--device", "cpu"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(url, proc, timeout=180)
+        wait_ready(url, timeout=180, abort=process_exited(proc))
         yield url
     finally:
         stop(proc)
@@ -227,7 +229,8 @@ def test_end_to_end_kill_resume_and_gallery(tiny_model_dir, service, tmp_path):
     assert (root / "gallery" / "contact_sheet.png").is_file()
 
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing (scripts/test.sh installs Debian's chromium when run as root)")
+        pytest.skip(f"{CHROMIUM} is missing: the gallery render test needs a headless Chromium "
+                    "(STEPVIDEO_INSTALL_BROWSER=1 bash scripts/test.sh installs Debian's chromium as root)")
     dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
                           f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", index.as_uri()],

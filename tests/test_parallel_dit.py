@@ -15,7 +15,7 @@ from stepvideo.loading import checkpoint as ckpt
 from stepvideo.loading import layout
 from stepvideo.models.dit import StepVideoModel
 from stepvideo.parallel.launch import run_on_cpu_ranks
-from stepvideo.parallel.runtime import load_parallel_dit, parallelize_dit
+from stepvideo.parallel.parallelize import load_parallel_dit, parallelize_dit
 from stepvideo.parallel.state import (ParallelConfig, ParallelState, coordinates, group_ranks,
                                       validate_before_loading)
 from stepvideo.parallel.tensor import apply_tensor_parallel

@@ -12,6 +12,10 @@ beside us): it drops unparsable (truncated) lines, lines of items about to be re
 duplicates; deletes temporary ``.partial`` files and videos without a valid line; and
 rewrites the manifest atomically. An item is skipped only when its line is ``ok`` and its
 file exists with the recorded sha256; failed items are retried.
+
+A folder made with another shard layout (an unsharded run, then ``--shard 0/2``) keeps its
+valid videos: an item with a complete ``ok`` line in any other manifest of the folder is
+adopted (skipped, its video untouched) instead of deleted and regenerated.
 """
 from __future__ import annotations
 
@@ -122,12 +126,23 @@ def prepare(root, items: List[EvalItem], shard: Tuple[int, int] = (0, 1)) -> Tup
         if rid not in kept:
             order.append(rid)
         kept[rid] = record
+    wanted = {item.id for item in items}
+    elsewhere: Dict[str, dict] = {}            # complete lines of other manifests (another shard layout)
+    for other in manifest_paths(root):
+        if other.name != path.name:
+            elsewhere.update((str(r["id"]), r) for r in read_records(other) if str(r["id"]) in wanted)
     todo, skipped = [], []
     for item in items:
         video = root / relative_video_path(item)
         _remove_partials(video)
         record = kept.get(item.id)
         if record is not None and record.get("path") == relative_video_path(item) and is_complete(root, record):
+            skipped.append(item.id)
+            continue
+        adopted = elsewhere.get(item.id)
+        if adopted is not None and adopted.get("path") == relative_video_path(item) and is_complete(root, adopted):
+            logger.info("item %s: complete in another manifest of %s (other shard layout); kept", item.id, root)
+            kept.pop(item.id, None)        # our own stale line of it, if any
             skipped.append(item.id)
             continue
         kept.pop(item.id, None)            # failed / stale / broken: redo it, with a fresh line

@@ -4,19 +4,28 @@ Every rank runs :func:`run_items` with the same arguments. Rank 0 resolves the s
 the output tree and decides what to do (:func:`plan_on_main`); the plan is broadcast so all
 ranks walk the same item list. For each item all ranks call ``generator.generate``; rank 0
 then hashes the written mp4 and appends its manifest line. A failing item gets a ``failed``
-line with the error text and the run goes on (it is retried by the next run).
+line with the error text and the run goes on (it is retried by the next run), unless the
+caption/VAE service failed for ``max_service_failures`` items in a row: then the run stops with
+a summary instead of burning through every item.
+
+One runner per output folder and shard: :class:`OutputLock` holds an exclusive ``flock`` on
+``<root>/.lock-<manifest>`` (naming the holder's PID and host) for the whole run; a second
+runner refuses with a message naming them.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import socket
 import time
-import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from ..config import OutputConfig, SamplingConfig
-from ..runtime import broadcast_from_main
+from ..errors import UserError, is_service_error
+from ..parallel.agree import on_main
 from . import manifest as mf
 from .sets import EvalItem, load_items, select_items, sha256_file
 
@@ -38,29 +47,53 @@ class EvalSummary:
     skipped: int = 0
     failed: int = 0
     seconds: List[float] = field(default_factory=list)
+    stopped: Optional[str] = None            # why the run stopped early, if it did
 
     @property
     def mean_seconds(self) -> float:
         return sum(self.seconds) / len(self.seconds) if self.seconds else 0.0
 
     def line(self) -> str:
-        return (f"evaluation: {self.done} done, {self.skipped} skipped, {self.failed} failed, "
+        text = (f"evaluation: {self.done} done, {self.skipped} skipped, {self.failed} failed, "
                 f"{self.mean_seconds:.1f} s per video")
+        return text + (" (stopped early)" if self.stopped else "")
 
 
-def on_main(state, fn: Callable):
-    """Run ``fn`` on rank 0 and broadcast its result (or its error) to every rank."""
-    payload = None
-    if state.is_main:
+class OutputLock:
+    """Exclusive lock of one output folder and shard, held by rank 0 for the whole run.
+
+    ``acquire`` raises :class:`UserError` naming the holder (PID, host, start time) when another
+    runner holds it. The lock is an ``flock`` on ``<root>/.lock-<manifest name>``, so it is
+    released by the kernel when the holder dies, whatever the way.
+    """
+
+    def __init__(self, root, shard: Tuple[int, int] = (0, 1)):
+        self.path = Path(root) / f".lock-{mf.manifest_name(shard)}"
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            payload = {"value": fn()}
-        except Exception as exc:          # the other ranks must learn about it, or they hang
-            payload = {"error": exc if isinstance(exc, (ValueError, FileNotFoundError, RuntimeError))
-                       else RuntimeError(f"{type(exc).__name__}: {exc}")}
-    payload = broadcast_from_main(state, payload)
-    if "error" in payload:
-        raise payload["error"]
-    return payload["value"]
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"another evaluation run is writing to {self.path.parent} ({holder}); wait for it to "
+                            f"finish or stop it, or use another --save_path") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)             # closing drops the flock
 
 
 def plan_on_main(state, root, prompts: str, cache_dir, url: str, ids: Optional[Sequence[str]] = None,
@@ -100,8 +133,12 @@ def make_record(item: EvalItem, sampling: SamplingConfig, info: dict, status: st
 
 
 def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output: OutputConfig, state,
-              shard: Tuple[int, int] = (0, 1), progress: bool = True) -> EvalSummary:
-    """Generate every item of ``plan.todo``; rank 0 records the manifest and returns the summary."""
+              shard: Tuple[int, int] = (0, 1), progress: bool = True, max_service_failures: int = 0) -> EvalSummary:
+    """Generate every item of ``plan.todo``; rank 0 records the manifest and returns the summary.
+
+    ``max_service_failures``: stop after this many consecutive items failed on the caption/VAE
+    service (0: never). The decision is taken on every rank from the same shared failure.
+    """
     root = Path(root)
     manifest_path = root / mf.manifest_name(shard)
     summary = EvalSummary(skipped=len(plan.skipped))
@@ -110,18 +147,21 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
     if state.is_main and progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(plan.todo), desc="eval videos", unit="video", dynamic_ncols=True)
-    for item in plan.todo:
+    service_streak = 0
+    for position, item in enumerate(plan.todo):
         params = item_sampling(item, sampling)
         rel = mf.relative_video_path(item)
         item_output = replace(output, save_path=str(root), output_path=str(root / rel))
         start = time.perf_counter()
-        error, result = None, None
+        error, result, service_failure = None, None, False
         try:
             result = generator.generate(item.prompt, params, item_output, first_image=item.image, progress=False)
         except Exception as exc:          # recorded; the run goes on with the next item
-            error = f"{type(exc).__name__}: {exc}"
+            error = str(exc)
+            service_failure = is_service_error(exc)
             if state.is_main:
-                logger.error("item %s failed: %s\n%s", item.id, error, traceback.format_exc())
+                logger.error("item %s failed: %s", item.id, error, exc_info=logger.isEnabledFor(logging.DEBUG))
+        service_streak = service_streak + 1 if service_failure else 0
         seconds = time.perf_counter() - start
         if state.is_main:
             if error is None and (result is None or result.path is None or not Path(result.path).is_file()):
@@ -138,6 +178,12 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
             if bar is not None:
                 bar.set_postfix(done=summary.done, failed=summary.failed)
                 bar.update(1)
+        if max_service_failures and service_streak >= max_service_failures:
+            left = len(plan.todo) - position - 1
+            summary.stopped = (f"stopped after {service_streak} consecutive items failed on the caption/VAE service "
+                               f"(last: {error}); {left} item(s) not attempted; start or fix the service and rerun "
+                               "the same command to resume")
+            break
     if bar is not None:
         bar.close()
     state.barrier()

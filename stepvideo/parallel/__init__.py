@@ -14,11 +14,11 @@ _EXPORTS = {
     "UlyssesSequence": "stepvideo.parallel.ulysses",
     "apply_tensor_parallel": "stepvideo.parallel.tensor",
     "CFGParallelModel": "stepvideo.parallel.cfg",
-    "parallelize_dit": "stepvideo.parallel.runtime",
-    "load_parallel_dit": "stepvideo.parallel.runtime",
+    "parallelize_dit": "stepvideo.parallel.parallelize",
+    "load_parallel_dit": "stepvideo.parallel.parallelize",
     "run_on_cpu_ranks": "stepvideo.parallel.launch",
 }
-_ALIASES = {"apply_parallelism": ("stepvideo.parallel.runtime", "parallelize_dit")}
+_ALIASES = {"apply_parallelism": ("stepvideo.parallel.parallelize", "parallelize_dit")}
 
 __all__ = [*_EXPORTS, *_ALIASES]
 

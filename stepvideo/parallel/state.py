@@ -45,7 +45,7 @@ SEQUENCE_BACKENDS = ("native", "xfuser")
 # Configuration
 # ----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ParallelConfig:
     """Degrees of the three kinds of DiT parallelism.
 
@@ -55,15 +55,32 @@ class ParallelConfig:
         cfg_parallel: ``True``/``2`` runs the conditional and unconditional rows of the CFG
             batch on two rank groups; ``False``/``1`` keeps the batch of 2 together.
         ring_degree: kept for CLI compatibility with the reference; must stay 1.
-        backend: sequence-parallel attention: ``native`` (``all_to_all_single``, any
-            process-group backend, gloo included) or ``xfuser`` (optional, CUDA only).
+        sp_backend: sequence-parallel implementation: ``native`` (``all_to_all_single``, any
+            process-group backend, gloo included) or ``xfuser`` (optional, CUDA only, tensor-parallel
+            degree 1). ``backend=`` (keyword) and the ``backend`` attribute are the old spelling.
     """
 
     ulysses_degree: int = 1
     tensor_parallel_degree: int = 1
     cfg_parallel: Union[bool, int] = False
     ring_degree: int = 1
-    backend: str = "native"
+    sp_backend: str = "native"
+
+    def __init__(self, ulysses_degree: int = 1, tensor_parallel_degree: int = 1, cfg_parallel: Union[bool, int] = False,
+                 ring_degree: int = 1, sp_backend: str = "native", *, backend: Optional[str] = None):
+        if backend is not None:
+            if sp_backend not in ("native", backend):
+                raise ValueError(f"pass one of `sp_backend` ({sp_backend!r}) and its old name `backend` ({backend!r})")
+            sp_backend = backend
+        for name, value in (("ulysses_degree", ulysses_degree), ("tensor_parallel_degree", tensor_parallel_degree),
+                            ("cfg_parallel", cfg_parallel), ("ring_degree", ring_degree), ("sp_backend", sp_backend)):
+            object.__setattr__(self, name, value)
+        self.__post_init__()
+
+    @property
+    def backend(self) -> str:
+        """Old name of :attr:`sp_backend`."""
+        return self.sp_backend
 
     def __post_init__(self):
         for name in ("ulysses_degree", "tensor_parallel_degree", "ring_degree"):
@@ -75,8 +92,14 @@ class ParallelConfig:
                              f"as in the reference), got {self.ring_degree}")
         if not isinstance(self.cfg_parallel, bool) and self.cfg_parallel not in (1, 2):
             raise ValueError(f"`cfg_parallel` must be a bool or a degree of 1 or 2, got {self.cfg_parallel!r}")
-        if self.backend not in SEQUENCE_BACKENDS:
-            raise ValueError(f"`backend` must be one of {', '.join(SEQUENCE_BACKENDS)}, got {self.backend!r}")
+        if self.sp_backend not in SEQUENCE_BACKENDS:
+            raise ValueError(f"`sp_backend` must be one of {', '.join(SEQUENCE_BACKENDS)}, got {self.sp_backend!r}")
+        if self.sp_backend == "xfuser" and self.tensor_parallel_degree > 1:
+            raise ValueError(f"the xfuser sequence-parallel backend cannot be combined with tensor parallelism "
+                             f"(tensor_parallel_degree {self.tensor_parallel_degree}): its Ulysses groups are built "
+                             "from contiguous ranks, ours interleave with the tensor-parallel ranks, so attention "
+                             "would be exchanged between the wrong ranks; use sp_backend 'native' or "
+                             "tensor_parallel_degree 1")
 
     @property
     def cfg_degree(self) -> int:
@@ -156,7 +179,7 @@ def validate_before_loading(config: ParallelConfig, num_heads: int, world_size: 
                              "every sequence-parallel rank needs at least one token")
         tokens = chunk_lengths(token_count, config.sp_degree)
         uneven = token_count % config.sp_degree != 0
-        if uneven and config.backend == "xfuser":
+        if uneven and config.sp_backend == "xfuser":
             raise ValueError(
                 f"token count ({token_count}) must be divisible by ulysses_degree ({config.sp_degree}) with the "
                 "xfuser backend; use backend 'native' (uneven chunks, exact) or another frame/size")

@@ -1,7 +1,11 @@
 """Optional xfuser (xDiT) sequence-parallel attention behind the same hook protocol.
 
-Selected with ``ParallelConfig(backend="xfuser")`` (``--parallel_backend xfuser``) and
-imported only then. Token split/gather are ours (:class:`UlyssesSequence`); only the
+Selected with ``ParallelConfig(sp_backend="xfuser")`` (``--sp_backend xfuser``, old spelling
+``--parallel_backend``) and imported only then. Tensor parallelism is refused with this backend
+(``ParallelConfig`` raises): xfuser builds its Ulysses groups from contiguous ranks while ours
+interleave with the tensor-parallel ranks, so the all-to-all would run between the wrong ranks.
+xfuser keeps its process groups in module globals: one initialisation per process; a second
+one raises a RuntimeError saying so. Token split/gather are ours (:class:`UlyssesSequence`); only the
 attention call goes to ``xFuserLongContextAttention`` (Ulysses all-to-all + flash attention,
 CUDA, fp16/bf16), so the DiT's own attention backend is bypassed inside self-attention.
 xfuser needs equal chunks: the token count must divide by the SP degree.
@@ -50,10 +54,17 @@ class XFuserSequence(UlyssesSequence):
             raise RuntimeError(f"parallel backend 'xfuser' needs CUDA (flash attention); {INSTALL_HINT}")
         super().__init__(state.sp_group)
         config = state.config
-        init_environment(rank=state.rank, world_size=state.world_size)
-        init_model_parallel(sequence_parallel_degree=config.sp_degree, ring_degree=1,
-                            ulysses_degree=config.sp_degree, tensor_parallel_degree=config.tp_degree,
-                            classifier_free_guidance_degree=config.cfg_degree)
+        if config.tp_degree > 1:      # ParallelConfig refuses it too; kept for states built by hand
+            raise ValueError("the xfuser backend cannot be combined with tensor parallelism; use sp_backend 'native'")
+        try:
+            init_environment(rank=state.rank, world_size=state.world_size)
+            init_model_parallel(sequence_parallel_degree=config.sp_degree, ring_degree=1,
+                                ulysses_degree=config.sp_degree, tensor_parallel_degree=config.tp_degree,
+                                classifier_free_guidance_degree=config.cfg_degree)
+        except AssertionError as err:   # xfuser asserts its module-level groups are not set yet
+            raise RuntimeError(f"xfuser's process groups are already initialised in this process ({err or 'assert'}); "
+                               "xfuser allows one initialisation per process: reuse the loaded model, or start a "
+                               "new process") from None
         self._attention = attention_cls()
 
     def split(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Command-line argument groups shared by ``run_parallel.py`` and ``benchmark/evaluation.py``.
+"""Command-line argument groups shared by the generation and evaluation entry points.
+
+Used by ``stepvideo.cli.generate`` (``run_parallel.py``) and ``stepvideo.cli.evaluate``
+(``benchmark/evaluation.py``); re-exported by ``stepvideo.cli``.
 
 Arguments are turned into plain config objects here (``SamplingConfig``, ``OutputConfig``,
 ``ParallelConfig``); library code never sees an argparse ``Namespace``.
@@ -11,8 +14,8 @@ from __future__ import annotations
 import argparse
 from typing import NamedTuple, Optional
 
-from .config import PRESETS, OutputConfig, SamplingConfig, get_preset
-from .models.attention import BACKENDS as ATTENTION_BACKENDS
+from ..config import PRESETS, OutputConfig, SamplingConfig, get_preset
+from ..models.attention import BACKENDS as ATTENTION_BACKENDS
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -27,10 +30,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="FP8 (e4m3, per-channel scales) weights for the DiT block linears (scaled matmul on Hopper)")
     g.add_argument("--use-cpu-offload", "--cpu_offload", dest="use_cpu_offload", action="store_true",
                    help="keep DiT block weights in CPU memory and stream each block to the GPU when it runs")
-    g.add_argument("--local", "--local_encoders", dest="local", action="store_true",
-                   help="run the text encoders and the VAE in this process instead of calling the service "
-                        "(under torchrun spell it --local_encoders: torchrun's own parser rejects --local as "
-                        "an ambiguous abbreviation)")
+    g.add_argument("--no_service", "--local_mode", "--local_encoders", "--local", dest="local", action="store_true",
+                   help="one GPU without the service: run the text encoders and the VAE in this process, each "
+                        "loaded only while needed (under torchrun use --no_service or --local_mode: torchrun "
+                        "rejects --local as an ambiguous abbreviation of its own options)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile every DiT block (stepvideo.perf.compile.compile_blocks); the first step "
+                        "is slower while it compiles")
     g.add_argument("--vae_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
     g.add_argument("--caption_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
     g.add_argument("--service_token", default=None,
@@ -51,7 +57,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, with_prompt: bool = True)
         g.add_argument("--prompt", default=None, help="the text prompt (Chinese or English)")
         g.add_argument("--first_image_path", default=None, help="TI2V: the first frame image")
     g.add_argument("--infer_steps", type=int, default=None, help="denoising steps")
-    g.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance scale (> 1)")
+    g.add_argument("--cfg_scale", type=float, default=None,
+                   help="classifier-free guidance scale (> 1; <= 1 runs the conditional branch only, half the work)")
     g.add_argument("--time_shift", type=float, default=None, help="schedule time shift")
     g.add_argument("--num_frames", type=int, default=None, help="frames (rounded down to a multiple of 17)")
     g.add_argument("--height", type=int, default=None, help="height in pixels (multiple of 16)")
@@ -71,18 +78,31 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--name_suffix", default="", help="appended to automatic file names")
     g.add_argument("--no_crop", action="store_true", help="skip the reference's 540p centre crop")
     g.add_argument("--no_denoise_filter", action="store_true", help="skip ffmpeg's atadenoise filter")
+    g.add_argument("--decode_retries", type=int, default=2,
+                   help="extra decode/write attempts (backoff 2 s, doubling) before the denoised latents are "
+                        "saved as <name>.latents.safetensors for `python -m stepvideo.decode` (default %(default)s)")
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("parallelism (torchrun)")
-    g.add_argument("--ulysses_degree", type=int, default=None,
-                   help="sequence-parallel degree (default: world size / tp / cfg)")
+    g = parser.add_argument_group("parallelism (torchrun) and process")
+    g.add_argument("--ulysses_degree", "--sp_degree", dest="ulysses_degree", type=int, default=None,
+                   help="sequence-parallel (Ulysses) degree (default: world size / tp / cfg)")
     g.add_argument("--ring_degree", type=int, default=1, help="must be 1 (kept for compatibility)")
-    g.add_argument("--tensor_parallel_degree", type=int, default=1, help="tensor-parallel degree")
+    g.add_argument("--tensor_parallel_degree", "--tp_degree", dest="tensor_parallel_degree", type=int, default=1,
+                   help="tensor-parallel degree")
     g.add_argument("--cfg_parallel", action="store_true",
                    help="run the conditional and unconditional branches on two halves of the ranks")
-    g.add_argument("--parallel_backend", default="native", choices=["native", "xfuser"],
-                   help="native all-to-all on torch.distributed, or xfuser (CUDA hosts)")
+    g.add_argument("--sp_backend", "--parallel_backend", dest="sp_backend", default="native",
+                   choices=["native", "xfuser"],
+                   help="sequence-parallel implementation: native all-to-all on torch.distributed, or xfuser "
+                        "(CUDA hosts, tensor-parallel degree 1)")
+    g.add_argument("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="torch.distributed backend (auto: nccl on CUDA, else gloo)")
+    g.add_argument("--dist_timeout", type=float, default=600.0,
+                   help="seconds a rank waits for the others in a collective before the run fails "
+                        "(default %(default)s)")
+    g.add_argument("--debug", action="store_true",
+                   help="print tracebacks with errors (also STEPVIDEO_DEBUG=1)")
 
 
 def sampling_config(args: argparse.Namespace, has_image: Optional[bool] = None) -> SamplingConfig:
@@ -90,6 +110,12 @@ def sampling_config(args: argparse.Namespace, has_image: Optional[bool] = None) 
     if has_image is None:
         has_image = bool(getattr(args, "first_image_path", None))
     preset = get_preset(args.preset or ("ti2v" if has_image else "t2v"))
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value % 16:
+            low, high = value // 16 * 16, value // 16 * 16 + 16
+            raise ValueError(f"--{flag} {value} is not a multiple of 16 (the VAE and the DiT patches need it); "
+                             f"use {low or 16} or {high}")
     return preset.with_overrides(
         num_inference_steps=args.infer_steps, guidance_scale=args.cfg_scale, time_shift=args.time_shift,
         num_frames=args.num_frames, height=args.height, width=args.width, motion_score=args.motion_score,
@@ -106,7 +132,7 @@ def parallel_config(args: argparse.Namespace, world_size: Optional[int] = None):
     """``ParallelConfig`` from the flags; an unset ``--ulysses_degree`` takes the remaining ranks."""
     import os
 
-    from .parallel.state import ParallelConfig
+    from ..parallel.state import ParallelConfig
 
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     cfg = 2 if args.cfg_parallel else 1
@@ -114,16 +140,17 @@ def parallel_config(args: argparse.Namespace, world_size: Optional[int] = None):
     if ulysses is None:
         ulysses = max(1, world // (cfg * args.tensor_parallel_degree))
     return ParallelConfig(ulysses_degree=ulysses, tensor_parallel_degree=args.tensor_parallel_degree,
-                          cfg_parallel=args.cfg_parallel, ring_degree=args.ring_degree, backend=args.parallel_backend)
+                          cfg_parallel=args.cfg_parallel, ring_degree=args.ring_degree, sp_backend=args.sp_backend)
 
 
 def runtime_config(args: argparse.Namespace):
-    from .runtime import RuntimeConfig
+    from ..generator import RuntimeConfig
 
     return RuntimeConfig(model_dir=args.model_dir or "./ckpts", dtype=args.dtype,
                          attention_backend=args.attention_backend, local=args.local, vae_url=args.vae_url,
                          caption_url=args.caption_url, service_token=args.service_token, fp8=args.fp8,
-                         cpu_offload=args.use_cpu_offload)
+                         cpu_offload=args.use_cpu_offload, compile=args.compile,
+                         decode_retries=args.decode_retries)
 
 
 def token_count(sampling: SamplingConfig) -> int:
@@ -156,3 +183,23 @@ def configure_logging() -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     return rank
+
+
+def start_ranks(args: argparse.Namespace, has_image: Optional[bool] = None):
+    """The common start of the torchrun entry points: config objects from the flags, then this
+    rank's :class:`ParallelState` (process groups with the ``--dist_timeout`` timeout).
+
+    Returns ``(LaunchConfigs, state)``; raises ValueError naming a bad flag. Every rank computes
+    the same configs from the same flags, so a bad flag fails identically on every rank before
+    any process group exists.
+    """
+    from datetime import timedelta
+
+    from ..parallel.state import ParallelState
+
+    configs = launch_configs(args, has_image=has_image)
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist_timeout must be > 0 seconds, got {args.dist_timeout}")
+    backend = None if args.dist_backend == "auto" else args.dist_backend
+    state = ParallelState.from_env(configs.parallel, backend=backend, timeout=timedelta(seconds=args.dist_timeout))
+    return configs, state

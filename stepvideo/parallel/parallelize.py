@@ -28,12 +28,12 @@ from .tensor import apply_tensor_parallel, load_tensor_parallel_dit
 
 def sequence_hooks(state: ParallelState):
     """The sequence-parallel hooks for ``state``: ``LocalSequence`` at SP degree 1, else the
-    native Ulysses hooks or (``config.backend == 'xfuser'``) the xfuser adaptor."""
+    native Ulysses hooks or (``config.sp_backend == 'xfuser'``) the xfuser adaptor."""
     from ..models.parallel_hooks import LocalSequence
 
     if state.config.sp_degree == 1:
         return LocalSequence()
-    if state.config.backend == "xfuser":
+    if state.config.sp_backend == "xfuser":
         from .xfuser_backend import XFuserSequence      # imported only when chosen
         return XFuserSequence(state)
     from .ulysses import UlyssesSequence

@@ -1,0 +1,66 @@
+r"""Generate one video with the Step-Video DiT, split across the ranks of a torchrun launch.
+
+    torchrun --nproc_per_node 4 run_parallel.py --model_dir ckpts --ulysses_degree 4 \
+        --vae_url http://127.0.0.1:8080 --caption_url http://127.0.0.1:8080 --prompt "..."
+    torchrun --nproc_per_node 4 -m stepvideo.cli.generate ...      # the same, installed package
+    torchrun --nproc_per_node 1 run_parallel.py --no_service --model_dir ckpts --prompt "..."
+
+Flags are the reference's (plus --preset, --no_service, --seed, --output_path, ...). Before any
+weight is read, rank 0 checks the services, the output path, the first image, the checkpoint
+kind and the sampling settings; a failure on any rank ends every rank with the same one-line
+error and exit code 2. Rank 0 prints the written mp4's path as its last line of output.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import args as cli
+from .process import exit_now, report, run_main, watch_launcher
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(parser)
+    cli.add_sampling_args(parser)
+    cli.add_output_args(parser)
+    cli.add_parallel_args(parser)
+    return parser
+
+
+def generate(args: argparse.Namespace) -> int:
+    from ..errors import UserError, debug_requested
+    from ..generator import VideoGenerator
+    from ..parallel.agree import on_main
+    from ..preflight import preflight
+
+    watch_launcher()                     # under torchrun: exit if the launcher dies
+    if not args.prompt:
+        raise UserError("--prompt is required")
+    (sampling, output, parallel, runtime), state = cli.start_ranks(args)
+    try:
+        on_main(state, lambda: preflight(runtime, sampling, output, parallel, first_image=args.first_image_path))
+        generator = VideoGenerator(runtime, state, sequence_tokens=cli.token_count(sampling))
+        result = generator.generate(args.prompt, sampling, output, first_image=args.first_image_path)
+    except Exception as exc:
+        if not state.distributed:
+            raise
+        # every rank got the same failure; leave without tearing down a group that may be broken
+        exit_now(report(exc, debug_requested(args.debug)))
+    state.destroy()
+    if result is not None and result.path is not None:
+        print(f"Saved the generated video in {result.path}", file=sys.stderr)
+        print(result.path)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    cli.configure_logging()
+    return run_main(lambda: generate(args), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+r"""Turn saved latents into the mp4: the same frames as the run that saved them.
+
+    python -m stepvideo.decode results/cat.latents.safetensors --vae_url http://127.0.0.1:8080
+    python -m stepvideo.decode results/cat.latents.safetensors --model_dir ckpts -o cat.mp4
+
+When decoding or writing fails after the denoising loop (the VAE service is down, the disk is
+full), the generator saves the final latents ``[B, F, C, h, w]`` next to the intended output as
+``<name>.latents.safetensors`` (written atomically), with the prompt and the sampling and
+output settings in its metadata. This command decodes them with the service (``--vae_url``,
+uint8 frames converted on the server, as the generator does) or a local VAE
+(``--model_dir``), applies the same post-processing and writes the mp4 (default: the path the
+run intended).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "stepvideo.latents/1"
+SUFFIX = ".latents.safetensors"
+
+
+def save_latents(path, latents: torch.Tensor, *, prompt: str, sampling, output, video_path, remote: bool,
+                 model_dir: Optional[str] = None) -> Path:
+    """Write ``latents`` and the settings that made them to ``path`` atomically; return ``path``."""
+    from safetensors.torch import save
+
+    from .io.atomic import atomic_write_bytes
+
+    output_settings = {"fps": output.fps, "crop_540p": output.crop_540p, "denoise_filter": output.denoise_filter}
+    metadata = {"format": FORMAT, "prompt": prompt, "sampling": json.dumps(sampling.to_dict(), ensure_ascii=False),
+                "output": json.dumps(output_settings), "video_path": str(video_path),
+                "decoder": "service-uint8" if remote else "local", "model_dir": model_dir or ""}
+    data = save({"latents": latents.detach().float().cpu().contiguous()}, metadata=metadata)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+    logger.warning("saved the denoised latents in %s", path)
+    return path
+
+
+def load_latents(path):
+    """``(latents, metadata)`` of a file written by :func:`save_latents`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latents file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            latents = f.get_tensor("latents")
+    except Exception as err:           # safetensors raises its own error types
+        raise ValueError(f"{path} is not a stepvideo latents file ({type(err).__name__}: {err})") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a stepvideo latents file (format {metadata.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    return latents, metadata
+
+
+def write_video(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, path, output,
+                timings: Optional[Dict[str, float]] = None):
+    """Decode ``latents`` with ``decode``, post-process as the pipeline does, write the mp4 atomically.
+
+    Returns the ``uint8 [T, H, W, 3]`` frames written.
+    """
+    import time
+
+    from .io.video import write_mp4
+    from .pipelines.postprocess import decoded_to_frames
+
+    timings = timings if timings is not None else {}
+    start = time.perf_counter()
+    video = decode(latents)
+    timings["decode_s"] = time.perf_counter() - start
+    frames = decoded_to_frames(video, crop_540p=output.crop_540p)
+    start = time.perf_counter()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_mp4(path, frames, fps=output.fps, denoise=output.denoise_filter)
+    timings["write_s"] = time.perf_counter() - start
+    return frames
+
+
+def remote_decoder(url: str, token: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The service's decode with uint8 output, as the generator uses it."""
+    from .service.client import RemoteVAE
+
+    vae = RemoteVAE(url, token=token, output="uint8")
+    return lambda latents: vae.decode(latents.detach().float().cpu())
+
+
+def local_decoder(model_dir, device: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A local VAE from ``model_dir/vae``, as ``--no_service`` runs use it."""
+    from .loading import layout
+    from .loading.hub import resolve_model_dir
+    from .models.vae import AutoencoderKL
+
+    root = resolve_model_dir(model_dir, allow_patterns=layout.SERVICE_PATTERNS)
+    vae = AutoencoderKL.from_pretrained(root / layout.VAE_DIR, device=device)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        param = next(vae.parameters())
+        return vae.decode(latents.to(param.device, param.dtype)).cpu()
+
+    return decode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stepvideo.decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("latents", help="a <name>.latents.safetensors file saved by a failed run")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--vae_url", default=None, help="decode with the caption/VAE service at this address")
+    source.add_argument("--model_dir", default=None, help="decode with the local VAE of this checkpoint")
+    parser.add_argument("--service_token", default=None, help="the service's token (default: env "
+                                                              "STEPVIDEO_SERVICE_TOKEN)")
+    parser.add_argument("--device", default=None, help="device of the local VAE (default: cuda if available)")
+    parser.add_argument("-o", "--output", default=None, help="mp4 path (default: the path the run intended)")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks with errors")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli.process import run_main
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_main(lambda: _decode(args), debug=args.debug)
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from .config import OutputConfig
+    from .io.video import output_video_path
+    from .preflight import check_output, check_services
+
+    latents, metadata = load_latents(args.latents)
+    settings = json.loads(metadata.get("output") or "{}")
+    out_path = Path(args.output or metadata.get("video_path") or str(args.latents)[: -len(SUFFIX)] + ".mp4")
+    output = replace(OutputConfig(), output_path=str(out_path),
+                     **{k: v for k, v in settings.items() if k in asdict(OutputConfig())})
+    check_output(output)
+    if args.vae_url:
+        from types import SimpleNamespace
+
+        check_services(SimpleNamespace(local=False, caption_url=None, vae_url=args.vae_url,
+                                       service_token=args.service_token), only_vae=True)
+        decode = remote_decoder(args.vae_url, args.service_token)
+    else:
+        decode = local_decoder(args.model_dir, args.device)
+    out_path = output_video_path(output.save_path, "video", output_path=out_path)
+    write_video(decode, latents, out_path, output)
+    print(out_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

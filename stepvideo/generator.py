@@ -1,0 +1,268 @@
+"""The multi-rank video generator behind ``run_parallel.py`` and ``benchmark/evaluation.py``.
+
+``VideoGenerator`` loads the DiT once (validated against the parallel layout before any weight
+is read), applies tensor / sequence / CFG parallelism, and generates one video per call:
+
+1. rank 0 encodes the prompt (service, or local encoders loaded in turn with ``--no_service``)
+   and, for TI2V, the first image; the results are broadcast to every rank;
+2. every rank runs the identical denoising loop on its share of the work;
+3. rank 0 decodes (service or local VAE) and writes the mp4, retrying with backoff; if that
+   still fails, the final latents are saved next to the intended output
+   (``<name>.latents.safetensors``, see :mod:`stepvideo.decode`) so no denoising is lost.
+
+Every step is collective (:mod:`stepvideo.parallel.agree`): a failure on any rank raises the
+same :class:`~stepvideo.parallel.agree.RankFailure` on every rank.
+
+With ``--no_service`` the text encoders, the DiT and the VAE are never on the device at the same
+time: the encoders are loaded, used and freed before the DiT's loop, the VAE after it.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import OutputConfig, SamplingConfig
+from .loading import checkpoint as ckpt
+from .loading import layout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Model location and the run-time choices of a generation process."""
+
+    model_dir: str = "./ckpts"
+    dtype: str = "bf16"
+    attention_backend: str = "auto"
+    local: bool = False
+    vae_url: str = "127.0.0.1"
+    caption_url: str = "127.0.0.1"
+    service_token: Optional[str] = None
+    encoder_device: Optional[str] = None     # --local: where the text encoders / VAE run (default: DiT device)
+    fp8: bool = False                        # FP8 weights for the DiT block linears
+    cpu_offload: bool = False                # DiT blocks stay in CPU memory, streamed to the device per block
+    compile: bool = False                    # torch.compile every DiT block (stepvideo.perf.compile)
+    decode_retries: int = 2                  # extra decode/write attempts before the latents are saved
+    decode_backoff: float = 2.0              # seconds before the first retry (doubles each time)
+
+
+class GenerationError(RuntimeError):
+    """A generation failed for a reason the user can act on (service down, bad image, ...)."""
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def broadcast_from_main(state, payload):
+    """Broadcast a picklable object of CPU tensors from global rank 0 (trusted, in-process group)."""
+    if not state.distributed:
+        return payload
+    import torch.distributed as dist
+
+    box = [payload if state.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def latents_path(video_path) -> "Path":
+    """Where the latents of ``video_path`` are kept when decoding or writing fails."""
+    from pathlib import Path
+
+    video_path = Path(video_path)
+    return video_path.with_name(video_path.stem + ".latents.safetensors")
+
+
+class VideoGenerator:
+    """Loads the DiT once per process and generates videos on every rank of the layout."""
+
+    def __init__(self, runtime: RuntimeConfig, state, sequence_tokens: Optional[int] = None):
+        from .loading.hub import resolve_model_dir
+        from .parallel.state import validate_before_loading
+        from .pipelines.pipeline import StepVideoPipeline
+        from .schedulers.flow_match_euler import FlowMatchDiscreteScheduler
+
+        from .parallel.agree import on_all, on_main
+
+        self.runtime = runtime
+        self.state = state
+        patterns = layout.DIT_PATTERNS + (layout.SERVICE_PATTERNS if runtime.local else [])
+        # rank 0 downloads first (a failure reaches every rank), the others reuse its cache
+        root = on_main(state, lambda: str(resolve_model_dir(runtime.model_dir, allow_patterns=patterns)))
+
+        def read_config():
+            local_root = Path(root) if state.is_main else resolve_model_dir(runtime.model_dir, allow_patterns=patterns)
+            config = ckpt.read_json(local_root / layout.TRANSFORMER_DIR / layout.TRANSFORMER_CONFIG)
+            validate_before_loading(state.config, num_heads=int(config.get("num_attention_heads", 48)),
+                                    world_size=state.world_size, token_count=sequence_tokens)
+            return local_root, config
+
+        self.root, config = on_all(state, read_config)
+        transformer_dir = self.root / layout.TRANSFORMER_DIR
+        self.transformer_config = config
+        from .parallel import load_parallel_dit
+
+        # each rank materialises only its tensor-parallel shard, then SP hooks / CFG wrapper;
+        # a bad shard on any rank stops every rank with the same line
+        self.model = on_all(state, lambda: load_parallel_dit(
+            transformer_dir, state, torch_dtype=runtime.dtype, device="cpu" if runtime.cpu_offload else state.device,
+            attention_backend=runtime.attention_backend))
+        dit = getattr(self.model, "module", self.model)          # inside a CFG-parallel wrapper
+        if runtime.fp8:
+            from .perf.fp8 import quantize_blocks
+            quantize_blocks(dit)
+        if runtime.cpu_offload:
+            from .perf.offload import enable_block_offload
+            enable_block_offload(dit, state.device)
+        if runtime.compile:
+            from .perf.compile import compile_blocks
+            compile_blocks(dit)
+        self.pipeline = StepVideoPipeline(self.model, FlowMatchDiscreteScheduler.from_pretrained(self.root),
+                                          vae_url=runtime.vae_url, caption_url=runtime.caption_url,
+                                          rank=state.rank,
+                                          service_token=runtime.service_token)
+        if state.is_main and not runtime.local:
+            self.pipeline.setup_api(runtime.vae_url, runtime.caption_url)   # token: flag, else the env var
+            self.pipeline.vae.output = "uint8"     # converted on the server: half the bytes, same numbers
+
+    # ------------------------------------------------------------------------------------
+    def _encoder_device(self) -> torch.device:
+        return torch.device(self.runtime.encoder_device) if self.runtime.encoder_device else self.state.device
+
+    def _encode_inputs(self, prompt: str, sampling: SamplingConfig, first_image) -> dict:
+        """Rank 0: text embeddings (and TI2V image latent) as CPU tensors."""
+        from .pipelines.pipeline import encode_image
+        from .io.image import prepare_first_image
+
+        prompts = [prompt + sampling.pos_magic, sampling.neg_magic]
+        needs_image = self.pipeline.is_ti2v
+        if needs_image and first_image is None:
+            raise ValueError(f"{self.runtime.model_dir} is an image-to-video (TI2V) checkpoint: pass --first_image_path")
+        if first_image is not None and not needs_image:
+            raise ValueError(f"a first image was given ({first_image}), but {self.runtime.model_dir} is a "
+                             "text-to-video (T2V) checkpoint; use a Step-Video-TI2V checkpoint or drop the image")
+        image = None
+        if needs_image:
+            image = prepare_first_image(first_image, sampling.height // 16 * 16, sampling.width // 16 * 16)
+        result = {}
+        if self.runtime.local:
+            from .text_encoders.caption import CaptionEncoder
+
+            device = self._encoder_device()
+            encoder = CaptionEncoder.from_pretrained(self.root, device=device)
+            result["embeds"] = encoder.embedding(prompts)
+            del encoder
+            _free(device)
+            if needs_image:
+                vae = self._local_vae()
+                result["condition"] = encode_image(vae, image, sampling.seed).cpu()
+                del vae
+                _free(device)
+        else:
+            result["embeds"] = self.pipeline.caption_encoder.embedding(prompts)
+            if needs_image:
+                result["condition"] = encode_image(self.pipeline.vae, image, sampling.seed).cpu()
+        return result
+
+    def _local_vae(self):
+        from .models.vae import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(self.root / layout.VAE_DIR, device=self._encoder_device())
+
+    # ------------------------------------------------------------------------------------
+    def generate(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, first_image=None,
+                 progress: bool = True):
+        """Generate one video; returns the pipeline output on rank 0 and ``None`` elsewhere.
+
+        Collective. Raises :class:`~stepvideo.parallel.agree.RankFailure` on every rank when any
+        step fails on any rank; a failed decode/write leaves the latents on disk (see the message).
+        """
+        from .parallel.agree import on_all, on_main
+
+        inputs = on_main(self.state, lambda: self._encode_inputs(prompt, sampling, first_image))
+        pipe = self.pipeline
+        if self.state.is_main and self.runtime.local:
+            pipe.vae = _LazyVAE(self._local_vae)
+        try:
+            denoised = on_all(self.state, lambda: pipe(
+                prompt=prompt, height=sampling.height, width=sampling.width, num_frames=sampling.num_frames,
+                num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
+                time_shift=sampling.time_shift, pos_magic=sampling.pos_magic, neg_magic=sampling.neg_magic,
+                motion_score=sampling.motion_score, seed=sampling.seed, prompt_embeds=inputs["embeds"],
+                condition_latents=inputs.get("condition"), output_type="latent", progress=progress))
+            finished = {}
+
+            def finish() -> None:
+                finished["result"] = self._finish(prompt, sampling, output, denoised)
+
+            on_main(self.state, finish)
+        finally:
+            if self.runtime.local and self.state.is_main:
+                pipe.vae = None
+                _free(self._encoder_device())
+        return finished.get("result") if self.state.is_main else None
+
+    def _finish(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, denoised):
+        """Rank 0: decode and write the mp4 (with retries); on failure save the latents and raise."""
+        import time
+
+        from .decode import save_latents, write_video
+        from .io.video import output_video_path
+
+        timings = dict(denoised.timings)
+        path = output_video_path(output.save_path, prompt or "video", seed=sampling.seed,
+                                 output_file_name=output.output_file_name, name_suffix=output.name_suffix,
+                                 output_path=output.output_path)
+        attempts = max(0, self.runtime.decode_retries) + 1
+        for attempt in range(attempts):
+            try:
+                frames = write_video(self.pipeline.decode, denoised.latents, path, output, timings=timings)
+                logger.info("Saved the generated video in %s", path)
+                from .pipelines.outputs import StepVideoPipelineOutput
+                return StepVideoPipelineOutput(video=frames, latents=denoised.latents, path=path, timings=timings)
+            except Exception as exc:         # retried, then the latents are kept
+                if attempt + 1 < attempts:
+                    delay = self.runtime.decode_backoff * 2 ** attempt
+                    logger.warning("decoding/writing %s failed (%s: %s); retry %d of %d in %.0f s", path,
+                                   type(exc).__name__, exc, attempt + 1, attempts - 1, delay)
+                    time.sleep(delay)
+                    continue
+                failure = exc
+        saved = save_latents(latents_path(path), denoised.latents, prompt=prompt, sampling=sampling, output=output,
+                             video_path=path, remote=not self.runtime.local, model_dir=str(self.root))
+        how = f"--vae_url {self.runtime.vae_url}" if not self.runtime.local else f"--model_dir {self.root}"
+        raise GenerationError(f"{_short(failure)}; the denoised latents are saved in {saved}: make the video with "
+                              f"`python -m stepvideo.decode {saved} {how}`") from failure
+
+
+def _short(exc: BaseException) -> str:
+    from .errors import one_line
+
+    return one_line(exc)
+
+
+class _LazyVAE:
+    """Loads the local VAE at the first decode and frees it right after (one-GPU mode)."""
+
+    def __init__(self, factory):
+        self._factory = factory
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self._factory()
+        try:
+            param = next(vae.parameters())
+            return vae.decode(latents.to(param.device, param.dtype)).cpu()
+        finally:
+            del vae
+            gc.collect()
+
+    def encode(self, *args, **kwargs):
+        return self._factory().encode(*args, **kwargs)

@@ -1,0 +1,249 @@
+"""Every command in a fenced ``bash`` block of README.md and docs/*.md runs on the tiny model.
+
+Commands are rewritten, never paraphrased: ``--model_dir`` points at the tiny T2V (or, with an
+image or a ``ti2v`` path, TI2V) dir, ``--vae_url``/``--caption_url`` at one shared tiny service,
+``torchrun --nproc_per_node N`` runs min(N, 2) gloo ranks (the Ulysses degree follows), paths go
+to a temporary folder, ``t2v-eval`` becomes a one-prompt file, GPUs become the CPU, and the tiny
+sampling flags are appended. Identical commands after the rewrite run once. Then:
+
+- a service command starts the service and waits for ``GET /ready``;
+- generation, evaluation and decode commands must exit 0 and write what they promise;
+- other ``python`` scripts and modules must answer ``--help`` and know every flag the docs use;
+- ``pip`` (network), ``bash scripts/test.sh`` (this suite) and ``bash scripts/demo.sh``
+  (``tests/test_end_to_end.py::test_readme_main_job``) are skipped with the reason;
+- a command no rule knows fails the test: add a rule when you document a new command.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2", "--dtype", "fp32"]
+SKIPPED = {("pip",): "installs packages from the network",
+           ("bash", "scripts/test.sh"): "the test suite itself",
+           ("bash", "scripts/demo.sh"): "runs in tests/test_end_to_end.py::test_readme_main_job"}
+GENERATE = ("run_parallel.py", "stepvideo.cli.generate", "stepvideo-generate")
+EVALUATE = ("benchmark/evaluation.py", "stepvideo.cli.evaluate", "stepvideo-eval")
+SERVICE = ("api/call_remote_server.py", "stepvideo.cli.service", "stepvideo-service")
+DECODE = ("stepvideo.decode", "stepvideo-decode")
+
+
+def documented_commands() -> List[Tuple[str, str]]:
+    """``(source, command)`` for every command line of every fenced bash block."""
+    found = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        fence, lines = None, []
+        for line in doc.read_text(encoding="utf-8").splitlines():
+            stripped = line.strip()
+            if stripped.startswith("```"):
+                if fence is None:
+                    fence, lines = stripped[3:].strip().lower(), []
+                    continue
+                if fence in ("bash", "sh", "shell", "console"):
+                    text = "\n".join(lines).replace("\\\n", " ")
+                    for command in text.splitlines():
+                        command = command.strip().removeprefix("$ ")
+                        if command and not command.startswith("#"):
+                            found.append((doc.relative_to(REPO).as_posix(), command))
+                fence = None
+                continue
+            if fence is not None:
+                lines.append(line)
+    return found
+
+
+def _flag_values(argv: List[str]) -> Dict[str, str]:
+    return {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+
+
+class Rewriter:
+    """Turns a documented command into one that runs here on the tiny model."""
+
+    def __init__(self, tmp: Path, t2v: Path, ti2v: Path, service_url: str, latents: Path, image: Path,
+                 prompts: Path):
+        self.tmp, self.t2v, self.ti2v, self.url = tmp, t2v, ti2v, service_url
+        self.latents, self.image, self.prompts = latents, image, prompts
+
+    def entry(self, argv: List[str]) -> Tuple[str, List[str], List[str], int]:
+        """``(kind, [python, ..., script or -m module], flags, nproc)``; torchrun becomes
+        ``python -m torch.distributed.run`` on a free loopback port."""
+        nproc = 1
+        if argv[0] == "torchrun":
+            rest, launcher = argv[1:], []
+            while rest and rest[0].startswith("--") and rest[0] not in ("-m",):
+                name, value = rest[0], rest[1]
+                if name == "--nproc_per_node":
+                    nproc = min(int(value), 2)
+                    value = str(nproc)
+                launcher += [name, value]
+                rest = rest[2:]
+            from stepvideo.parallel.launch import free_port
+
+            head = [sys.executable, "-m", "torch.distributed.run", *launcher, "--master_addr", "127.0.0.1",
+                    "--master_port", str(free_port())]
+        elif argv[0] in ("python", "python3"):
+            head, rest = [sys.executable], argv[1:]
+        elif argv[0].startswith("stepvideo-"):
+            module = {"stepvideo-generate": "stepvideo.cli.generate", "stepvideo-eval": "stepvideo.cli.evaluate",
+                      "stepvideo-service": "stepvideo.cli.service", "stepvideo-demo": "stepvideo.cli.demo",
+                      "stepvideo-decode": "stepvideo.decode", "stepvideo-tiny": "stepvideo.testing.tiny"}[argv[0]]
+            return self._kind(module), [sys.executable, "-m", module], argv[1:], nproc
+        else:
+            return "unknown", argv, [], nproc
+        if rest[:1] == ["-m"]:
+            return self._kind(rest[1]), head + rest[:2], rest[2:], nproc
+        return self._kind(rest[0]), head + [str(REPO / rest[0])], rest[1:], nproc
+
+    @staticmethod
+    def _kind(target: str) -> str:
+        for kind, names in (("generate", GENERATE), ("evaluate", EVALUATE), ("service", SERVICE),
+                            ("decode", DECODE)):
+            if target in names:
+                return kind
+        return "python"
+
+    def flags(self, kind: str, argv: List[str], nproc: int) -> List[str]:
+        out, i = [], 0
+        ti2v = "--first_image_path" in argv or any("ti2v" in a for a in argv)
+        while i < len(argv):
+            arg = argv[i]
+            value = argv[i + 1] if i + 1 < len(argv) else None
+            if arg == "--model_dir":
+                out += [arg, str(self.ti2v if ti2v else self.t2v)]
+            elif arg in ("--vae_url", "--caption_url"):
+                out += [arg, self.url]
+            elif arg in ("--ulysses_degree", "--sp_degree"):
+                out += [arg, str(nproc)]
+            elif arg == "--device":
+                out += [arg, "cpu"]
+            elif arg == "--port":
+                out += [arg, "0"]
+            elif arg == "--save_path":
+                out += [arg, str(self.tmp / "results")]
+            elif arg == "--output_path":
+                out += [arg, str(self.tmp / "results" / Path(value).name)]
+            elif arg == "--first_image_path":
+                out += [arg, str(self.image)]
+            elif arg == "--prompts":
+                out += [arg, str(self.prompts)]
+            elif arg == "--prompt":
+                out += [arg, "一只猫"]
+            elif arg == "--shard":
+                out += [arg, value.replace("$i", "0")]
+            elif kind == "decode" and arg.endswith(".latents.safetensors"):
+                out.append(str(self.latents))
+                i += 1
+                continue
+            else:
+                out.append(arg)
+                i += 1
+                continue
+            i += 2
+        if kind in ("generate", "evaluate") and "--gallery_only" not in out:
+            out += TINY
+        if kind == "service" and "--device" not in out:
+            out += ["--device", "cpu"]
+        return out
+
+
+def _run(cmd: List[str], env, timeout=300, background=False):
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _start_service(cmd: List[str], env, token: str) -> None:
+    """Start, wait for /ready (the port is printed in the first line), stop."""
+    from stepvideo.cli.demo import process_exited, stop
+    from stepvideo.service.client import wait_ready
+
+    proc = _run(cmd, env, background=True)
+    try:
+        first = proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", first)
+        assert match, first + (proc.stdout.read() if proc.poll() is not None else "")
+        wait_ready(f"http://127.0.0.1:{match.group(1)}", token=token, timeout=180, abort=process_exited(proc))
+    finally:
+        stop(proc)
+
+
+def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_service, tmp_path):
+    import torch
+    from PIL import Image
+
+    from stepvideo.config import OutputConfig, get_preset
+    from stepvideo.decode import save_latents
+
+    url, token = tiny_service
+    image = tmp_path / "demo.png"
+    Image.new("RGB", (80, 64), (30, 120, 200)).save(image)
+    prompts = tmp_path / "t2v-eval.jsonl"
+    prompts.write_text(json.dumps({"prompt": "一只猫", "category": "Animals"}, ensure_ascii=False) + "\n")
+    latents = tmp_path / "saved" / "video.latents.safetensors"
+    from stepvideo.testing.tiny import TINY as DIMS
+
+    save_latents(latents, torch.randn(1, 3, DIMS.z_channels, 4, 4, generator=torch.Generator().manual_seed(0)), prompt="x",
+                 sampling=get_preset("t2v"), output=OutputConfig(), video_path=tmp_path / "saved" / "video.mp4",
+                 remote=True)
+    rewriter = Rewriter(tmp_path, tiny_model_dir, tiny_ti2v_model_dir, url, latents, image, prompts)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "STEPVIDEO_SERVICE_TOKEN": token}
+
+    commands = documented_commands()
+    assert any("--no_service" in c for _, c in commands), "the README's one-GPU command is not in a bash block"
+    seen, ran, skipped, unknown = set(), [], [], []
+    helped: Dict[str, str] = {}
+    for source, command in commands:
+        argv = shlex.split(command, comments=True)
+        argv = [a for a in argv if a != "&"]          # a background service runs in the foreground here
+        while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
+            argv = argv[1:]                     # CUDA_VISIBLE_DEVICES=... and the like
+        reason = next((why for prefix, why in SKIPPED.items() if tuple(argv[:len(prefix)]) == prefix), None)
+        if reason:
+            skipped.append((command, reason))
+            continue
+        kind, head, flags, nproc = rewriter.entry(argv)
+        if kind == "unknown":
+            unknown.append(f"{source}: {command}")
+            continue
+        flags = rewriter.flags(kind, flags, nproc)
+        cmd = head + flags
+        key = (kind, head[-1], tuple(sorted(flags)))      # the same command after the rewrite runs once
+        if key in seen:
+            continue
+        seen.add(key)
+        if kind == "python":
+            script = head[-1]
+            if script not in helped:
+                res = _run(head + ["--help"], env, timeout=120)
+                assert res.returncode == 0, f"{source}: `{command}` --help failed:\n{res.stderr[-2000:]}"
+                helped[script] = res.stdout
+            for flag in (a for a in flags if a.startswith("--")):
+                assert flag in helped[script], f"{source}: `{command}`: {flag} is not an option of {script}"
+            ran.append(command)
+            continue
+        if kind == "service":
+            _start_service(cmd, env, token)
+            ran.append(command)
+            continue
+        res = _run(cmd, env)
+        assert res.returncode == 0, f"{source}: `{command}`\nrewritten: {shlex.join(cmd)}\n{res.stderr[-3000:]}"
+        last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+        if kind == "generate" or kind == "decode":
+            assert last.endswith(".mp4") and Path(last).is_file(), f"{source}: `{command}`\n{res.stdout[-1000:]}"
+        elif "--gallery_only" in cmd:
+            assert Path(last).name == "index.html" and Path(last).is_file(), res.stdout[-1000:]
+        else:
+            assert re.match(r"evaluation: \d+ done", last), res.stdout[-1000:]
+        ran.append(command)
+    assert not unknown, "documented commands without a rule in this test:\n" + "\n".join(unknown)
+    assert len(ran) >= 6, ran
+    assert {why for _, why in skipped} <= set(SKIPPED.values())
