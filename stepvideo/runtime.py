@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from .config import OutputConfig, SamplingConfig
+from .config import DiTConfig, OutputConfig, SamplingConfig
+from .geometry import round_size
 from .loading import checkpoint as ckpt
 from .loading import layout
 
@@ -82,7 +83,7 @@ class VideoGenerator:
         self.root = root if state.is_main else resolve_model_dir(runtime.model_dir, allow_patterns=patterns)
         transformer_dir = self.root / layout.TRANSFORMER_DIR
         config = ckpt.read_json(transformer_dir / layout.TRANSFORMER_CONFIG)
-        validate_before_loading(state.config, num_heads=int(config.get("num_attention_heads", 48)),
+        validate_before_loading(state.config, num_heads=DiTConfig.from_dict(config).num_attention_heads,
                                 world_size=state.world_size, token_count=sequence_tokens)
         self.transformer_config = config
         from .parallel import load_parallel_dit
@@ -121,7 +122,7 @@ class VideoGenerator:
             raise ValueError("this is a TI2V checkpoint: pass --first_image_path")
         image = None
         if needs_image:
-            image = prepare_first_image(first_image, sampling.height // 16 * 16, sampling.width // 16 * 16)
+            image = prepare_first_image(first_image, round_size(sampling.height), round_size(sampling.width))
         result = {}
         if self.runtime.local:
             from .text_encoders.caption import CaptionEncoder
