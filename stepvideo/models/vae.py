@@ -26,6 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .. import geometry
 from ..loading import layout
 from ..loading.checkpoint import (assert_materialized, constructor_kwargs, find_weight_files, load_files_into_model,
                                   load_state_into_model, parse_dtype, read_json)
@@ -180,10 +181,10 @@ class AutoencoderKL(nn.Module):
     global is changed.
     """
 
-    frame_len = 17                 # pixel frames per encode chunk
-    latent_len = 3                 # latent frames per decode chunk
-    spatial_compression = 16
-    temporal_compression = 8
+    frame_len = geometry.FRAMES_PER_CHUNK        # 17 pixel frames per encode chunk
+    latent_len = geometry.LATENTS_PER_CHUNK      # 3 latent frames per decode chunk
+    spatial_compression = geometry.SPATIAL_COMPRESSION
+    temporal_compression = geometry.TEMPORAL_COMPRESSION
     scaling_factor = 1.0           # latents are used as-is
     seam_weight = 0.6
     _checkpoint_renames = CHECKPOINT_RENAMES
@@ -306,8 +307,7 @@ class AutoencoderKL(nn.Module):
 
     def num_frames(self, num_latents: int) -> int:
         """Decoded frame count for ``num_latents`` latent frames (chunks of 3 -> 17)."""
-        full, rest = divmod(num_latents, self.latent_len)
-        return full * self.frame_len + (8 * rest - 7 if rest else 0)
+        return geometry.pixel_frames(num_latents)
 
     def chunk_bounds(self, num_latents: int) -> List[Tuple[int, int, int, int]]:
         """``(latent_start, latent_stop, frame_start, frame_stop)`` of every decode chunk."""

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 
+from .. import geometry
 from .config import DEFAULT_PORT, TOKEN_ENV
 from .protocol import (FLOAT_DTYPES, JSON_CONTENT_TYPE, PROTOCOL_VERSION, TENSOR_CONTENT_TYPE, ProtocolError,
                        TensorMessage, check_tensor, decode_tensors, encode_json, encode_tensors, media_type)
@@ -306,10 +307,10 @@ class RemoteVAE:
             bytes on the wire, same numbers).
     """
 
-    frame_len = 17
-    latent_len = 3
-    spatial_compression = 16
-    temporal_compression = 8
+    frame_len = geometry.FRAMES_PER_CHUNK
+    latent_len = geometry.LATENTS_PER_CHUNK
+    spatial_compression = geometry.SPATIAL_COMPRESSION
+    temporal_compression = geometry.TEMPORAL_COMPRESSION
     scaling_factor = 1.0
 
     def __init__(self, url: str, token: Optional[str] = None, output: str = "float", **client_kwargs):
