@@ -102,10 +102,10 @@ class VideoGenerator:
         self.pipeline = StepVideoPipeline(self.model, FlowMatchDiscreteScheduler.from_pretrained(self.root),
                                           vae_url=runtime.vae_url, caption_url=runtime.caption_url,
                                           rank=state.rank,
-                                          service_token=runtime.service_token)
+                                          service_token=runtime.service_token,
+                                          vae_output="uint8")     # converted on the server: half the bytes
         if state.is_main and not runtime.local:
             self.pipeline.setup_api(runtime.vae_url, runtime.caption_url)   # token: flag, else the env var
-            self.pipeline.vae.output = "uint8"     # converted on the server: half the bytes, same numbers
 
     # ------------------------------------------------------------------------------------
     def _encoder_device(self) -> torch.device:
@@ -171,13 +171,8 @@ class VideoGenerator:
             pipe.vae = _LazyVAE(self._local_vae)
         failure = None
         try:
-            result = pipe(prompt=prompt, height=sampling.height, width=sampling.width, num_frames=sampling.num_frames,
-                          num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
-                          time_shift=sampling.time_shift, pos_magic=sampling.pos_magic, neg_magic=sampling.neg_magic,
-                          motion_score=sampling.motion_score, seed=sampling.seed, prompt_embeds=inputs["embeds"],
-                          condition_latents=inputs.get("condition"), output_type="mp4", output=output,
-                          output_file_name=output.output_file_name, output_path=output.output_path,
-                          progress=progress)
+            result = pipe(prompt=prompt, sampling=sampling, output=output, prompt_embeds=inputs["embeds"],
+                          condition_latents=inputs.get("condition"), output_type="mp4", progress=progress)
         except Exception as exc:      # rank 0's decode/write: still meet the others at the barrier
             if not self.state.distributed:
                 raise

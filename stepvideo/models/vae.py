@@ -288,14 +288,20 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussianDistribution.from_moments(self.encode_moments(x))
 
     def encode(self, x: torch.Tensor, generator: Optional[torch.Generator] = None,
-               mode: str = "sample") -> torch.Tensor:
-        """``x [B, T, 3, H, W]`` in [-1, 1] -> latents ``[B, F, z, H/16, W/16]``.
+               mode: str = "sample", seed: Optional[int] = None) -> torch.Tensor:
+        """``x [B, T, 3, H, W]`` in [-1, 1] -> latents ``[B, F, z, H/16, W/16]`` (on the VAE's device).
 
         ``mode="sample"`` (the reference behaviour) returns ``mean + std * eps`` with ``eps``
-        from ``generator`` (the global RNG when None); ``mode="mean"`` returns the mean.
+        from ``generator``, or from a CPU generator seeded with ``seed`` (the same draw as
+        ``RemoteVAE.encode(x, seed=seed)``), or from the global RNG with neither;
+        ``mode="mean"`` returns the mean.
         """
         if mode not in ("sample", "mean"):
             raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("pass either seed or generator to encode, not both")
+            generator = torch.Generator(device="cpu").manual_seed(seed)
         dist = self.posterior(x)
         return dist.mean if mode == "mean" else dist.sample(generator)
 

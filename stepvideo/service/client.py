@@ -357,11 +357,13 @@ class RemoteVAE:
 
         ``mode="sample"`` draws from the posterior on the server: with ``seed`` (or a seed drawn
         from ``generator``) the draw is reproducible and equals the local
-        ``encode(x, generator=torch.Generator().manual_seed(seed))``; with neither the server's
-        global RNG is used, like the reference. ``mode="mean"`` returns the posterior mean.
+        ``AutoencoderKL.encode(x, seed=seed)``; with neither the server's global RNG is used,
+        like the reference. ``mode="mean"`` returns the posterior mean.
         """
         if mode not in ("sample", "mean"):
             raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator to encode, not both")
         if seed is None and generator is not None and mode == "sample":
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
         body = encode_tensors({"videos": x}, {"mode": mode, "seed": seed})
