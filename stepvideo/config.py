@@ -112,8 +112,9 @@ class DiTConfig:
     ``StepVideoModel`` constructor arguments.
 
     ``extra`` keeps the keys of a ``config.json`` that are not architecture fields (diffusers
-    bookkeeping such as ``_class_name``, or keys of a newer writer) so that
-    :meth:`to_dict` writes back what was read. Keys without a leading underscore are logged.
+    bookkeeping such as ``_class_name``, or keys of a newer writer) so that :meth:`to_dict`
+    writes back what was read; it takes no part in equality. Keys without a leading underscore
+    are logged.
     """
 
     num_attention_heads: int = 48
@@ -129,7 +130,7 @@ class DiTConfig:
     use_additional_conditions: bool = False   # TI2V: image condition channels + motion score
     caption_channels: CaptionChannels = (6144, 1024)   # (Step-LLM width, CLIP width) or LLM only
     attention_type: str = "parallel"
-    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         set_ = object.__setattr__
