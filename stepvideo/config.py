@@ -124,7 +124,7 @@ class DiTConfig:
     num_layers: int = 48
     dropout: float = 0.0
     patch_size: int = 1
-    norm_type: str = "ada_norm_single"       # unused switch (spec §3.1), kept for the file
+    norm_type: str = "ada_norm_single"       # unused switch (STEP_VIDEO_SPEC.md §3.1)
     norm_elementwise_affine: bool = False
     norm_eps: float = 1e-6
     use_additional_conditions: bool = False   # TI2V: image condition channels + motion score
