@@ -26,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from .config import OutputConfig, SamplingConfig
+from .config import DiTConfig, OutputConfig, SamplingConfig
+from .geometry import round_size
 from .loading import checkpoint as ckpt
 from .loading import layout
 
@@ -101,7 +102,7 @@ class VideoGenerator:
         def read_config():
             local_root = Path(root) if state.is_main else resolve_model_dir(runtime.model_dir, allow_patterns=patterns)
             config = ckpt.read_json(local_root / layout.TRANSFORMER_DIR / layout.TRANSFORMER_CONFIG)
-            validate_before_loading(state.config, num_heads=int(config.get("num_attention_heads", 48)),
+            validate_before_loading(state.config, num_heads=DiTConfig.from_dict(config).num_attention_heads,
                                     world_size=state.world_size, token_count=sequence_tokens)
             return local_root, config
 
@@ -128,10 +129,10 @@ class VideoGenerator:
         self.pipeline = StepVideoPipeline(self.model, FlowMatchDiscreteScheduler.from_pretrained(self.root),
                                           vae_url=runtime.vae_url, caption_url=runtime.caption_url,
                                           rank=state.rank,
-                                          service_token=runtime.service_token)
+                                          service_token=runtime.service_token,
+                                          vae_output="uint8")     # converted on the server: half the bytes
         if state.is_main and not runtime.local:
             self.pipeline.setup_api(runtime.vae_url, runtime.caption_url)   # token: flag, else the env var
-            self.pipeline.vae.output = "uint8"     # converted on the server: half the bytes, same numbers
 
     # ------------------------------------------------------------------------------------
     def _encoder_device(self) -> torch.device:
@@ -151,7 +152,7 @@ class VideoGenerator:
                              "text-to-video (T2V) checkpoint; use a Step-Video-TI2V checkpoint or drop the image")
         image = None
         if needs_image:
-            image = prepare_first_image(first_image, sampling.height // 16 * 16, sampling.width // 16 * 16)
+            image = prepare_first_image(first_image, round_size(sampling.height), round_size(sampling.width))
         result = {}
         if self.runtime.local:
             from .text_encoders.caption import CaptionEncoder
@@ -193,10 +194,7 @@ class VideoGenerator:
             pipe.vae = _LazyVAE(self._local_vae)
         try:
             denoised = on_all(self.state, lambda: pipe(
-                prompt=prompt, height=sampling.height, width=sampling.width, num_frames=sampling.num_frames,
-                num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
-                time_shift=sampling.time_shift, pos_magic=sampling.pos_magic, neg_magic=sampling.neg_magic,
-                motion_score=sampling.motion_score, seed=sampling.seed, prompt_embeds=inputs["embeds"],
+                prompt=prompt, sampling=sampling, prompt_embeds=inputs["embeds"],
                 condition_latents=inputs.get("condition"), output_type="latent", progress=progress))
             finished = {}
 

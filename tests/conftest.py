@@ -32,7 +32,8 @@ def shared_dir() -> Path:
 
 
 class Golden:
-    """Access to ``<shared>/golden``: the manifest and the tensors of each case."""
+    """Access to ``<shared>/golden``: the manifest, the tensors of each case and the one weight
+    loader (:meth:`weights`, :meth:`dit_model`) every golden test uses."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -57,6 +58,17 @@ class Golden:
         for f in self.case(name)["weights_files"]:
             state.update({k[len("weights."):]: v for k, v in self.tensors(f).items() if k.startswith("weights.")})
         return state
+
+    def dit_model(self, name: str):
+        """The case's ``StepVideoModel`` (its constructor kwargs) with the golden weights loaded
+        strictly, in eval mode: the one golden DiT loader of the DiT and pipeline tests."""
+        from stepvideo import StepVideoModel
+
+        case = self.case(name)
+        kwargs = case["constructor_kwargs"] if "constructor_kwargs" in case else case["constructor"]["transformer_kwargs"]
+        model = StepVideoModel(**kwargs)
+        model.load_state_dict(self.weights(name), strict=True)
+        return model.eval()
 
     def tolerance(self, name: str) -> dict:
         tol = self.case(name)["tolerance"]

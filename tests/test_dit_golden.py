@@ -2,14 +2,10 @@
 import pytest
 import torch
 
-from stepvideo import StepVideoModel
 
 
 def _load(golden, case):
-    c = golden.case(case)
-    model = StepVideoModel(**c["constructor_kwargs"])
-    model.load_state_dict(golden.weights(case), strict=True)
-    return model.eval()
+    return golden.dit_model(case)
 
 
 def _kwargs(golden, case, call):

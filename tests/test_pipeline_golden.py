@@ -1,21 +1,25 @@
 """Replay the golden pipelines (fixed embeddings and noise -> final latents) through the public API."""
+import dataclasses
+
 import pytest
 import torch
 
 from stepvideo import FlowMatchDiscreteScheduler, StepVideoModel
+from stepvideo.config import SamplingConfig
 from stepvideo.pipelines.pipeline import StepVideoPipeline
 
 
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingConfig))
+
+
+@pytest.mark.parametrize("via_sampling", [False, True], ids=["kwargs", "sampling"])
 @pytest.mark.parametrize("case", ["pipeline_t2v", "pipeline_ti2v"])
-def test_pipeline_matches_golden(golden, case):
+def test_pipeline_matches_golden(golden, case, via_sampling):
+    """The reference keyword arguments, and the same values as one ``sampling=SamplingConfig``."""
     spec = golden.case(case)
     data = golden.data(case)
-    transformer = StepVideoModel(**spec["constructor"]["transformer_kwargs"])
-    state = {}
-    for f in spec["weights_files"]:
-        state.update({k[len("weights."):]: v for k, v in golden.tensors(f).items() if k.startswith("weights.")})
-    transformer.load_state_dict(state, strict=True)
-    pipe = StepVideoPipeline(transformer.eval(), FlowMatchDiscreteScheduler(**spec["constructor"]["scheduler_kwargs"]))
+    transformer = golden.dit_model(case)
+    pipe = StepVideoPipeline(transformer, FlowMatchDiscreteScheduler(**spec["constructor"]["scheduler_kwargs"]))
 
     kwargs = dict(spec["call"]["kwargs"])
     for key, value in list(kwargs.items()):
@@ -25,6 +29,9 @@ def test_pipeline_matches_golden(golden, case):
     if case == "pipeline_ti2v":
         kwargs.pop("first_image")                          # the golden stubbed the VAE encode
         extra["condition_latents"] = data["inputs.first_frame_latent"]
+    if via_sampling:
+        sampling = SamplingConfig(**{k: kwargs.pop(k) for k in SAMPLING_FIELDS if k in kwargs})
+        kwargs["sampling"] = sampling
     embeds = {"y": data["inputs.y"], "y_mask": data["inputs.y_mask"], "clip_embedding": data["inputs.clip_embedding"]}
     steps = []
     out = pipe(**kwargs, prompt_embeds=embeds, callback=lambda i, t, x: steps.append((t.clone(), x.clone())),
@@ -32,7 +39,7 @@ def test_pipeline_matches_golden(golden, case):
     tol = golden.tolerance(case)
     (latents,) = out
     torch.testing.assert_close(latents, data["outputs.latents"], **tol)
-    assert len(steps) == kwargs["num_inference_steps"]
+    assert len(steps) == spec["call"]["kwargs"]["num_inference_steps"]
     for i, (t, x) in enumerate(steps):
         assert float(t) == float(data[f"outputs.step{i}.timestep"][0])
         torch.testing.assert_close(x, data[f"outputs.step{i}.latents_after"], **tol)

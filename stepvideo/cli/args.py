@@ -155,8 +155,9 @@ def runtime_config(args: argparse.Namespace):
 
 def token_count(sampling: SamplingConfig) -> int:
     """DiT tokens per sample ``F * h * w`` for the (rounded) sampling sizes."""
-    frames = sampling.num_frames // 17 * 3
-    return frames * (sampling.height // 16) * (sampling.width // 16)
+    from .geometry import token_count as tokens
+
+    return tokens(sampling.height, sampling.width, sampling.num_frames)
 
 
 class LaunchConfigs(NamedTuple):

@@ -1,4 +1,5 @@
-"""Decoded video -> uint8 frames with the reference post-processing arithmetic (spec 5.7).
+"""Decoded video -> uint8 frames with the reference post-processing arithmetic
+(``../shared/spec/STEP_VIDEO_SPEC.md`` §5.7).
 
 The reference converts the VAE output on the **bf16** tensor, one rounded op at a time::
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import List, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+from ..config import ATTENTION_TYPES, DiTConfig
 from ..loading import checkpoint as ckpt
 from ..loading import layout
 from .attention import resolve_backend
@@ -26,8 +27,6 @@ from .parallel_hooks import LocalSequence
 from .rope import RoPE3D
 
 logger = logging.getLogger(__name__)
-
-ATTENTION_TYPES = ("torch", "parallel")
 
 
 def text_lengths(encoder_attention_mask: torch.Tensor) -> torch.Tensor:
@@ -64,6 +63,19 @@ class StepVideoModel(nn.Module):
 
     _no_split_modules = ["StepVideoTransformerBlock"]
     _keys_to_ignore_on_load_unexpected: List[str] = []
+    # Tensor-parallel plan (spec ../shared/spec/STEP_VIDEO_SPEC.md §3.12), read by
+    # stepvideo.parallel.tensor: "colwise" linears keep row chunk r of the weight (whole heads,
+    # or chunk r of the FFN hidden units); "rowwise" linears keep column chunk r and sum their
+    # partial outputs over the TP group. "*" is a block index.
+    _tp_plan: Dict[str, str] = {
+        "transformer_blocks.*.attn1.wqkv": "colwise",
+        "transformer_blocks.*.attn2.wq": "colwise",
+        "transformer_blocks.*.attn2.wkv": "colwise",
+        "transformer_blocks.*.ff.net.0.proj": "colwise",
+        "transformer_blocks.*.attn1.wo": "rowwise",
+        "transformer_blocks.*.attn2.wo": "rowwise",
+        "transformer_blocks.*.ff.net.2": "rowwise",
+    }
 
     def __init__(
         self,
@@ -84,34 +96,27 @@ class StepVideoModel(nn.Module):
         attention_backend: str = "auto",
     ):
         super().__init__()
-        if attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
-        if attention_head_dim != 128:
-            raise ValueError(f"attention_head_dim must be 128 (3D RoPE split [64, 32, 32]), got {attention_head_dim}")
-        if patch_size != 1:
-            raise ValueError(f"only patch_size=1 is supported (the released models), got {patch_size}")
-        self.num_attention_heads = num_attention_heads
-        self.attention_head_dim = attention_head_dim
-        self.inner_dim = num_attention_heads * attention_head_dim
-        self.in_channels = in_channels
-        self.out_channels = in_channels if out_channels is None else out_channels
-        self.num_layers = num_layers
-        self.patch_size = patch_size
-        self.norm_eps = norm_eps
-        self.use_additional_conditions = bool(use_additional_conditions)
-        self.attention_type = attention_type
-        self.attention_backend = resolve_backend(attention_backend)
-        self.config = dict(
+        config = DiTConfig(
             num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
-            in_channels=in_channels, out_channels=self.out_channels, num_layers=num_layers, dropout=dropout,
+            in_channels=in_channels, out_channels=out_channels, num_layers=num_layers, dropout=dropout,
             patch_size=patch_size, norm_type=norm_type, norm_elementwise_affine=norm_elementwise_affine,
-            norm_eps=norm_eps, use_additional_conditions=self.use_additional_conditions,
-            caption_channels=list(caption_channels) if isinstance(caption_channels, (list, tuple))
-            else caption_channels, attention_type=attention_type)
+            norm_eps=norm_eps, use_additional_conditions=bool(use_additional_conditions),
+            caption_channels=caption_channels, attention_type=attention_type)
+        self.config = config
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_dim = config.attention_head_dim
+        self.inner_dim = config.inner_dim
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.num_layers = config.num_layers
+        self.patch_size = config.patch_size
+        self.norm_eps = config.norm_eps
+        self.use_additional_conditions = config.use_additional_conditions
+        self.attention_type = config.attention_type
+        self.attention_backend = resolve_backend(attention_backend)
 
         D = self.inner_dim
-        patch_in = in_channels * 2 if self.use_additional_conditions else in_channels
-        self.pos_embed = PatchEmbed(patch_in, D, patch_size)
+        self.pos_embed = PatchEmbed(config.patch_in_channels, D, patch_size)
         self.transformer_blocks = nn.ModuleList(
             [StepVideoTransformerBlock(D, attention_head_dim) for _ in range(num_layers)])
         self.norm_out = nn.LayerNorm(D, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
@@ -119,10 +124,7 @@ class StepVideoModel(nn.Module):
         self.proj_out = nn.Linear(D, patch_size * patch_size * self.out_channels)
         self.adaln_single = AdaLayerNormSingle(D, use_motion_score=self.use_additional_conditions)
 
-        if isinstance(caption_channels, int):
-            llm_channels, clip_channels = caption_channels, None
-        else:
-            llm_channels, clip_channels = caption_channels[0], caption_channels[1]
+        llm_channels, clip_channels = config.llm_channels, config.clip_channels
         # registration order = the reference's state_dict order
         self.clip_projection = nn.Linear(clip_channels, D) if clip_channels is not None else None
         self.caption_norm = nn.LayerNorm(llm_channels, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
@@ -135,10 +137,21 @@ class StepVideoModel(nn.Module):
     # construction helpers
     # ------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: dict, **overrides) -> "StepVideoModel":
-        """Build from a ``config.json`` dict; unknown keys are ignored."""
-        kwargs = ckpt.constructor_kwargs(cls, {**config, **overrides})
-        return cls(**kwargs)
+    def from_config(cls, config: Union[DiTConfig, Mapping], **overrides) -> "StepVideoModel":
+        """Build from a :class:`~stepvideo.config.DiTConfig` or a ``config.json`` dict.
+
+        ``overrides``: architecture fields (e.g. ``attention_type='torch'``) replace config
+        values; ``attention_backend`` goes to the constructor. Unknown config keys are kept in
+        ``config.extra`` and ignored.
+        """
+        backend = overrides.pop("attention_backend", "auto")
+        if isinstance(config, DiTConfig):
+            config = config.replace(**overrides) if overrides else config
+        else:
+            config = DiTConfig.from_dict(config, **overrides)
+        model = cls(**config.model_kwargs(), attention_backend=backend)
+        model.config = config          # keeps ``extra`` (diffusers bookkeeping) for saving
+        return model
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *,

@@ -26,6 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .. import geometry
 from ..loading import layout
 from ..loading.checkpoint import (assert_materialized, constructor_kwargs, find_weight_files, load_files_into_model,
                                   load_state_into_model, parse_dtype, read_json)
@@ -180,10 +181,10 @@ class AutoencoderKL(nn.Module):
     global is changed.
     """
 
-    frame_len = 17                 # pixel frames per encode chunk
-    latent_len = 3                 # latent frames per decode chunk
-    spatial_compression = 16
-    temporal_compression = 8
+    frame_len = geometry.FRAMES_PER_CHUNK        # 17 pixel frames per encode chunk
+    latent_len = geometry.LATENTS_PER_CHUNK      # 3 latent frames per decode chunk
+    spatial_compression = geometry.SPATIAL_COMPRESSION
+    temporal_compression = geometry.TEMPORAL_COMPRESSION
     scaling_factor = 1.0           # latents are used as-is
     seam_weight = 0.6
     _checkpoint_renames = CHECKPOINT_RENAMES
@@ -287,14 +288,20 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussianDistribution.from_moments(self.encode_moments(x))
 
     def encode(self, x: torch.Tensor, generator: Optional[torch.Generator] = None,
-               mode: str = "sample") -> torch.Tensor:
-        """``x [B, T, 3, H, W]`` in [-1, 1] -> latents ``[B, F, z, H/16, W/16]``.
+               mode: str = "sample", seed: Optional[int] = None) -> torch.Tensor:
+        """``x [B, T, 3, H, W]`` in [-1, 1] -> latents ``[B, F, z, H/16, W/16]`` (on the VAE's device).
 
         ``mode="sample"`` (the reference behaviour) returns ``mean + std * eps`` with ``eps``
-        from ``generator`` (the global RNG when None); ``mode="mean"`` returns the mean.
+        from ``generator``, or from a CPU generator seeded with ``seed`` (the same draw as
+        ``RemoteVAE.encode(x, seed=seed)``), or from the global RNG with neither;
+        ``mode="mean"`` returns the mean.
         """
         if mode not in ("sample", "mean"):
             raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("pass either seed or generator to encode, not both")
+            generator = torch.Generator(device="cpu").manual_seed(seed)
         dist = self.posterior(x)
         return dist.mean if mode == "mean" else dist.sample(generator)
 
@@ -306,8 +313,7 @@ class AutoencoderKL(nn.Module):
 
     def num_frames(self, num_latents: int) -> int:
         """Decoded frame count for ``num_latents`` latent frames (chunks of 3 -> 17)."""
-        full, rest = divmod(num_latents, self.latent_len)
-        return full * self.frame_len + (8 * rest - 7 if rest else 0)
+        return geometry.pixel_frames(num_latents)
 
     def chunk_bounds(self, num_latents: int) -> List[Tuple[int, int, int, int]]:
         """``(latent_start, latent_stop, frame_start, frame_stop)`` of every decode chunk."""

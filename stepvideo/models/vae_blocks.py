@@ -3,7 +3,7 @@ norm, ResNet and attention blocks, and the space/time resampling layers.
 
 Every block works on channel-first video ``[B, C, T, H, W]`` (T = frames). The key names of
 the modules (``conv``, ``norm1``, ``nin_shortcut`` ...) are those of the official checkpoint;
-see ``docs/vae.md`` and the VAE spec for the full key tree.
+see ``docs/vae.md`` and ``../shared/spec/VAE_SPEC.md`` §11 for the full key tree.
 
 Causality: every temporal convolution pads zero frames in *front* of the clip only, so frame
 ``t`` of any output depends on input frames ``<= t``. A ResNet block's "zero frames after

@@ -1,20 +1,18 @@
-"""Tensor parallelism of the DiT blocks (spec 3.12), applied beside the model.
+"""Tensor parallelism of the DiT blocks (``../shared/spec/STEP_VIDEO_SPEC.md`` §3.12), applied
+beside the model.
 
-In every ``transformer_blocks.{i}``:
+Which linears are split is a fact of the model, declared on its class as ``_tp_plan`` (see
+``StepVideoModel._tp_plan``): module-name patterns (``*`` = a block index) mapped to
 
-============================  =================  ===========================================
-module                        kind               this rank keeps
-============================  =================  ===========================================
-``attn1.wqkv``                column-parallel    row chunk r: whole heads with their q, k, v
-                                                 (the rows are interleaved per head)
-``attn2.wq``, ``attn2.wkv``   column-parallel    row chunk r: the same whole heads
-``ff.net.0.proj``             column-parallel    row chunk r of the 4D hidden units
-``attn1.wo``, ``attn2.wo``,   row-parallel       column chunk r; the partial outputs are
-``ff.net.2``                                     summed over the TP group (all-reduce)
-============================  =================  ===========================================
+* ``"colwise"`` (column-parallel): this rank keeps row chunk r of the weight (and bias): whole
+  heads with their q, k, v (the rows of ``attn1.wqkv`` are interleaved per head), or chunk r
+  of the FFN hidden units;
+* ``"rowwise"`` (row-parallel): this rank keeps column chunk r of the weight; the partial
+  outputs are summed over the TP group (all-reduce) and the whole bias is added once.
 
-The blocks read their head count from the weight shapes, so the unchanged forward runs on
-the shards. State-dict keys do not change (``RowParallelLinear`` is an ``nn.Linear``).
+This module only reads the plan. The blocks read their head count from the weight shapes, so
+the unchanged forward runs on the shards. State-dict keys do not change
+(``RowParallelLinear`` is an ``nn.Linear``).
 
 Memory: :func:`apply_tensor_parallel` on a loaded model frees the dropped rows/columns, but
 the full model exists first. To materialise only the shard, build on ``meta``, apply, then
@@ -25,18 +23,60 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable, Iterator, Optional, Tuple, Union
+from typing import Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-COLUMN_PARALLEL = ("attn1.wqkv", "attn2.wq", "attn2.wkv", "ff.net.0.proj")
-ROW_PARALLEL = ("attn1.wo", "attn2.wo", "ff.net.2")
-BLOCKS_PREFIX = "transformer_blocks"
+PLAN_STYLES = ("colwise", "rowwise")
 
-_KEY = re.compile(rf"^{BLOCKS_PREFIX}\.\d+\.(?P<module>.+)\.(?P<param>weight|bias)$")
+
+class TensorParallelPlan:
+    """A model class's ``_tp_plan`` compiled for matching module names and checkpoint keys."""
+
+    def __init__(self, plan: Mapping[str, str]):
+        if not plan:
+            raise ValueError("empty tensor-parallel plan: this model declares no _tp_plan")
+        bad = {k: v for k, v in plan.items() if v not in PLAN_STYLES}
+        if bad:
+            raise ValueError(f"tensor-parallel plan styles must be one of {PLAN_STYLES}, got {bad}")
+        self.plan = dict(plan)
+        self._patterns = [(re.compile("^" + re.escape(name).replace(r"\*", r"\d+") + "$"), style)
+                          for name, style in plan.items()]
+
+    @classmethod
+    def of(cls, model_or_class) -> "TensorParallelPlan":
+        plan = getattr(model_or_class, "_tp_plan", None)
+        if plan is None:
+            name = getattr(model_or_class, "__name__", type(model_or_class).__name__)
+            raise ValueError(f"{name} declares no _tp_plan: it cannot be made tensor-parallel")
+        return cls(plan)
+
+    def style(self, module_name: str) -> Optional[str]:
+        """``"colwise"``, ``"rowwise"`` or None for a module name such as ``transformer_blocks.3.attn1.wo``."""
+        for pattern, style in self._patterns:
+            if pattern.match(module_name):
+                return style
+        return None
+
+    def split_dim(self, key: str) -> Optional[int]:
+        """The dimension a checkpoint tensor ``key`` is chunked along, or None if it stays whole."""
+        module, _, param = key.rpartition(".")
+        style = self.style(module)
+        if style == "colwise" and param in ("weight", "bias"):
+            return 0
+        if style == "rowwise" and param == "weight":
+            return 1
+        return None
+
+
+def default_plan() -> TensorParallelPlan:
+    """The plan of ``StepVideoModel`` (what :func:`shard_tensor` uses when given none)."""
+    from ..models.dit import StepVideoModel
+
+    return TensorParallelPlan.of(StepVideoModel)
 
 
 class RowParallelLinear(nn.Linear):
@@ -60,21 +100,18 @@ class RowParallelLinear(nn.Linear):
         return super().extra_repr() + ", all-reduce over the TP group"
 
 
-def shard_tensor(key: str, tensor: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This rank's part of a full checkpoint tensor (unchanged for non-TP keys).
+def shard_tensor(key: str, tensor: torch.Tensor, tp_rank: int, tp_size: int,
+                 plan: Optional[TensorParallelPlan] = None) -> torch.Tensor:
+    """This rank's part of a full checkpoint tensor (unchanged for keys outside the plan).
 
     Column-parallel weights and biases keep row chunk ``tp_rank``; row-parallel weights keep
-    column chunk ``tp_rank``; row-parallel biases stay whole.
+    column chunk ``tp_rank``; row-parallel biases stay whole. ``plan`` defaults to
+    ``StepVideoModel``'s.
     """
-    match = _KEY.match(key)
-    if tp_size == 1 or match is None:
+    if tp_size == 1:
         return tensor
-    module, param = match.group("module"), match.group("param")
-    if module in COLUMN_PARALLEL:
-        dim = 0
-    elif module in ROW_PARALLEL and param == "weight":
-        dim = 1
-    else:
+    dim = (plan or default_plan()).split_dim(key)
+    if dim is None:
         return tensor
     if tensor.shape[dim] % tp_size:
         raise ValueError(f"{key}: dimension {dim} of shape {tuple(tensor.shape)} is not divisible by "
@@ -82,11 +119,12 @@ def shard_tensor(key: str, tensor: torch.Tensor, tp_rank: int, tp_size: int) -> 
     return tensor.chunk(tp_size, dim=dim)[tp_rank].clone()
 
 
-def shard_tensors(tensors: Iterable[Tuple[str, torch.Tensor]], tp_rank: int,
-                  tp_size: int) -> Iterator[Tuple[str, torch.Tensor]]:
+def shard_tensors(tensors: Iterable[Tuple[str, torch.Tensor]], tp_rank: int, tp_size: int,
+                  plan: Optional[TensorParallelPlan] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """Stream ``(key, full tensor)`` -> ``(key, shard)`` for ``checkpoint.load_state_into_model``."""
+    plan = plan or default_plan()
     for key, tensor in tensors:
-        yield key, shard_tensor(key, tensor, tp_rank, tp_size)
+        yield key, shard_tensor(key, tensor, tp_rank, tp_size, plan)
 
 
 def _group_rank_size(group) -> Tuple[int, int]:
@@ -115,28 +153,33 @@ def apply_tensor_parallel(model: nn.Module, group: Optional["dist.ProcessGroup"]
     if heads % tp_size:
         raise ValueError(f"num_attention_heads ({heads}) must be divisible by tensor_parallel_degree ({tp_size})")
 
-    def shard_param(p: torch.Tensor, key: str) -> nn.Parameter:
-        return nn.Parameter(shard_tensor(key, p.data, tp_rank, tp_size), requires_grad=False)
+    plan = TensorParallelPlan.of(model)
 
-    for index, block in enumerate(getattr(model, BLOCKS_PREFIX)):
-        prefix = f"{BLOCKS_PREFIX}.{index}."
-        for name in COLUMN_PARALLEL:
-            linear = block.get_submodule(name)
-            linear.weight = shard_param(linear.weight, prefix + name + ".weight")
+    def shard_param(p: torch.Tensor, key: str) -> nn.Parameter:
+        return nn.Parameter(shard_tensor(key, p.data, tp_rank, tp_size, plan), requires_grad=False)
+
+    targets = [(name, module) for name, module in model.named_modules() if plan.style(name) is not None]
+    if not targets:
+        raise ValueError(f"the tensor-parallel plan of {type(model).__name__} matches no module: "
+                         f"{sorted(plan.plan)}")
+    for name, linear in targets:
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"tensor-parallel plan entry {name} is a {type(linear).__name__}, not an nn.Linear")
+        if plan.style(name) == "colwise":
+            linear.weight = shard_param(linear.weight, name + ".weight")
             if linear.bias is not None:
-                linear.bias = shard_param(linear.bias, prefix + name + ".bias")
+                linear.bias = shard_param(linear.bias, name + ".bias")
             linear.out_features = linear.weight.shape[0]
-        for name in ROW_PARALLEL:
-            parent_name, _, child = name.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            linear = getattr(parent, child)
-            weight = shard_param(linear.weight, prefix + name + ".weight")
-            with torch.device("meta"):
-                row = RowParallelLinear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, group=group)
-            row.weight = weight
-            if linear.bias is not None:
-                row.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-            setattr(parent, child, row)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        weight = shard_param(linear.weight, name + ".weight")
+        with torch.device("meta"):
+            row = RowParallelLinear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, group=group)
+        row.weight = weight
+        if linear.bias is not None:
+            row.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        setattr(parent, child, row)
     model.tensor_parallel_degree = tp_size
     return model
 
@@ -164,7 +207,8 @@ def load_tensor_parallel_dit(pretrained_model_name_or_path: Union[str, os.PathLi
         for f in files:
             yield from ckpt.iter_safetensors(f)
 
-    ckpt.load_state_into_model(model, shard_tensors(tensors(), rank, size), dtype=dtype, device=device,
+    ckpt.load_state_into_model(model, shard_tensors(tensors(), rank, size, TensorParallelPlan.of(model)),
+                               dtype=dtype, device=device,
                                strict=True, where=str(folder))
     ckpt.assert_materialized(model, f"StepVideoModel (TP rank {rank}/{size}) from {folder}")
     return model.eval().requires_grad_(False)

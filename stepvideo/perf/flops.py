@@ -20,19 +20,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict
 
+from ..config import DiTConfig
+
+_RELEASED = DiTConfig()        # the released 30B model
+
 
 @dataclass(frozen=True)
 class DiTShape:
-    """Sizes that determine the cost of one DiT forward."""
+    """Sizes that determine the cost of one DiT forward (defaults: the released model)."""
 
     tokens: int                 # L = latent frames * h * w, per sample
     text_tokens: int = 397      # Lkv = 77 CLIP + 320 LLM (the longest mask a prompt can give)
-    width: int = 6144           # D
-    layers: int = 48
+    width: int = _RELEASED.inner_dim                  # D
+    layers: int = _RELEASED.num_layers
     batch: int = 2              # CFG batch
-    in_channels: int = 64
-    caption_channels: int = 6144
-    clip_channels: int = 1024
+    in_channels: int = _RELEASED.in_channels
+    caption_channels: int = _RELEASED.llm_channels
+    clip_channels: int = _RELEASED.clip_channels
+
+    @classmethod
+    def from_config(cls, config: DiTConfig, tokens: int, text_tokens: int = 397, batch: int = 2) -> "DiTShape":
+        """The cost-relevant sizes of ``config`` for ``tokens`` video tokens per sample
+        (``stepvideo.geometry.token_count``)."""
+        return cls(tokens=tokens, text_tokens=text_tokens, width=config.inner_dim, layers=config.num_layers,
+                   batch=batch, in_channels=config.in_channels, caption_channels=config.llm_channels,
+                   clip_channels=config.clip_channels or 0)
 
 
 def layer_flops(s: DiTShape) -> Dict[str, float]:

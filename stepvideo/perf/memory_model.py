@@ -33,20 +33,32 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence
 
+from ..config import DiTConfig
+
 GIB = 1024 ** 3
+_RELEASED = DiTConfig()        # the released 30B model
 
 
 @dataclass(frozen=True)
 class ModelDims:
-    width: int = 6144
-    heads: int = 48
-    layers: int = 48
-    in_channels: int = 64
-    out_channels: int = 64
-    caption_channels: int = 6144
-    clip_channels: int = 1024
-    head_dim: int = 128
+    """The DiT sizes this model reads (defaults: the released T2V model); see :meth:`from_config`."""
+
+    width: int = _RELEASED.inner_dim
+    heads: int = _RELEASED.num_attention_heads
+    layers: int = _RELEASED.num_layers
+    in_channels: int = _RELEASED.in_channels
+    out_channels: int = _RELEASED.out_channels
+    caption_channels: int = _RELEASED.llm_channels
+    clip_channels: int = _RELEASED.clip_channels
+    head_dim: int = _RELEASED.attention_head_dim
     motion: bool = False       # TI2V condition embedder (AdaLN-single motion score)
+
+    @classmethod
+    def from_config(cls, config: DiTConfig) -> "ModelDims":
+        return cls(width=config.inner_dim, heads=config.num_attention_heads, layers=config.num_layers,
+                   in_channels=config.in_channels, out_channels=config.out_channels,
+                   caption_channels=config.llm_channels, clip_channels=config.clip_channels or 0,
+                   head_dim=config.attention_head_dim, motion=config.use_additional_conditions)
 
 
 def block_linear_params(d: ModelDims) -> int:

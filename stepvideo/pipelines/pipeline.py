@@ -1,8 +1,12 @@
-"""``StepVideoPipeline``: text-to-video and image-to-video sampling (spec section 5).
+"""``StepVideoPipeline``: text-to-video and image-to-video sampling
+(spec ``../shared/spec/STEP_VIDEO_SPEC.md`` §5).
 
-Stages: ``check_inputs`` -> ``encode_prompt`` (remote service or local encoders, or precomputed
-embeddings) -> ``prepare_latents`` -> [TI2V] ``prepare_condition`` -> ``denoise`` (CFG + Euler) ->
-``decode`` (rank 0) -> ``postprocess`` + mp4 (rank 0).
+Stages: ``check_inputs`` -> ``encode_prompt`` (caption encoder, or precomputed embeddings) ->
+``prepare_latents`` -> [TI2V] ``prepare_condition`` -> ``denoise`` (CFG + Euler) -> ``decode``
+(rank 0) -> ``postprocess`` + mp4 (rank 0).
+
+The caption encoder and the VAE are components (:mod:`stepvideo.components`): local models and
+the service's clients have the same methods, so the pipeline never asks which one it holds.
 
 The mode follows the transformer: a model built with ``use_additional_conditions=True`` (the
 TI2V checkpoint) needs a first image (or precomputed condition latents) and a motion score.
@@ -14,7 +18,6 @@ dtype; text mask cast to the model dtype (bf16 length rounding).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -23,15 +26,31 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..config import OutputConfig
+from .. import geometry
+from ..components import check_vae_output
+from ..config import OutputConfig, SamplingConfig
 from .outputs import StepVideoPipelineOutput
 from .postprocess import decoded_to_frames
 
 logger = logging.getLogger(__name__)
 
-FRAMES_PER_CHUNK = 17          # pixel frames per VAE chunk
-LATENTS_PER_CHUNK = 3          # latent frames per VAE chunk
-SPATIAL_COMPRESSION = 16
+
+
+class _Default:
+    """A reference default of ``__call__`` that ``sampling=`` replaces; shown as the plain value."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _pick(value, name: str, sampling: Optional[SamplingConfig]):
+    """An explicit argument wins; else the ``sampling`` field; else the reference default."""
+    if not isinstance(value, _Default):
+        return value
+    return getattr(sampling, name) if sampling is not None else value.value
 
 
 class StepVideoPipeline:
@@ -44,17 +63,21 @@ class StepVideoPipeline:
         vae_url, caption_url: the service's address (``http://host:port`` or a bare host meaning
             port 8080), used when no local ``vae`` / ``caption_encoder`` is given.
         save_path, name_suffix: where mp4 files go and an optional name suffix.
-        caption_encoder: anything with ``embedding(prompts) -> {y, y_mask, clip_embedding}``.
-        vae: anything with ``decode(latents)`` and ``encode(video, ...)``.
+        caption_encoder: a :class:`~stepvideo.components.CaptionEncoderComponent`
+            (``CaptionEncoder`` or ``RemoteCaptionEncoder``); None: the service at ``caption_url``.
+        vae: a :class:`~stepvideo.components.VAEComponent` (``AutoencoderKL``, ``LocalVAE`` or
+            ``RemoteVAE``); None: the service at ``vae_url``.
+        vae_output: decode format of the service client built by :meth:`setup_api`: ``"float"``
+            or ``"uint8"`` (converted on the server: half the bytes, the same frames).
         rank: global rank; only rank 0 decodes, writes files and shows progress.
     """
 
-    vae_scale_factor_temporal = 8
-    vae_scale_factor_spatial = SPATIAL_COMPRESSION
+    vae_scale_factor_temporal = geometry.TEMPORAL_COMPRESSION
+    vae_scale_factor_spatial = geometry.SPATIAL_COMPRESSION
 
     def __init__(self, transformer, scheduler, vae_url: str = "127.0.0.1", caption_url: str = "127.0.0.1",
                  save_path: str = "./results", name_suffix: str = "", *, caption_encoder=None, vae=None,
-                 rank: int = 0, service_token: Optional[str] = None):
+                 rank: int = 0, service_token: Optional[str] = None, vae_output: str = "float"):
         self.transformer = transformer
         self.scheduler = scheduler
         self.vae_url = vae_url
@@ -65,6 +88,7 @@ class StepVideoPipeline:
         self.vae = vae
         self.rank = rank
         self.service_token = service_token
+        self.vae_output = check_vae_output(vae_output)
 
     # ------------------------------------------------------------------------------------
     # construction
@@ -90,7 +114,7 @@ class StepVideoPipeline:
 
         self.vae_url, self.caption_url = vae_url, caption_url
         self.caption_encoder = RemoteCaptionEncoder(caption_url, token=self.service_token)
-        self.vae = RemoteVAE(vae_url, token=self.service_token)
+        self.vae = RemoteVAE(vae_url, token=self.service_token, output=self.vae_output)
 
     def to(self, device=None, dtype=None) -> "StepVideoPipeline":
         self.transformer.to(device=device, dtype=dtype)
@@ -125,13 +149,13 @@ class StepVideoPipeline:
     def check_inputs(height: int, width: int, num_frames: int):
         """Round sizes down (frames to a multiple of 17, sides to multiples of 16) with a warning;
         raise for values below the minimum. Returns ``(height, width, num_frames)``."""
-        for name, value, minimum in (("num_frames", num_frames, FRAMES_PER_CHUNK),
-                                     ("height", height, SPATIAL_COMPRESSION), ("width", width, SPATIAL_COMPRESSION)):
+        side = geometry.SPATIAL_COMPRESSION
+        for name, value, minimum in (("num_frames", num_frames, geometry.FRAMES_PER_CHUNK),
+                                     ("height", height, side), ("width", width, side)):
             if not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
-        frames = num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK
-        h = height // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION
-        w = width // SPATIAL_COMPRESSION * SPATIAL_COMPRESSION
+        frames = geometry.round_frames(num_frames)
+        h, w = geometry.round_size(height), geometry.round_size(width)
         if frames != num_frames:
             warnings.warn(f"num_frames={num_frames} is not a multiple of 17; using {frames}", stacklevel=3)
         if (h, w) != (height, width):
@@ -139,9 +163,9 @@ class StepVideoPipeline:
         return h, w, frames
 
     def latent_shape(self, height: int, width: int, num_frames: int, batch: int = 1):
+        """``[B, F, C, h, w]`` noise shape; ``C`` is the transformer's ``in_channels``."""
         channels = getattr(self.transformer, "in_channels", 64)
-        frames = num_frames // FRAMES_PER_CHUNK * LATENTS_PER_CHUNK
-        return (batch, frames, channels, height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+        return geometry.latent_shape(height, width, num_frames, channels=channels, batch=batch)
 
     def encode_prompt(self, prompt: str, pos_magic: str = "", neg_magic: str = "", prompt_embeds=None):
         """``[prompt + pos_magic, neg_magic]`` -> ``(y [2, L, C], y_mask [2, 77 + L], clip [2, 77, C'])``
@@ -194,7 +218,8 @@ class StepVideoPipeline:
                 raise ValueError("this is a TI2V model: pass `first_image` (path, PIL image or tensor) "
                                  "or precomputed `condition_latents`")
             from ..io.image import prepare_first_image
-            image = prepare_first_image(first_image, h * SPATIAL_COMPRESSION, w * SPATIAL_COMPRESSION)
+            side = geometry.SPATIAL_COMPRESSION
+            image = prepare_first_image(first_image, h * side, w * side)
             condition_latents = encode_image(self._vae(), image, seed)
         cond = condition_latents.detach().to("cpu")
         if cond.ndim != 5 or tuple(cond.shape[2:]) != (channels, h, w):
@@ -239,23 +264,23 @@ class StepVideoPipeline:
         return latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, F, C, h, w]`` -> video ``[B, T, 3, H, W]`` (bf16 from the service)."""
-        vae = self._vae()
-        return vae.decode(latents.detach().float().cpu() if _is_remote(vae) else latents)
+        """Latents ``[B, F, C, h, w]`` -> video ``[B, T, 3, H, W]`` in the VAE component's format
+        (float in the VAE dtype, or uint8)."""
+        return self._vae().decode(latents.detach().float())
 
     # ------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
         self,
         prompt: Optional[str] = None,
-        height: int = 544,
-        width: int = 992,
-        num_frames: Optional[int] = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 9.0,
-        time_shift: float = 13.0,
-        neg_magic: str = "",
-        pos_magic: str = "",
+        height: int = _Default(544),
+        width: int = _Default(992),
+        num_frames: Optional[int] = _Default(None),
+        num_inference_steps: int = _Default(50),
+        guidance_scale: float = _Default(9.0),
+        time_shift: float = _Default(13.0),
+        neg_magic: str = _Default(""),
+        pos_magic: str = _Default(""),
         num_videos_per_prompt: Optional[int] = 1,
         generator: Optional[torch.Generator] = None,
         latents: Optional[torch.Tensor] = None,
@@ -263,9 +288,10 @@ class StepVideoPipeline:
         output_file_name: Optional[str] = "",
         return_dict: bool = True,
         first_image=None,
-        motion_score: float = 2.0,
+        motion_score: float = _Default(2.0),
         *,
-        seed: Optional[int] = None,
+        sampling: Optional[SamplingConfig] = None,
+        seed: Optional[int] = _Default(None),
         prompt_embeds=None,
         condition_latents: Optional[torch.Tensor] = None,
         output_path: Optional[Union[str, os.PathLike]] = None,
@@ -275,12 +301,19 @@ class StepVideoPipeline:
     ):
         """Generate one video.
 
+        ``sampling``: a :class:`~stepvideo.config.SamplingConfig` (e.g. a preset) giving every
+        sampling value at once: sizes, steps, guidance, time shift, magic prompts, motion score
+        and seed. An explicitly passed keyword argument wins over its ``sampling`` field (the
+        rule of the CLI presets); without ``sampling`` the reference defaults apply.
+
         Reference arguments keep their defaults (``num_frames`` defaults to 204 for T2V and 102
         for TI2V models). Extras: ``seed`` (seeds the noise and the TI2V image encoding; without
         it the reference's fixed noise is used), ``prompt_embeds`` (dict or tuple of
         ``y, y_mask, clip_embedding`` instead of calling the caption encoder),
         ``condition_latents`` (TI2V: encoded first image ``[1, 1, C, h, w]``), ``output_path``
-        (explicit mp4 path), ``callback(step, t, latents)``.
+        (explicit mp4 path), ``callback(step, t, latents)``, ``output`` (an
+        :class:`~stepvideo.config.OutputConfig`: folder, file name, fps, crop, denoise filter;
+        ``output_file_name`` / ``output_path`` given here win over its fields).
 
         ``output_type``: ``"mp4"`` (decode, write a file, return frames), ``"np"`` (decode, return
         frames, no file), ``"latent"`` (return the fp32 latents).
@@ -289,6 +322,15 @@ class StepVideoPipeline:
             raise ValueError(f"output_type must be 'mp4', 'np' or 'latent', got {output_type!r}")
         if num_videos_per_prompt not in (None, 1):
             raise ValueError("num_videos_per_prompt must be 1 (the text batch is [cond, uncond])")
+        if sampling is not None and not isinstance(sampling, SamplingConfig):
+            raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        height, width = _pick(height, "height", sampling), _pick(width, "width", sampling)
+        num_frames = _pick(num_frames, "num_frames", sampling)
+        num_inference_steps = _pick(num_inference_steps, "num_inference_steps", sampling)
+        guidance_scale = _pick(guidance_scale, "guidance_scale", sampling)
+        time_shift = _pick(time_shift, "time_shift", sampling)
+        pos_magic, neg_magic = _pick(pos_magic, "pos_magic", sampling), _pick(neg_magic, "neg_magic", sampling)
+        motion_score, seed = _pick(motion_score, "motion_score", sampling), _pick(seed, "seed", sampling)
         if num_frames is None:
             num_frames = 102 if self.is_ti2v else 204
         height, width, num_frames = self.check_inputs(height, width, num_frames)
@@ -338,23 +380,12 @@ class StepVideoPipeline:
         return result if return_dict else (frames,)
 
 
-def _is_remote(vae) -> bool:
-    return type(vae).__module__.startswith("stepvideo.service")
-
-
 def encode_image(vae, image: torch.Tensor, seed: Optional[int]) -> torch.Tensor:
-    """Encode the prepared first image ``[1, 1, 3, H, W]`` with a local or remote VAE.
+    """Encode the prepared first image ``[1, 1, 3, H, W]`` with a VAE component (local or remote)
+    -> latents ``[1, 1, C, H/16, W/16]``.
 
-    The reference samples the posterior (unseeded); with ``seed`` the sample is reproducible.
+    The image is cast to bf16 first, as the reference server does before encoding. The
+    reference samples the posterior (unseeded); with ``seed`` the sample is reproducible and the
+    same for local and remote VAEs.
     """
-    params = inspect.signature(vae.encode).parameters
-    if "seed" in params:                                  # remote client
-        return vae.encode(image, seed=seed)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-    dtype = getattr(vae, "dtype", torch.bfloat16)
-    device = getattr(vae, "device", "cpu")
-    # the reference server casts the image to bf16 before encoding
-    x = image.to(torch.bfloat16).to(device=device, dtype=dtype)
-    return vae.encode(x, generator=generator) if "generator" in params else vae.encode(x)
+    return vae.encode(image.to(torch.bfloat16), seed=seed)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 
+from .. import geometry
 from .config import DEFAULT_PORT, TOKEN_ENV
 from .protocol import (FLOAT_DTYPES, JSON_CONTENT_TYPE, PROTOCOL_VERSION, TENSOR_CONTENT_TYPE, ProtocolError,
                        TensorMessage, check_tensor, decode_tensors, encode_json, encode_tensors, media_type)
@@ -306,10 +307,10 @@ class RemoteVAE:
             bytes on the wire, same numbers).
     """
 
-    frame_len = 17
-    latent_len = 3
-    spatial_compression = 16
-    temporal_compression = 8
+    frame_len = geometry.FRAMES_PER_CHUNK
+    latent_len = geometry.LATENTS_PER_CHUNK
+    spatial_compression = geometry.SPATIAL_COMPRESSION
+    temporal_compression = geometry.TEMPORAL_COMPRESSION
     scaling_factor = 1.0
 
     def __init__(self, url: str, token: Optional[str] = None, output: str = "float", **client_kwargs):
@@ -356,11 +357,13 @@ class RemoteVAE:
 
         ``mode="sample"`` draws from the posterior on the server: with ``seed`` (or a seed drawn
         from ``generator``) the draw is reproducible and equals the local
-        ``encode(x, generator=torch.Generator().manual_seed(seed))``; with neither the server's
-        global RNG is used, like the reference. ``mode="mean"`` returns the posterior mean.
+        ``AutoencoderKL.encode(x, seed=seed)``; with neither the server's global RNG is used,
+        like the reference. ``mode="mean"`` returns the posterior mean.
         """
         if mode not in ("sample", "mean"):
             raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator to encode, not both")
         if seed is None and generator is not None and mode == "sample":
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
         body = encode_tensors({"videos": x}, {"mode": mode, "seed": seed})

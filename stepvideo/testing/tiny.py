@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
+from ..config import DiTConfig
 from ..loading import layout
 
 logger = logging.getLogger(__name__)
@@ -80,28 +81,24 @@ class TinyDims:
             raise ValueError("VAE decoder width must be a multiple of 4 x z_channels "
                              f"(got {self.vae_decoder_ch} and z {self.z_channels})")
 
+    def dit_config(self, variant: str) -> DiTConfig:
+        """The tiny DiT of ``variant`` (``t2v`` or ``ti2v``), with the diffusers bookkeeping keys
+        an official ``config.json`` carries (kept in ``extra`` on purpose: loaders must ignore them)."""
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        return DiTConfig(
+            num_attention_heads=self.dit_heads, attention_head_dim=self.dit_head_dim,
+            in_channels=self.z_channels, out_channels=self.z_channels, num_layers=self.dit_layers,
+            use_additional_conditions=variant == "ti2v", caption_channels=(self.llm_hidden, self.clip_hidden),
+            attention_type="parallel", extra={"_class_name": "StepVideoModel", "_diffusers_version": "0.31.0"})
+
     def transformer_config(self, variant: str) -> dict:
-        """``transformer/config.json`` contents (diffusers style, unknown keys included on purpose)."""
-        return {
-            "_class_name": "StepVideoModel",
-            "_diffusers_version": "0.31.0",
-            "num_attention_heads": self.dit_heads,
-            "attention_head_dim": self.dit_head_dim,
-            "in_channels": self.z_channels,
-            "out_channels": self.z_channels,
-            "num_layers": self.dit_layers,
-            "dropout": 0.0,
-            "patch_size": 1,
-            "norm_type": "ada_norm_single",
-            "norm_elementwise_affine": False,
-            "norm_eps": 1e-06,
-            "use_additional_conditions": variant == "ti2v",
-            "caption_channels": [self.llm_hidden, self.clip_hidden],
-            "attention_type": "parallel",
-        }
+        """``transformer/config.json`` contents (:meth:`dit_config` as a dict)."""
+        return self.dit_config(variant).to_dict()
 
 
 TINY = TinyDims()
+TINY_DIT = {variant: TINY.dit_config(variant) for variant in VARIANTS}   # the tiny DiTs as DiTConfig
 
 
 def _write_transformer(folder: Path, dims: TinyDims, variant: str, seed: int, num_shards: int) -> None:
@@ -111,11 +108,11 @@ def _write_transformer(folder: Path, dims: TinyDims, variant: str, seed: int, nu
     from ..models.dit import StepVideoModel
     from .init import init_random_weights
 
-    config = dims.transformer_config(variant)
+    config = dims.dit_config(variant)
     model = StepVideoModel.from_config(config)
     init_random_weights(model, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / layout.TRANSFORMER_CONFIG).write_text(json.dumps(config, indent=2))
+    config.to_json(folder / layout.TRANSFORMER_CONFIG)
     save_sharded({k: v.to(torch.float32) for k, v in model.state_dict().items()}, folder,
                  layout.TRANSFORMER_WEIGHTS, num_shards=num_shards)
 

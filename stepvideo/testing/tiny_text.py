@@ -15,7 +15,8 @@ from typing import List
 
 logger = logging.getLogger(__name__)
 
-# The default magic prompts (spec 5.8) and a few prompts in the style of the benchmark set.
+# The default magic prompts (``../shared/spec/STEP_VIDEO_SPEC.md`` §5.8) and a few prompts in the style of the
+# benchmark set.
 MAGIC_STRINGS = (
     "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。",
     "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。",
@@ -92,7 +93,7 @@ def train_step_tokenizer(vocab_size: int) -> bytes:
 
 
 def step_llm_config(dims) -> dict:
-    """``step_llm/config.json`` in the published style (spec Appendix B.1), tiny values."""
+    """``step_llm/config.json`` in the published style (``STEP_VIDEO_SPEC.md`` Appendix B.1), tiny values."""
     head_dim = dims.llm_hidden // dims.llm_heads
     return {
         "architectures": ["Step1Model"],

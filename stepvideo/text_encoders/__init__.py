@@ -1,5 +1,5 @@
 """Text encoders of the caption path: Step-LLM (+ its SentencePiece tokenizer), HunyuanCLIP,
-and ``CaptionEncoder`` which assembles both (spec section 6).
+and ``CaptionEncoder`` which assembles both (``../shared/spec/STEP_VIDEO_SPEC.md`` §6).
 
 Importing this package is cheap and has no side effects: no kernel libraries are loaded, no
 argv is parsed, and torch/transformers/sentencepiece are imported only when a public name

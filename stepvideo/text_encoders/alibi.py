@@ -1,8 +1,8 @@
 """Causal attention with the square-root ALiBi bias (the Step-LLM attention op).
 
 The reference calls a closed CUDA-only kernel for the Step-LLM attention. Its definition
-(spec 6.2 and Appendix B.2) is plain causal softmax attention with a per-head additive
-bias applied after the ``q·kᵀ·scale`` product::
+(``../shared/spec/STEP_VIDEO_SPEC.md`` §6.2 and Appendix B.2) is plain causal softmax
+attention with a per-head additive bias applied after the ``q·kᵀ·scale`` product::
 
     bias[h, i, j] = -m_h * sqrt(i - j)     for j <= i
                   = -inf                   for j >  i

@@ -1,4 +1,5 @@
-"""Caption assembly (spec 6.4): both text encoders behind one ``embedding(prompts)`` call.
+"""Caption assembly (``../shared/spec/STEP_VIDEO_SPEC.md`` §6.4): both text encoders behind one
+``embedding(prompts)`` call.
 
 ``CaptionEncoder.embedding`` is the single seam between prompt text and the DiT: the local
 encoder here and the remote caption client implement the same method with the same output::

@@ -1,4 +1,5 @@
-"""HunyuanCLIP text encoder (spec 6.3): a transformers ``BertModel`` + ``BertTokenizer``.
+"""HunyuanCLIP text encoder (``../shared/spec/STEP_VIDEO_SPEC.md`` §6.3): a transformers ``BertModel`` +
+``BertTokenizer``.
 
 Folder layout (``<model_dir>`` = the checkpoint's ``hunyuan_clip``)::
 

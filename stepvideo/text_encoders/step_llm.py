@@ -1,4 +1,5 @@
-"""Step-LLM text encoder (spec 6.2): ``Step1Model`` and the ``STEP1TextEncoder`` facade.
+"""Step-LLM text encoder (``../shared/spec/STEP_VIDEO_SPEC.md`` §6.2): ``Step1Model`` and the
+``STEP1TextEncoder`` facade.
 
 A LLaMA-style decoder used as an encoder: token embedding, ``num_layers`` pre-norm blocks
 (RMSNorm → GQA attention with the causal sqrt-ALiBi bias → residual; RMSNorm → SwiGLU FFN →
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Step1Config:
     """The ``step_llm/config.json`` fields the encoder reads (defaults = the published config,
-    spec Appendix B.1). Unknown keys of the file are ignored."""
+    ``STEP_VIDEO_SPEC.md`` Appendix B.1). Unknown keys of the file are ignored."""
 
     hidden_size: int = 6144
     num_attention_heads: int = 48

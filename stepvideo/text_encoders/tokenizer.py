@@ -1,4 +1,5 @@
-"""The Step-LLM tokenizer: a SentencePiece model plus fixed BOS/EOS/PAD wrapping (spec 6.1).
+"""The Step-LLM tokenizer: a SentencePiece model plus fixed BOS/EOS/PAD wrapping
+(``../shared/spec/STEP_VIDEO_SPEC.md`` §6.1).
 
 ``StepChatTokenizer`` owns the SentencePiece model and checks that the special pieces the
 Step chat format relies on exist. ``Wrapped_StepChatTokenizer`` adds the batch call used by
