@@ -4,37 +4,17 @@ encoder and VAE interfaces, so the pipeline gives the same video with either (re
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from stepvideo.components import CaptionEncoderComponent, LocalVAE, VAEComponent
-from stepvideo.demo import free_port, stop, wait_ready
 from stepvideo.models.vae import AutoencoderKL
 from stepvideo.pipelines.pipeline import StepVideoPipeline
 from stepvideo.service.client import RemoteCaptionEncoder, RemoteVAE
 from stepvideo.text_encoders.caption import CaptionEncoder
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def service_url(tiny_ti2v_model_dir):
-    """The caption/VAE service (the same launcher and flags as tests/test_end_to_end.py)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "api" / "call_remote_server.py"), "--model_dir",
-                             str(tiny_ti2v_model_dir), "--port", str(port), "--device", "cpu", "--torch_threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, timeout=180)
-        yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +37,11 @@ def test_local_and_remote_parts_satisfy_the_protocols(local_parts):
         StepVideoPipeline(None, None, vae_output="png")
 
 
-def test_seeded_encode_and_uint8_decode_agree(service_url, local_parts):
+def test_seeded_encode_and_uint8_decode_agree(tiny_service, local_parts):
+    url, token = tiny_service
     vae = local_parts["vae"]
     x = torch.rand(1, 17, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    remote = RemoteVAE(service_url, output="uint8")
+    remote = RemoteVAE(url, token=token, output="uint8")
     sample = vae.encode(x, seed=7)
     assert torch.equal(remote.encode(x, seed=7), sample)
     assert torch.equal(vae.encode(x, generator=torch.Generator().manual_seed(7)), sample)   # the old spelling
@@ -74,7 +55,7 @@ def test_seeded_encode_and_uint8_decode_agree(service_url, local_parts):
     assert torch.equal(remote.decode(z), frames)
 
 
-def test_pipeline_gives_the_same_video_with_local_or_remote_parts(service_url, local_parts,
+def test_pipeline_gives_the_same_video_with_local_or_remote_parts(tiny_service, local_parts,
                                                                   tiny_ti2v_model_dir, tmp_path):
     """TI2V: the caption encoder, the seeded image encode and the decode all go through the
     component interface; no code path asks which kind it holds."""
@@ -85,7 +66,8 @@ def test_pipeline_gives_the_same_video_with_local_or_remote_parts(service_url, l
     pipe.caption_encoder, pipe.vae = local_parts["caption"], local_parts["vae"]
     local = pipe(**kwargs)
     pipe.caption_encoder, pipe.vae = None, None          # built lazily by setup_api
-    pipe.vae_url = pipe.caption_url = service_url
+    pipe.vae_url = pipe.caption_url = tiny_service[0]
+    pipe.service_token = tiny_service[1]
     pipe.vae_output = "uint8"
     remote = pipe(**kwargs)
     assert isinstance(pipe.vae, RemoteVAE) and pipe.vae.output == "uint8"

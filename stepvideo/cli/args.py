@@ -155,7 +155,7 @@ def runtime_config(args: argparse.Namespace):
 
 def token_count(sampling: SamplingConfig) -> int:
     """DiT tokens per sample ``F * h * w`` for the (rounded) sampling sizes."""
-    from .geometry import token_count as tokens
+    from ..geometry import token_count as tokens
 
     return tokens(sampling.height, sampling.width, sampling.num_frames)
 
