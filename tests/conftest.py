@@ -104,3 +104,23 @@ def tiny_ti2v_model_dir(tmp_path_factory) -> Path:
     """A complete tiny TI2V model dir (same text encoders and VAE as the T2V one)."""
     from stepvideo.testing.tiny import write_tiny_model_dir
     return write_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "ti2v", variant="ti2v", seed=0)
+
+
+@pytest.fixture(scope="session")
+def service_url(tiny_ti2v_model_dir):
+    """A real caption/VAE service (``api/call_remote_server.py``) on 127.0.0.1 serving the tiny
+    model's VAE and text encoders (the same in the T2V and TI2V dirs); started once per session."""
+    import subprocess
+    import sys
+
+    from stepvideo.demo import free_port, stop, wait_ready
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "api" / "call_remote_server.py"), "--model_dir",
+                             str(tiny_ti2v_model_dir), "--port", str(port), "--device", "cpu", "--torch_threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)

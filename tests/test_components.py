@@ -1,40 +1,20 @@
 """``stepvideo.components``: local models and the service's clients implement the same caption
-encoder and VAE interfaces, so the pipeline gives the same video with either (real service on
-127.0.0.1, tiny model, bit-exact)."""
+encoder and VAE interfaces, so the pipeline gives the same video with either (the real service
+of the ``service_url`` fixture, tiny model, bit-exact)."""
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from stepvideo.components import CaptionEncoderComponent, LocalVAE, VAEComponent
-from stepvideo.demo import free_port, stop, wait_ready
 from stepvideo.models.vae import AutoencoderKL
 from stepvideo.pipelines.pipeline import StepVideoPipeline
 from stepvideo.service.client import RemoteCaptionEncoder, RemoteVAE
 from stepvideo.text_encoders.caption import CaptionEncoder
 
-pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def service_url(tiny_ti2v_model_dir):
-    """The caption/VAE service (the same launcher and flags as tests/test_end_to_end.py)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "api" / "call_remote_server.py"), "--model_dir",
-                             str(tiny_ti2v_model_dir), "--port", str(port), "--device", "cpu", "--torch_threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, timeout=180)
-        yield url
-    finally:
-        stop(proc)
+pytestmark = pytest.mark.slow   # service_url (tests/conftest.py): a real service on 127.0.0.1
 
 
 @pytest.fixture(scope="module")
