@@ -1,6 +1,6 @@
 """``stepvideo.components``: local models and the service's clients implement the same caption
-encoder and VAE interfaces, so the pipeline gives the same video with either (real service on
-127.0.0.1, tiny model, bit-exact)."""
+encoder and VAE interfaces, so the pipeline gives the same video with either (the real service
+of the ``tiny_service`` fixture, tiny model, bit-exact)."""
 from __future__ import annotations
 
 import inspect

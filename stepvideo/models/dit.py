@@ -17,7 +17,7 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..config import ATTENTION_TYPES, DiTConfig
+from ..config import ATTENTION_TYPES, DiTConfig  # noqa: F401  (ATTENTION_TYPES: kept importable from here)
 from ..loading import checkpoint as ckpt
 from ..loading import layout
 from .attention import resolve_backend

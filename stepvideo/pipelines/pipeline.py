@@ -35,7 +35,6 @@ from .postprocess import decoded_to_frames
 logger = logging.getLogger(__name__)
 
 
-
 class _Default:
     """A reference default of ``__call__`` that ``sampling=`` replaces; shown as the plain value."""
 
