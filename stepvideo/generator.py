@@ -50,6 +50,7 @@ class RuntimeConfig:
     compile: bool = False                    # torch.compile every DiT block (stepvideo.perf.compile)
     decode_retries: int = 2                  # extra decode/write attempts before the latents are saved
     decode_backoff: float = 2.0              # seconds before the first retry (doubles each time)
+    service_wait: float = 540.0              # pre-flight: seconds to wait for a service still loading
 
 
 class GenerationError(RuntimeError):
@@ -145,7 +146,8 @@ class VideoGenerator:
         prompts = [prompt + sampling.pos_magic, sampling.neg_magic]
         needs_image = self.pipeline.is_ti2v
         if needs_image and first_image is None:
-            raise ValueError(f"{self.runtime.model_dir} is an image-to-video (TI2V) checkpoint: pass --first_image_path")
+            raise ValueError(f"{self.runtime.model_dir} is an image-to-video (TI2V) checkpoint: pass "
+                             "--first_image_path")
         if first_image is not None and not needs_image:
             raise ValueError(f"a first image was given ({first_image}), but {self.runtime.model_dir} is a "
                              "text-to-video (T2V) checkpoint; use a Step-Video-TI2V checkpoint or drop the image")
@@ -215,6 +217,7 @@ class VideoGenerator:
         import time
 
         from .decode import save_latents, write_video
+        from .errors import one_line
         from .io.video import output_video_path
 
         timings = dict(denoised.timings)
@@ -239,14 +242,8 @@ class VideoGenerator:
         saved = save_latents(latents_path(path), denoised.latents, prompt=prompt, sampling=sampling, output=output,
                              video_path=path, remote=not self.runtime.local, model_dir=str(self.root))
         how = f"--vae_url {self.runtime.vae_url}" if not self.runtime.local else f"--model_dir {self.root}"
-        raise GenerationError(f"{_short(failure)}; the denoised latents are saved in {saved}: make the video with "
+        raise GenerationError(f"{one_line(failure)}; the denoised latents are saved in {saved}: make the video with "
                               f"`python -m stepvideo.decode {saved} {how}`") from failure
-
-
-def _short(exc: BaseException) -> str:
-    from .errors import one_line
-
-    return one_line(exc)
 
 
 class _LazyVAE:

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2", "--dtype", "fp32"]
@@ -191,7 +190,8 @@ def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_servi
     latents = tmp_path / "saved" / "video.latents.safetensors"
     from stepvideo.testing.tiny import TINY as DIMS
 
-    save_latents(latents, torch.randn(1, 3, DIMS.z_channels, 4, 4, generator=torch.Generator().manual_seed(0)), prompt="x",
+    noise = torch.randn(1, 3, DIMS.z_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    save_latents(latents, noise, prompt="x",
                  sampling=get_preset("t2v"), output=OutputConfig(), video_path=tmp_path / "saved" / "video.mp4",
                  remote=True)
     rewriter = Rewriter(tmp_path, tiny_model_dir, tiny_ti2v_model_dir, url, latents, image, prompts)

@@ -270,7 +270,8 @@ def test_one_runner_per_folder_and_shard(tmp_path):
     first = OutputLock(tmp_path)
     first.acquire()
     try:
-        with pytest.raises(UserError, match=rf"another evaluation run is writing to {tmp_path} \(pid {os.getpid()} on "):
+        held = rf"another evaluation run is writing to {tmp_path} \(pid {os.getpid()} on "
+        with pytest.raises(UserError, match=held):
             OutputLock(tmp_path).acquire()
         other_shard = OutputLock(tmp_path, (1, 2))          # another shard of the same folder may run beside
         other_shard.acquire()

@@ -10,7 +10,6 @@ with tensor parallelism. The service's own faults (overload, bad JSON) are in
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
