@@ -357,3 +357,33 @@ def test_debug_shows_the_traceback(tmp_path):
                          env=_env(STEPVIDEO_DEBUG="1"), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: --model_dir")
+
+
+def _fail_on_rank_1():
+    """Worker for the test below: rank 1 alone raises; every rank reports what it got."""
+    import torch.distributed as dist
+
+    from stepvideo.parallel.agree import RankFailure, on_all, on_main
+    from stepvideo.parallel.state import ParallelConfig, ParallelState
+
+    state = ParallelState.from_env(ParallelConfig(ulysses_degree=2))
+
+    def step():
+        if dist.get_rank() == 1:
+            raise FileNotFoundError("shard-00002.safetensors: no such file")
+        return "loaded"
+
+    seen = []
+    try:
+        on_all(state, step)
+    except RankFailure as failure:
+        seen.append((str(failure), failure.user_error))
+    seen.append(on_main(state, lambda: "plan"))                 # the group is still usable afterwards
+    return seen
+
+
+def test_rank1_only_error_reaches_every_rank_on_gloo():
+    from stepvideo.parallel.launch import run_on_cpu_ranks
+
+    results = run_on_cpu_ranks(_fail_on_rank_1, world_size=2, timeout=120)
+    assert results[0] == results[1] == [("rank 1: shard-00002.safetensors: no such file", True), "plan"]
