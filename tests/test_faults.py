@@ -96,10 +96,12 @@ def test_wrong_token_is_one_line(tiny_model_dir, tiny_service, tmp_path):
 
 class KillingProxy:
     """TCP forwarder to a service; at the first request whose head starts with ``trigger`` it runs
-    ``on_trigger`` (e.g. kills the service), then drops every connection and stops listening."""
+    ``on_trigger`` (e.g. kills the service), then drops every connection and stops listening.
+    With ``every=True`` it keeps listening and drops the connection of every such request (a
+    service that crashes on each decode)."""
 
-    def __init__(self, target_port: int, trigger: bytes = b"POST /vae-api", on_trigger=None):
-        self.target_port, self.trigger, self.on_trigger = target_port, trigger, on_trigger
+    def __init__(self, target_port: int, trigger: bytes = b"POST /vae-api", on_trigger=None, every: bool = False):
+        self.target_port, self.trigger, self.on_trigger, self.every = target_port, trigger, on_trigger, every
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.triggered = threading.Event()
@@ -111,7 +113,7 @@ class KillingProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def _accept(self):
-        while not self.triggered.is_set():
+        while self.every or not self.triggered.is_set():
             try:
                 client, _ = self.listener.accept()
             except OSError:
@@ -127,11 +129,12 @@ class KillingProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                if inspect and data.startswith(self.trigger) and not self.triggered.is_set():
+                if inspect and data.startswith(self.trigger) and (self.every or not self.triggered.is_set()):
                     self.triggered.set()
                     if self.on_trigger is not None:
                         self.on_trigger()
-                    self.close()
+                    if not self.every:
+                        self.close()
                     return
                 dst.sendall(data)
         except OSError:
@@ -189,7 +192,7 @@ def test_evaluation_stops_after_consecutive_service_failures(tiny_model_dir, tin
     from stepvideo.evaluation import manifest as mf
 
     url, token = tiny_service
-    proxy = KillingProxy(int(url.rsplit(":", 1)[1]))      # the VAE address dies at the first decode
+    proxy = KillingProxy(int(url.rsplit(":", 1)[1]), every=True)      # every decode loses its connection
     prompts = tmp_path / "set.txt"
     prompts.write_text("one\ntwo\nthree\nfour\n")
     root = tmp_path / "eval"
@@ -197,6 +200,7 @@ def test_evaluation_stops_after_consecutive_service_failures(tiny_model_dir, tin
                           str(tiny_model_dir), "--prompts", str(prompts), "--save_path", str(root), "--caption_url",
                           url, "--vae_url", proxy.url, "--max_service_failures", "2", "--decode_retries", "0",
                           "--no_gallery", *TINY], env=_env(token), capture_output=True, text=True, timeout=300)
+    proxy.close()
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1].startswith("evaluation: 0 done, 0 skipped, 2 failed")
     assert re.search(r"^error: stopped after 2 consecutive items failed on the caption/VAE service.*2 item\(s\) "
