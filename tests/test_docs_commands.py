@@ -2,7 +2,8 @@
 
 Commands are rewritten, never paraphrased: ``--model_dir`` points at the tiny T2V (or, with an
 image or a ``ti2v`` path, TI2V) dir, ``--vae_url``/``--caption_url`` at one shared tiny service,
-``torchrun --nproc_per_node N`` runs min(N, 2) gloo ranks (the Ulysses degree follows), paths go
+``torchrun --nproc_per_node N`` runs one rank (the Ulysses degree follows; several gloo ranks
+are covered by tests/test_end_to_end.py and tests/test_faults.py), paths go
 to a temporary folder, ``t2v-eval`` becomes a one-prompt file, GPUs become the CPU, and the tiny
 sampling flags are appended. Identical commands after the rewrite run once. Then:
 
@@ -26,6 +27,7 @@ from typing import Dict, List, Tuple
 
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_RANKS = 1                # keeps this test fast; multi-rank runs are tested elsewhere
 TINY = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2", "--dtype", "fp32"]
 SKIPPED = {("pip",): "installs packages from the network",
            ("bash", "scripts/test.sh"): "the test suite itself",
@@ -81,7 +83,7 @@ class Rewriter:
             while rest and rest[0].startswith("--") and rest[0] not in ("-m",):
                 name, value = rest[0], rest[1]
                 if name == "--nproc_per_node":
-                    nproc = min(int(value), 2)
+                    nproc = min(int(value), MAX_RANKS)
                     value = str(nproc)
                 launcher += [name, value]
                 rest = rest[2:]
