@@ -180,6 +180,10 @@ def test_vae_service_killed_mid_run_keeps_latents_and_decode_recovers(tiny_model
                                env=_env(token), capture_output=True, text=True, timeout=300)
     assert recovered.returncode == 0, recovered.stderr[-3000:]
     assert Path(recovered.stdout.strip().splitlines()[-1]) == out and out.is_file()
+    local = subprocess.run([sys.executable, "-m", "stepvideo.decode", str(latents), "--model_dir", str(tiny_model_dir),
+                            "--device", "cpu", "-o", str(tmp_path / "local.mp4")], env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert local.returncode == 0 and read_mp4(tmp_path / "local.mp4")[0].shape == (17, 64, 64, 3), local.stderr[-3000:]
 
     reference = tmp_path / "ref.mp4"
     res = _generate(*common, "--vae_url", url, "--output_path", str(reference), token=token)
