@@ -10,8 +10,9 @@ sampling flags are appended. Identical commands after the rewrite run once. Then
 - a service command starts the service and waits for ``GET /ready``;
 - generation, evaluation and decode commands must exit 0 and write what they promise;
 - other ``python`` scripts and modules must answer ``--help`` and know every flag the docs use;
-- ``pip`` (network), ``bash scripts/test.sh`` (this suite) and ``bash scripts/demo.sh``
-  (``tests/test_end_to_end.py::test_readme_main_job``) are skipped with the reason;
+- ``pip`` (network), ``bash scripts/test.sh`` (this suite), ``bash scripts/demo.sh``
+  (``tests/test_end_to_end.py::test_readme_main_job``), GPU-only scripts and ``curl`` against a
+  server started by hand are skipped with the reason (``SKIPPED``);
 - a command no rule knows fails the test: add a rule when you document a new command.
 """
 from __future__ import annotations
@@ -31,7 +32,11 @@ MAX_RANKS = 1                # keeps this test fast; multi-rank runs are tested 
 TINY = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2", "--dtype", "fp32"]
 SKIPPED = {("pip",): "installs packages from the network",
            ("bash", "scripts/test.sh"): "the test suite itself",
-           ("bash", "scripts/demo.sh"): "runs in tests/test_end_to_end.py::test_readme_main_job"}
+           ("bash", "scripts/demo.sh"): "runs in tests/test_end_to_end.py::test_readme_main_job",
+           ("bash", "scripts/gpu_check.sh"): "needs a GPU",
+           ("nvidia-smi",): "needs a GPU",
+           ("curl",): "talks to a server started by hand; the HTTP routes are tested in tests/test_service*.py "
+                      "and tests/test_server*.py"}
 GENERATE = ("run_parallel.py", "stepvideo.cli.generate", "stepvideo-generate")
 EVALUATE = ("benchmark/evaluation.py", "stepvideo.cli.evaluate", "stepvideo-eval")
 SERVICE = ("api/call_remote_server.py", "stepvideo.cli.service", "stepvideo-service")
