@@ -74,14 +74,6 @@ def broadcast_from_main(state, payload):
     return box[0]
 
 
-def latents_path(video_path) -> "Path":
-    """Where the latents of ``video_path`` are kept when decoding or writing fails."""
-    from pathlib import Path
-
-    video_path = Path(video_path)
-    return video_path.with_name(video_path.stem + ".latents.safetensors")
-
-
 class VideoGenerator:
     """Loads the DiT once per process and generates videos on every rank of the layout."""
 
@@ -213,37 +205,22 @@ class VideoGenerator:
         return finished.get("result") if self.state.is_main else None
 
     def _finish(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, denoised):
-        """Rank 0: decode and write the mp4 (with retries); on failure save the latents and raise."""
-        import time
-
-        from .decode import save_latents, write_video
-        from .errors import one_line
+        """Rank 0: decode and write the mp4, retried; if that fails the latents are kept and it raises."""
+        from .decode import decode_or_keep_latents
         from .io.video import output_video_path
+        from .pipelines.outputs import StepVideoPipelineOutput
 
         timings = dict(denoised.timings)
         path = output_video_path(output.save_path, prompt or "video", seed=sampling.seed,
                                  output_file_name=output.output_file_name, name_suffix=output.name_suffix,
                                  output_path=output.output_path)
-        attempts = max(0, self.runtime.decode_retries) + 1
-        for attempt in range(attempts):
-            try:
-                frames = write_video(self.pipeline.decode, denoised.latents, path, output, timings=timings)
-                logger.info("Saved the generated video in %s", path)
-                from .pipelines.outputs import StepVideoPipelineOutput
-                return StepVideoPipelineOutput(video=frames, latents=denoised.latents, path=path, timings=timings)
-            except Exception as exc:         # retried, then the latents are kept
-                if attempt + 1 < attempts:
-                    delay = self.runtime.decode_backoff * 2 ** attempt
-                    logger.warning("decoding/writing %s failed (%s: %s); retry %d of %d in %.0f s", path,
-                                   type(exc).__name__, exc, attempt + 1, attempts - 1, delay)
-                    time.sleep(delay)
-                    continue
-                failure = exc
-        saved = save_latents(latents_path(path), denoised.latents, prompt=prompt, sampling=sampling, output=output,
-                             video_path=path, remote=not self.runtime.local, model_dir=str(self.root))
         how = f"--vae_url {self.runtime.vae_url}" if not self.runtime.local else f"--model_dir {self.root}"
-        raise GenerationError(f"{one_line(failure)}; the denoised latents are saved in {saved}: make the video with "
-                              f"`python -m stepvideo.decode {saved} {how}`") from failure
+        frames = decode_or_keep_latents(self.pipeline.decode, denoised.latents, path, output, prompt=prompt,
+                                        sampling=sampling, remote=not self.runtime.local, model_dir=str(self.root),
+                                        decode_flag=how, retries=self.runtime.decode_retries,
+                                        backoff=self.runtime.decode_backoff, timings=timings)
+        logger.info("Saved the generated video in %s", path)
+        return StepVideoPipelineOutput(video=frames, latents=denoised.latents, path=path, timings=timings)
 
 
 class _LazyVAE:
