@@ -48,6 +48,40 @@ def save_latents(path, latents: torch.Tensor, *, prompt: str, sampling, output, 
     return path
 
 
+def latents_path(video_path) -> Path:
+    """Where the latents of ``video_path`` are kept when decoding or writing fails."""
+    video_path = Path(video_path)
+    return video_path.with_name(video_path.stem + SUFFIX)
+
+
+def decode_or_keep_latents(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, path, output, *,
+                           prompt: str, sampling, remote: bool, model_dir: Optional[str], decode_flag: str,
+                           retries: int = 2, backoff: float = 2.0, timings: Optional[Dict[str, float]] = None):
+    """:func:`write_video`, retried ``retries`` times with exponential backoff; when every attempt
+    failed, save the latents next to ``path`` and raise ``GenerationError`` saying where and how
+    to make the video from them (``decode_flag``: ``--vae_url URL`` or ``--model_dir DIR``)."""
+    import time
+
+    from .errors import one_line
+    from .generator import GenerationError
+
+    attempts = max(0, retries) + 1
+    for attempt in range(attempts):
+        try:
+            return write_video(decode, latents, path, output, timings=timings)
+        except Exception as exc:         # retried, then the latents are kept
+            failure = exc
+            if attempt + 1 < attempts:
+                delay = backoff * 2 ** attempt
+                logger.warning("decoding/writing %s failed (%s: %s); retry %d of %d in %.0f s", path,
+                               type(exc).__name__, exc, attempt + 1, attempts - 1, delay)
+                time.sleep(delay)
+    saved = save_latents(latents_path(path), latents, prompt=prompt, sampling=sampling, output=output,
+                         video_path=path, remote=remote, model_dir=model_dir)
+    raise GenerationError(f"{one_line(failure)}; the denoised latents are saved in {saved}: make the video with "
+                          f"`python -m stepvideo.decode {saved} {decode_flag}`") from failure
+
+
 def load_latents(path):
     """``(latents, metadata)`` of a file written by :func:`save_latents`."""
     from safetensors import safe_open

@@ -51,6 +51,7 @@ class RuntimeConfig:
     compile: bool = False                    # torch.compile every DiT block (stepvideo.perf.compile)
     decode_retries: int = 2                  # extra decode/write attempts before the latents are saved
     decode_backoff: float = 2.0              # seconds before the first retry (doubles each time)
+    service_wait: float = 540.0              # pre-flight: seconds to wait for a service still loading
 
 
 class GenerationError(RuntimeError):
@@ -72,14 +73,6 @@ def broadcast_from_main(state, payload):
     box = [payload if state.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def latents_path(video_path) -> "Path":
-    """Where the latents of ``video_path`` are kept when decoding or writing fails."""
-    from pathlib import Path
-
-    video_path = Path(video_path)
-    return video_path.with_name(video_path.stem + ".latents.safetensors")
 
 
 class VideoGenerator:
@@ -146,7 +139,8 @@ class VideoGenerator:
         prompts = [prompt + sampling.pos_magic, sampling.neg_magic]
         needs_image = self.pipeline.is_ti2v
         if needs_image and first_image is None:
-            raise ValueError(f"{self.runtime.model_dir} is an image-to-video (TI2V) checkpoint: pass --first_image_path")
+            raise ValueError(f"{self.runtime.model_dir} is an image-to-video (TI2V) checkpoint: pass "
+                             "--first_image_path")
         if first_image is not None and not needs_image:
             raise ValueError(f"a first image was given ({first_image}), but {self.runtime.model_dir} is a "
                              "text-to-video (T2V) checkpoint; use a Step-Video-TI2V checkpoint or drop the image")
@@ -209,42 +203,22 @@ class VideoGenerator:
         return finished.get("result") if self.state.is_main else None
 
     def _finish(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, denoised):
-        """Rank 0: decode and write the mp4 (with retries); on failure save the latents and raise."""
-        import time
-
-        from .decode import save_latents, write_video
+        """Rank 0: decode and write the mp4, retried; if that fails the latents are kept and it raises."""
+        from .decode import decode_or_keep_latents
         from .io.video import output_video_path
+        from .pipelines.outputs import StepVideoPipelineOutput
 
         timings = dict(denoised.timings)
         path = output_video_path(output.save_path, prompt or "video", seed=sampling.seed,
                                  output_file_name=output.output_file_name, name_suffix=output.name_suffix,
                                  output_path=output.output_path)
-        attempts = max(0, self.runtime.decode_retries) + 1
-        for attempt in range(attempts):
-            try:
-                frames = write_video(self.pipeline.decode, denoised.latents, path, output, timings=timings)
-                logger.info("Saved the generated video in %s", path)
-                from .pipelines.outputs import StepVideoPipelineOutput
-                return StepVideoPipelineOutput(video=frames, latents=denoised.latents, path=path, timings=timings)
-            except Exception as exc:         # retried, then the latents are kept
-                if attempt + 1 < attempts:
-                    delay = self.runtime.decode_backoff * 2 ** attempt
-                    logger.warning("decoding/writing %s failed (%s: %s); retry %d of %d in %.0f s", path,
-                                   type(exc).__name__, exc, attempt + 1, attempts - 1, delay)
-                    time.sleep(delay)
-                    continue
-                failure = exc
-        saved = save_latents(latents_path(path), denoised.latents, prompt=prompt, sampling=sampling, output=output,
-                             video_path=path, remote=not self.runtime.local, model_dir=str(self.root))
         how = f"--vae_url {self.runtime.vae_url}" if not self.runtime.local else f"--model_dir {self.root}"
-        raise GenerationError(f"{_short(failure)}; the denoised latents are saved in {saved}: make the video with "
-                              f"`python -m stepvideo.decode {saved} {how}`") from failure
-
-
-def _short(exc: BaseException) -> str:
-    from .errors import one_line
-
-    return one_line(exc)
+        frames = decode_or_keep_latents(self.pipeline.decode, denoised.latents, path, output, prompt=prompt,
+                                        sampling=sampling, remote=not self.runtime.local, model_dir=str(self.root),
+                                        decode_flag=how, retries=self.runtime.decode_retries,
+                                        backoff=self.runtime.decode_backoff, timings=timings)
+        logger.info("Saved the generated video in %s", path)
+        return StepVideoPipelineOutput(video=frames, latents=denoised.latents, path=path, timings=timings)
 
 
 class _LazyVAE:

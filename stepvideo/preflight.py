@@ -11,12 +11,15 @@ caption/VAE services (``GET /ready`` with the token, the needed models loaded).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional
 
 from .errors import PreflightError
 from .loading import layout
+
+logger = logging.getLogger(__name__)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -111,11 +114,44 @@ def check_sampling(sampling, parallel) -> None:
                              f"{sampling.guidance_scale:g}; drop --cfg_parallel")
 
 
-def check_services(runtime, needs_vae_encode: bool = False, timeout: float = 10.0, only_vae: bool = False) -> None:
-    """Both services answer ``GET /ready`` with our token and serve the models we need."""
+def _ready(client, flag: str, url: str, loading_wait: float, connect_wait: float) -> dict:
+    """``GET /ready``, waiting up to ``loading_wait`` s while the models load (503) and up to
+    ``connect_wait`` s for a refused connection (a service started a moment ago); other answers
+    (401 wrong token, 404 not a stepvideo service, ...) fail at once."""
+    import time
+
+    from .service.client import ServiceConnectionError, ServiceError
+
+    start = time.monotonic()
+    told = False
+    while True:
+        try:
+            return client.ready()
+        except ServiceConnectionError as err:
+            if time.monotonic() - start >= connect_wait:
+                raise PreflightError(f"{flag} {url}: {err}") from None
+        except ServiceError as err:
+            if err.status != 503 or time.monotonic() - start >= loading_wait:
+                raise PreflightError(f"{flag} {url}: {err}") from None
+            if not told:
+                logger.info("%s %s is still loading its models; waiting up to %.0f s", flag, url, loading_wait)
+                told = True
+        time.sleep(1.0)
+
+
+def check_services(runtime, needs_vae_encode: bool = False, timeout: float = 10.0, only_vae: bool = False,
+                   loading_wait: Optional[float] = None, connect_wait: float = 10.0) -> None:
+    """Both services answer ``GET /ready`` with our token and serve the models we need.
+
+    ``loading_wait``: seconds to wait for a service that is still loading (default
+    ``runtime.service_wait``, else 0).
+    """
     if runtime.local:
         return
-    from .service.client import ServiceClient, ServiceError
+    from .service.client import ServiceClient
+
+    if loading_wait is None:
+        loading_wait = float(getattr(runtime, "service_wait", 0.0))
 
     wanted = [] if only_vae else [("caption", "--caption_url", runtime.caption_url, "caption")]
     wanted.append(("VAE", "--vae_url", runtime.vae_url, "vae_decode"))
@@ -127,10 +163,7 @@ def check_services(runtime, needs_vae_encode: bool = False, timeout: float = 10.
         if key not in answers:
             client = ServiceClient(url, token=runtime.service_token, retries=0, timeout=timeout,
                                    connect_timeout=min(timeout, 5.0), name=f"{name} service")
-            try:
-                answers[key] = client.ready()
-            except ServiceError as err:
-                raise PreflightError(f"{flag} {url}: {err}") from None
+            answers[key] = _ready(client, flag, url, loading_wait, connect_wait)
         routes = answers[key].get("routes") or {}
         if not routes.get(route):
             raise PreflightError(f"{flag} {url}: the service does not serve the {route.replace('_', ' ')} model "

@@ -2,15 +2,17 @@
 
 Commands are rewritten, never paraphrased: ``--model_dir`` points at the tiny T2V (or, with an
 image or a ``ti2v`` path, TI2V) dir, ``--vae_url``/``--caption_url`` at one shared tiny service,
-``torchrun --nproc_per_node N`` runs min(N, 2) gloo ranks (the Ulysses degree follows), paths go
+``torchrun --nproc_per_node N`` runs one rank (the Ulysses degree follows; several gloo ranks
+are covered by tests/test_end_to_end.py and tests/test_faults.py), paths go
 to a temporary folder, ``t2v-eval`` becomes a one-prompt file, GPUs become the CPU, and the tiny
 sampling flags are appended. Identical commands after the rewrite run once. Then:
 
 - a service command starts the service and waits for ``GET /ready``;
 - generation, evaluation and decode commands must exit 0 and write what they promise;
 - other ``python`` scripts and modules must answer ``--help`` and know every flag the docs use;
-- ``pip`` (network), ``bash scripts/test.sh`` (this suite) and ``bash scripts/demo.sh``
-  (``tests/test_end_to_end.py::test_readme_main_job``) are skipped with the reason;
+- ``pip`` (network), ``bash scripts/test.sh`` (this suite), ``bash scripts/demo.sh``
+  (``tests/test_end_to_end.py::test_readme_main_job``), GPU-only scripts and ``curl`` against a
+  server started by hand are skipped with the reason (``SKIPPED``);
 - a command no rule knows fails the test: add a rule when you document a new command.
 """
 from __future__ import annotations
@@ -24,13 +26,17 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_RANKS = 1                # keeps this test fast; multi-rank runs are tested elsewhere
 TINY = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2", "--dtype", "fp32"]
 SKIPPED = {("pip",): "installs packages from the network",
            ("bash", "scripts/test.sh"): "the test suite itself",
-           ("bash", "scripts/demo.sh"): "runs in tests/test_end_to_end.py::test_readme_main_job"}
+           ("bash", "scripts/demo.sh"): "runs in tests/test_end_to_end.py::test_readme_main_job",
+           ("bash", "scripts/gpu_check.sh"): "needs a GPU",
+           ("nvidia-smi",): "needs a GPU",
+           ("curl",): "talks to a server started by hand; the HTTP routes are tested in tests/test_service*.py "
+                      "and tests/test_server*.py"}
 GENERATE = ("run_parallel.py", "stepvideo.cli.generate", "stepvideo-generate")
 EVALUATE = ("benchmark/evaluation.py", "stepvideo.cli.evaluate", "stepvideo-eval")
 SERVICE = ("api/call_remote_server.py", "stepvideo.cli.service", "stepvideo-service")
@@ -82,7 +88,7 @@ class Rewriter:
             while rest and rest[0].startswith("--") and rest[0] not in ("-m",):
                 name, value = rest[0], rest[1]
                 if name == "--nproc_per_node":
-                    nproc = min(int(value), 2)
+                    nproc = min(int(value), MAX_RANKS)
                     value = str(nproc)
                 launcher += [name, value]
                 rest = rest[2:]
@@ -191,7 +197,8 @@ def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_servi
     latents = tmp_path / "saved" / "video.latents.safetensors"
     from stepvideo.testing.tiny import TINY as DIMS
 
-    save_latents(latents, torch.randn(1, 3, DIMS.z_channels, 4, 4, generator=torch.Generator().manual_seed(0)), prompt="x",
+    noise = torch.randn(1, 3, DIMS.z_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    save_latents(latents, noise, prompt="x",
                  sampling=get_preset("t2v"), output=OutputConfig(), video_path=tmp_path / "saved" / "video.mp4",
                  remote=True)
     rewriter = Rewriter(tmp_path, tiny_model_dir, tiny_ti2v_model_dir, url, latents, image, prompts)

@@ -238,3 +238,46 @@ def test_end_to_end_kill_resume_and_gallery(tiny_model_dir, service, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert dom.stdout.count('class="entry"') == 4
     assert dom.stdout.count("<video") == 4 and dom.stdout.count('class="category"') == 2
+
+
+def test_other_shard_layout_keeps_its_videos(tmp_path):
+    """An unsharded run's finished videos are adopted by a later ``--shard 0/2`` run, never deleted."""
+    from stepvideo.evaluation.sets import EvalItem, sha256_file
+
+    items = [EvalItem(index=i, id=f"{i:03d}", category="Cats", prompt=f"cat {i}") for i in (1, 2, 3)]
+    records = []
+    for item in items[:2]:                        # items 1 and 2 finished by the unsharded run
+        video = tmp_path / mf.relative_video_path(item)
+        video.parent.mkdir(parents=True, exist_ok=True)
+        video.write_bytes(f"video {item.id}".encode())
+        records.append({"id": item.id, "status": mf.STATUS_OK, "path": mf.relative_video_path(item),
+                        "sha256": sha256_file(video)})
+    for record in records:
+        mf.append_record(tmp_path / mf.MANIFEST, record)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.mp4")}
+
+    shard0 = [item for item in items if (item.index - 1) % 2 == 0]          # items 1 and 3
+    todo, skipped = mf.prepare(tmp_path, shard0, shard=(0, 2))
+    assert [i.id for i in todo] == ["003"] and skipped == ["001"]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.mp4")} == before   # nothing deleted or rewritten
+    assert mf.read_records(tmp_path / mf.MANIFEST) == records                # the other manifest untouched
+
+
+def test_one_runner_per_folder_and_shard(tmp_path):
+    from stepvideo.errors import UserError
+    from stepvideo.evaluation.runner import OutputLock
+
+    first = OutputLock(tmp_path)
+    first.acquire()
+    try:
+        held = rf"another evaluation run is writing to {tmp_path} \(pid {os.getpid()} on "
+        with pytest.raises(UserError, match=held):
+            OutputLock(tmp_path).acquire()
+        other_shard = OutputLock(tmp_path, (1, 2))          # another shard of the same folder may run beside
+        other_shard.acquire()
+        other_shard.release()
+    finally:
+        first.release()
+    again = OutputLock(tmp_path)
+    again.acquire()
+    again.release()

@@ -10,7 +10,6 @@ with tensor parallelism. The service's own faults (overload, bad JSON) are in
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -97,10 +96,12 @@ def test_wrong_token_is_one_line(tiny_model_dir, tiny_service, tmp_path):
 
 class KillingProxy:
     """TCP forwarder to a service; at the first request whose head starts with ``trigger`` it runs
-    ``on_trigger`` (e.g. kills the service), then drops every connection and stops listening."""
+    ``on_trigger`` (e.g. kills the service), then drops every connection and stops listening.
+    With ``every=True`` it keeps listening and drops the connection of every such request (a
+    service that crashes on each decode)."""
 
-    def __init__(self, target_port: int, trigger: bytes = b"POST /vae-api", on_trigger=None):
-        self.target_port, self.trigger, self.on_trigger = target_port, trigger, on_trigger
+    def __init__(self, target_port: int, trigger: bytes = b"POST /vae-api", on_trigger=None, every: bool = False):
+        self.target_port, self.trigger, self.on_trigger, self.every = target_port, trigger, on_trigger, every
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.triggered = threading.Event()
@@ -112,7 +113,7 @@ class KillingProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def _accept(self):
-        while not self.triggered.is_set():
+        while self.every or not self.triggered.is_set():
             try:
                 client, _ = self.listener.accept()
             except OSError:
@@ -128,11 +129,12 @@ class KillingProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                if inspect and data.startswith(self.trigger) and not self.triggered.is_set():
+                if inspect and data.startswith(self.trigger) and (self.every or not self.triggered.is_set()):
                     self.triggered.set()
                     if self.on_trigger is not None:
                         self.on_trigger()
-                    self.close()
+                    if not self.every:
+                        self.close()
                     return
                 dst.sendall(data)
         except OSError:
@@ -178,6 +180,10 @@ def test_vae_service_killed_mid_run_keeps_latents_and_decode_recovers(tiny_model
                                env=_env(token), capture_output=True, text=True, timeout=300)
     assert recovered.returncode == 0, recovered.stderr[-3000:]
     assert Path(recovered.stdout.strip().splitlines()[-1]) == out and out.is_file()
+    local = subprocess.run([sys.executable, "-m", "stepvideo.decode", str(latents), "--model_dir", str(tiny_model_dir),
+                            "--device", "cpu", "-o", str(tmp_path / "local.mp4")], env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert local.returncode == 0 and read_mp4(tmp_path / "local.mp4")[0].shape == (17, 64, 64, 3), local.stderr[-3000:]
 
     reference = tmp_path / "ref.mp4"
     res = _generate(*common, "--vae_url", url, "--output_path", str(reference), token=token)
@@ -190,7 +196,7 @@ def test_evaluation_stops_after_consecutive_service_failures(tiny_model_dir, tin
     from stepvideo.evaluation import manifest as mf
 
     url, token = tiny_service
-    proxy = KillingProxy(int(url.rsplit(":", 1)[1]))      # the VAE address dies at the first decode
+    proxy = KillingProxy(int(url.rsplit(":", 1)[1]), every=True)      # every decode loses its connection
     prompts = tmp_path / "set.txt"
     prompts.write_text("one\ntwo\nthree\nfour\n")
     root = tmp_path / "eval"
@@ -198,6 +204,7 @@ def test_evaluation_stops_after_consecutive_service_failures(tiny_model_dir, tin
                           str(tiny_model_dir), "--prompts", str(prompts), "--save_path", str(root), "--caption_url",
                           url, "--vae_url", proxy.url, "--max_service_failures", "2", "--decode_retries", "0",
                           "--no_gallery", *TINY], env=_env(token), capture_output=True, text=True, timeout=300)
+    proxy.close()
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1].startswith("evaluation: 0 done, 0 skipped, 2 failed")
     assert re.search(r"^error: stopped after 2 consecutive items failed on the caption/VAE service.*2 item\(s\) "
@@ -358,3 +365,33 @@ def test_debug_shows_the_traceback(tmp_path):
                          env=_env(STEPVIDEO_DEBUG="1"), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("error: --model_dir")
+
+
+def _fail_on_rank_1():
+    """Worker for the test below: rank 1 alone raises; every rank reports what it got."""
+    import torch.distributed as dist
+
+    from stepvideo.parallel.agree import RankFailure, on_all, on_main
+    from stepvideo.parallel.state import ParallelConfig, ParallelState
+
+    state = ParallelState.from_env(ParallelConfig(ulysses_degree=2))
+
+    def step():
+        if dist.get_rank() == 1:
+            raise FileNotFoundError("shard-00002.safetensors: no such file")
+        return "loaded"
+
+    seen = []
+    try:
+        on_all(state, step)
+    except RankFailure as failure:
+        seen.append((str(failure), failure.user_error))
+    seen.append(on_main(state, lambda: "plan"))                 # the group is still usable afterwards
+    return seen
+
+
+def test_rank1_only_error_reaches_every_rank_on_gloo():
+    from stepvideo.parallel.launch import run_on_cpu_ranks
+
+    results = run_on_cpu_ranks(_fail_on_rank_1, world_size=2, timeout=120)
+    assert results[0] == results[1] == [("rank 1: shard-00002.safetensors: no such file", True), "plan"]

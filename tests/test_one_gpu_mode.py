@@ -1,4 +1,4 @@
-"""One-GPU mode (``run_parallel.py --local``) end to end on CPU with a tiny model dir."""
+"""One-GPU mode (``run_parallel.py --no_service``, old spelling ``--local``) end to end on CPU with a tiny model dir."""
 from __future__ import annotations
 
 import subprocess
@@ -11,14 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--use-cpu-offload", "--fp8"]], ids=["resident", "offload+fp8"])
+@pytest.mark.parametrize("extra", [["--local"], ["--no_service", "--use-cpu-offload", "--fp8"]],
+                         ids=["resident", "offload+fp8"])
 def test_local_mode_writes_mp4(tmp_path, extra):
     from stepvideo.io.video import read_mp4
     from stepvideo.testing.tiny import write_tiny_model_dir
 
     model_dir = write_tiny_model_dir(tmp_path / "tiny")
     save = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "run_parallel.py"), "--local", "--model_dir", str(model_dir),
+    cmd = [sys.executable, str(ROOT / "run_parallel.py"), "--model_dir", str(model_dir),
            "--prompt", "x", "--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2",
            "--dtype", "fp32", "--save_path", str(save), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

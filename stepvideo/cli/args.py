@@ -150,7 +150,9 @@ def runtime_config(args: argparse.Namespace):
                          attention_backend=args.attention_backend, local=args.local, vae_url=args.vae_url,
                          caption_url=args.caption_url, service_token=args.service_token, fp8=args.fp8,
                          cpu_offload=args.use_cpu_offload, compile=args.compile,
-                         decode_retries=args.decode_retries)
+                         decode_retries=args.decode_retries,
+                         # the other ranks wait in a collective meanwhile: stay inside --dist_timeout
+                         service_wait=min(540.0, 0.9 * getattr(args, "dist_timeout", 600.0)))
 
 
 def token_count(sampling: SamplingConfig) -> int:

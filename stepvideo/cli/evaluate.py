@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import args as cli
-from .process import exit_now, report, run_main, watch_launcher
+from .process import run_main, run_ranks, watch_launcher
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -67,16 +67,8 @@ def evaluate(args: argparse.Namespace) -> int:
     has_image = Path(args.prompts).is_dir()
     watch_launcher()                     # under torchrun: exit if the launcher dies (the lock goes with us)
     (sampling, output, parallel, runtime), state = cli.start_ranks(args, has_image=has_image)
-
-    from ..errors import debug_requested
-
-    try:
-        summary = _run(args, root, shard, has_image, sampling, output, parallel, runtime, state)
-    except Exception as exc:
-        if not state.distributed:
-            raise
-        exit_now(report(exc, debug_requested(args.debug)))
-    state.destroy()
+    summary = run_ranks(state, lambda: _run(args, root, shard, has_image, sampling, output, parallel, runtime, state),
+                        args.debug)
     if state.is_main:
         if not args.no_gallery:
             print(f"gallery: {build_gallery(root)}", file=sys.stderr)

@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import args as cli
-from .process import exit_now, report, run_main, watch_launcher
+from .process import run_main, run_ranks, watch_launcher
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from ..errors import UserError, debug_requested
+    from ..errors import UserError
     from ..generator import VideoGenerator
     from ..parallel.agree import on_main
     from ..preflight import preflight
@@ -40,16 +40,13 @@ def generate(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise UserError("--prompt is required")
     (sampling, output, parallel, runtime), state = cli.start_ranks(args)
-    try:
+
+    def work():
         on_main(state, lambda: preflight(runtime, sampling, output, parallel, first_image=args.first_image_path))
         generator = VideoGenerator(runtime, state, sequence_tokens=cli.token_count(sampling))
-        result = generator.generate(args.prompt, sampling, output, first_image=args.first_image_path)
-    except Exception as exc:
-        if not state.distributed:
-            raise
-        # every rank got the same failure; leave without tearing down a group that may be broken
-        exit_now(report(exc, debug_requested(args.debug)))
-    state.destroy()
+        return generator.generate(args.prompt, sampling, output, first_image=args.first_image_path)
+
+    result = run_ranks(state, work, args.debug)
     if result is not None and result.path is not None:
         print(f"Saved the generated video in {result.path}", file=sys.stderr)
         print(result.path)

@@ -90,3 +90,21 @@ def watch_launcher(interval: float = 1.0, on_exit: Optional[Callable[[], None]] 
     thread = threading.Thread(target=watch, name="stepvideo-launcher-watch", daemon=True)
     thread.start()
     return thread
+
+
+def run_ranks(state, body: Callable[[], object], debug: bool = False):
+    """Run ``body`` on this rank, then tear the process group down.
+
+    A failure in a multi-rank run has already been shared by every rank (see
+    :mod:`stepvideo.parallel.agree`): each rank prints the same line and leaves at once, without
+    tearing down a group that may be broken. At world size 1 the exception propagates to
+    :func:`run_main`.
+    """
+    try:
+        result = body()
+    except Exception as exc:
+        if not state.distributed:
+            raise
+        exit_now(report(exc, debug_requested(debug)))
+    state.destroy()
+    return result
