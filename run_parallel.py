@@ -21,12 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_sampling_args(parser)
     cli.add_output_args(parser)
     cli.add_parallel_args(parser)
+    from stepvideo.serving.launch import add_serve_args
+    add_serve_args(parser)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cli.configure_logging()
+    if args.serve:                      # the persistent generation server (docs/server.md)
+        from stepvideo.serving.launch import serve
+        return serve(args)
     if not args.prompt:
         print("error: --prompt is required", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -45,6 +45,10 @@ class RuntimeConfig:
 
 class GenerationError(RuntimeError):
     """A generation failed for a reason the user can act on (service down, bad image, ...)."""
+
+
+class GenerationCancelled(RuntimeError):
+    """``should_cancel`` asked to stop; raised on every rank at the same step boundary."""
 
 
 def _free(device: torch.device) -> None:
@@ -149,8 +153,19 @@ class VideoGenerator:
 
     # ------------------------------------------------------------------------------------
     def generate(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, first_image=None,
-                 progress: bool = True):
-        """Generate one video; returns the pipeline output on rank 0 and ``None`` elsewhere."""
+                 progress: bool = True, *, timer=None, should_cancel: Optional[Callable[[int], bool]] = None):
+        """Generate one video; returns the pipeline output on rank 0 and ``None`` elsewhere.
+
+        ``timer``: a :class:`stepvideo.timing.StageTimer` to fill (one is made otherwise); its
+        per-stage seconds and summary line go into the result's ``timings``, and rank 0 logs
+        the summary. ``should_cancel(step)``: called on every rank after each denoising step; it
+        must answer the same on every rank (the generation server broadcasts rank 0's flag);
+        ``True`` raises :class:`GenerationCancelled` on every rank at that step.
+        """
+        from .timing import StageTimer
+
+        timer = timer if timer is not None else StageTimer()
+        timer.begin("encoding")
         error = None
         inputs = None
         if self.state.is_main:
@@ -168,6 +183,13 @@ class VideoGenerator:
         pipe = self.pipeline
         if self.state.is_main and self.runtime.local:
             pipe.vae = _LazyVAE(self._local_vae)
+        timer.begin("denoising", total_steps=sampling.num_inference_steps)
+
+        def after_step(i, t, latents):
+            timer.step(i)
+            if should_cancel is not None and should_cancel(i):
+                raise GenerationCancelled(f"cancelled after step {i + 1}/{sampling.num_inference_steps}")
+
         failure = None
         try:
             result = pipe(prompt=prompt, height=sampling.height, width=sampling.width, num_frames=sampling.num_frames,
@@ -176,7 +198,7 @@ class VideoGenerator:
                           motion_score=sampling.motion_score, seed=sampling.seed, prompt_embeds=inputs["embeds"],
                           condition_latents=inputs.get("condition"), output_type="mp4", output=output,
                           output_file_name=output.output_file_name, output_path=output.output_path,
-                          progress=progress)
+                          progress=progress, callback=after_step, on_stage=timer.begin)
         except Exception as exc:      # rank 0's decode/write: still meet the others at the barrier
             if not self.state.distributed:
                 raise
@@ -185,8 +207,12 @@ class VideoGenerator:
             pipe.vae = None
             _free(self._encoder_device())
         self.state.barrier()
+        timer.finish()
         if failure is not None:
             raise failure
+        if self.state.is_main:
+            result.timings.update(timer.as_dict())
+            logger.info("%s", timer.summary())
         return result if self.state.is_main else None
 
 

@@ -272,6 +272,7 @@ class StepVideoPipeline:
         callback: Optional[Callable] = None,
         progress: bool = True,
         output: Optional[OutputConfig] = None,
+        on_stage: Optional[Callable[[str], None]] = None,
     ):
         """Generate one video.
 
@@ -280,7 +281,8 @@ class StepVideoPipeline:
         it the reference's fixed noise is used), ``prompt_embeds`` (dict or tuple of
         ``y, y_mask, clip_embedding`` instead of calling the caption encoder),
         ``condition_latents`` (TI2V: encoded first image ``[1, 1, C, h, w]``), ``output_path``
-        (explicit mp4 path), ``callback(step, t, latents)``.
+        (explicit mp4 path), ``callback(step, t, latents)``, ``on_stage(name)`` (rank 0, called with
+        ``"decoding"`` and ``"writing"`` as those stages start).
 
         ``output_type``: ``"mp4"`` (decode, write a file, return frames), ``"np"`` (decode, return
         frames, no file), ``"latent"`` (return the fp32 latents).
@@ -318,6 +320,8 @@ class StepVideoPipeline:
             result = StepVideoPipelineOutput(video=latents, latents=latents, path=None, timings=timings)
             return result if return_dict else (latents,)
 
+        if on_stage is not None:
+            on_stage("decoding")
         start = time.perf_counter()
         video = self.decode(latents)
         timings["decode_s"] = time.perf_counter() - start
@@ -327,6 +331,8 @@ class StepVideoPipeline:
         if output_type == "mp4":
             from ..io.video import output_video_path, write_mp4
 
+            if on_stage is not None:
+                on_stage("writing")
             start = time.perf_counter()
             path = output_video_path(out_cfg.save_path, prompt or "video", seed=seed,
                                      output_file_name=output_file_name or out_cfg.output_file_name,
