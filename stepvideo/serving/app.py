@@ -131,7 +131,9 @@ def create_app(ctx: ServingContext) -> Flask:
         except js.QueueFull as err:
             return _error(429, f"{err} (--max_queue {config.max_queue})", ctx.retry_after(err.queued))
         ctx.dispatcher.notify()
-        logger.info("queued %s: %s", job.id, job_request.settings())
+        sampling = job_request.sampling
+        logger.info("queued %s: %d steps, %d frames at %dx%d, seed %d", job.id, sampling.num_inference_steps,
+                    sampling.num_frames, sampling.height, sampling.width, sampling.seed)
         resp = _json_response(_job_json(ctx, job), 202)
         resp.headers["Location"] = f"/v1/videos/{job.id}"
         return resp
@@ -235,12 +237,13 @@ def _read_fields() -> Dict[str, Any]:
         if not isinstance(fields, dict):
             raise RequestError(f"the body must be a JSON object, got {type(fields).__name__}")
         return fields
-    if kind == "multipart/form-data":
+    if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         upload = request.files.get("image")
         unknown_files = sorted(set(request.files) - {"image"})
         if unknown_files:
             raise RequestError(f"unknown upload field(s) {unknown_files}; only 'image' is a file", unknown_files[0])
         image = upload.read() if upload is not None else None
         return parse_form(request.form.to_dict(), image)
-    raise RequestError(f"Content-Type must be application/json or multipart/form-data, got {kind or 'none'}",
+    raise RequestError(f"Content-Type must be application/json or multipart/form-data (or a url-encoded form), "
+                       f"got {kind or 'none'}",
                        status=415)

@@ -9,6 +9,7 @@ Layout of ``--state_dir``::
 Invariants (kept by :meth:`JobStore.reconcile` at every start, after any crash):
 
 - a ``completed`` job has its file, and every file belongs to a ``completed`` job;
+- progress never goes down, also across a re-queue (the re-run catches up with it);
 - no ``in_progress`` job survives a restart: a job that was running when the server died is
   **re-queued** (the work restarts from the beginning; with a seed the video is the same). If
   its video had already been renamed into place it is marked ``completed`` instead. A job
@@ -181,8 +182,8 @@ class JobStore:
                                  error=f"{RESTARTED} during this job {job.attempts} times; not retried")
                     counts["failed"] += 1
                 else:
-                    self._update(job.id, status=QUEUED, stage=None, progress=0.0, started_at=None,
-                                 timings=json.dumps({}))
+                    # progress is kept: it never goes down, the re-run catches up with it
+                    self._update(job.id, status=QUEUED, stage=None, started_at=None, timings=json.dumps({}))
                     counts["requeued"] += 1
             completed = {job.id for job in self._select("status = ?", (COMPLETED,))}
             for job_id in sorted(completed):
@@ -260,7 +261,7 @@ class JobStore:
                 return None
             job = rows[0]
             self._update(job.id, status=IN_PROGRESS, started_at=time.time(), attempts=job.attempts + 1,
-                         progress=0.0, stage="encoding")
+                         stage="encoding")
             return self.get(job.id)
 
     def set_progress(self, job_id: str, progress: float, stage: str) -> None:
@@ -286,6 +287,14 @@ class JobStore:
             self._update(job_id, status=status, **fields)
         if status != COMPLETED:
             self._remove_file(job_id)
+
+    def requeue(self, job_id: str) -> None:
+        """A running job interrupted by a shutdown goes back to the queue (its attempt is not counted)."""
+        with self._lock:
+            job = self.get(job_id)
+            if job is not None and job.status == IN_PROGRESS:
+                self._update(job_id, status=QUEUED, stage=None, started_at=None, attempts=max(0, job.attempts - 1))
+        self._remove_file(job_id)
 
     def cancel(self, job_id: str) -> Optional[Job]:
         """Queued -> ``cancelled`` now; in progress -> ``cancel_requested`` (the worker stops at the

@@ -24,6 +24,8 @@ from .config import DEFAULT_MAX_TOKENS, DEFAULT_PORT, TOKEN_ENV, ServerConfig
 
 logger = logging.getLogger("stepvideo.serving")
 
+SERVICE_WAIT_S = 120.0      # a caption/VAE service started together with the server gets this long
+
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     """The ``--serve`` group of ``run_parallel.py``."""
@@ -70,7 +72,8 @@ def _die_with_parent() -> None:
 
 
 def _check_services(runtime) -> None:
-    """The caption and VAE services answer ``/ready`` with the parts we need."""
+    """The caption and VAE services answer ``/ready`` with the parts we need (waiting up to
+    :data:`SERVICE_WAIT_S` for one that is still loading; a refused connection fails at once)."""
     from ..service.client import ServiceError, wait_ready
 
     urls = {}
@@ -78,7 +81,7 @@ def _check_services(runtime) -> None:
     urls.setdefault(runtime.vae_url, []).append("vae")
     for url, parts in urls.items():
         try:
-            info = wait_ready(url, token=runtime.service_token, timeout=30.0)
+            info = wait_ready(url, token=runtime.service_token, timeout=SERVICE_WAIT_S)
         except (ServiceError, ValueError) as err:
             raise ValueError(f"the caption/VAE service is not ready: {err}") from None
         missing = [p for p in parts if not info.get(p)]
@@ -128,10 +131,12 @@ def serve(args: argparse.Namespace) -> int:
         state.destroy()
         return 2
     ctx = holder.get("ctx")
+    # Ctrl-C / SIGTERM reach every rank (torchrun forwards them): rank 0 stops the loop at the
+    # next step boundary and tells the others, which ignore the signal and leave with it
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, (lambda *_: ctx.dispatcher.stop()) if state.is_main else signal.SIG_IGN)
     if state.is_main:
         _mark_ready(ctx, generator, state)
-        signal.signal(signal.SIGTERM, lambda *_: ctx.dispatcher.stop())
-        signal.signal(signal.SIGINT, lambda *_: ctx.dispatcher.stop())
         print(f"stepvideo generation server ready on {holder['url']} (state dir {config.state_dir})", flush=True)
     from .worker import serve_jobs
 

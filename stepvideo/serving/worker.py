@@ -171,8 +171,8 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
     job_output = replace(output, save_path=str(_videos_dir(ctx, state)), output_file_name=job_id,
                          output_path=str(_videos_dir(ctx, state) / f"{job_id}.mp4"))
 
-    def should_cancel(step: int) -> bool:
-        return channel.flag(state.is_main and ctx.dispatcher.cancel_requested())
+    def should_cancel(step: int) -> bool:        # a cancel, or the server stopping
+        return channel.flag(state.is_main and (ctx.dispatcher.cancel_requested() or ctx.dispatcher.stopping))
 
     start = time.perf_counter()
     status, error = js.COMPLETED, None
@@ -189,6 +189,11 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
         return
     seconds = time.perf_counter() - start
     timings = timer.as_dict()
+    if status == js.CANCELLED and not ctx.dispatcher.cancel_requested():      # stopped by a shutdown
+        ctx.store.requeue(job_id)
+        ctx.dispatcher.done()
+        logger.info("job %s interrupted by the shutdown; re-queued", job_id)
+        return
     ctx.store.finish(job_id, status, timings=timings, error=error)
     ctx.dispatcher.done()
     ctx.metrics.job_finished(status, timings, seconds)
