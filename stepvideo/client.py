@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
 from .serving.config import DEFAULT_PORT, TOKEN_ENV
 
@@ -167,6 +167,25 @@ class VideoClient:
 
     def ready(self) -> Dict[str, Any]:
         return self._request("GET", "/ready").json()
+
+    def wait_ready(self, timeout: float = 600.0, interval: float = 0.5,
+                   abort: Optional[Callable[[], Optional[str]]] = None) -> Dict[str, Any]:
+        """Poll ``GET /ready`` until 200 (the DiT is loaded); ``abort()`` returning a reason stops early.
+        Raises :class:`ServerError` at once for answers that will not change (401, 404)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.ready()
+            except ServerError as err:
+                if err.status not in (None, 502, 503, 504):
+                    raise
+                last = str(err)
+            reason = abort() if abort is not None else None
+            if reason:
+                raise ServerError(f"stopped waiting for {self.url}/ready: {reason}")
+            if time.monotonic() >= deadline:
+                raise ServerError(f"{self.url} was not ready after {timeout:g} s; last: {last}")
+            time.sleep(interval)
 
 
 # ----------------------------------------------------------------------------------------

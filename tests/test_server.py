@@ -53,14 +53,10 @@ class Server:
         self.client = VideoClient(self.url, token=TOKEN)
 
     def wait_ready(self, timeout=240.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
-            try:
-                return self.client.ready()
-            except ServerError:
-                time.sleep(0.3)
-        raise AssertionError("server not ready in time")
+        def exited():
+            return None if self.proc.poll() is None else f"the server exited with code {self.proc.returncode}"
+
+        return self.client.wait_ready(timeout=timeout, interval=0.3, abort=exited)
 
     def kill_launcher(self):
         """``kill -9`` of torchrun alone; its ranks must go away by themselves."""
@@ -95,8 +91,9 @@ def env(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     server = reference = None
     try:
-        wait_ready(url, service, timeout=180)
+        # started together: the server's start-up check waits for the service's /ready
         server = Server(model, url, root / "state", root / "server.log")
+        wait_ready(url, service, timeout=180)
         # the one-shot CLI run the server's frames must equal, while the server loads
         reference = subprocess.Popen(_torchrun("--model_dir", str(model), "--vae_url", url, "--caption_url", url,
                                                "--ulysses_degree", "2", "--save_path", str(root / "cli"), *TINY,

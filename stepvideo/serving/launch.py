@@ -73,13 +73,15 @@ def _die_with_parent() -> None:
 
 def _check_services(runtime) -> None:
     """The caption and VAE services answer ``/ready`` with the parts we need (waiting up to
-    :data:`SERVICE_WAIT_S` for one that is still loading; a refused connection fails at once)."""
+    :data:`SERVICE_WAIT_S` for one that is still starting or loading)."""
     from ..service.client import ServiceError, wait_ready
 
     urls = {}
     urls.setdefault(runtime.caption_url, []).append("caption")
     urls.setdefault(runtime.vae_url, []).append("vae")
     for url, parts in urls.items():
+        logger.info("checking the %s service at %s (GET /ready, waiting up to %.0f s)", " and ".join(parts), url,
+                    SERVICE_WAIT_S)
         try:
             info = wait_ready(url, token=runtime.service_token, timeout=SERVICE_WAIT_S)
         except (ServiceError, ValueError) as err:
