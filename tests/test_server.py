@@ -90,6 +90,7 @@ def env(tmp_path_factory):
                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     server = reference = None
+    shared = {}
     try:
         # started together: the server's start-up check waits for the service's /ready
         server = Server(model, url, root / "state", root / "server.log")
@@ -100,14 +101,13 @@ def env(tmp_path_factory):
                                                "--prompt", PROMPT, "--seed", "7"),
                                      env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         server.wait_ready()
-        yield {"root": root, "model": model, "service": url, "server": server, "reference": reference,
-               "jobs": {}}
+        shared.update(root=root, model=model, service=url, server=server, reference=reference, jobs={})
+        yield shared
     finally:
-        for proc in (reference,):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-        if server is not None:
-            server.stop()
+        if reference is not None and reference.poll() is None:
+            reference.kill()
+        for launch in {id(s): s for s in (server, shared.get("server")) if s is not None}.values():
+            launch.stop()           # the first launch and the restarted one
         stop(service)
 
 

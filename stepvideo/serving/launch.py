@@ -56,10 +56,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                         max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * (1 << 20)))
 
 
-def _die_with_parent() -> None:
-    """Linux: this rank gets SIGKILL when its torchrun agent dies, so a killed launcher never
-    leaves a rank holding the port, the GPU or the state dir's lock."""
-    if not sys.platform.startswith("linux"):
+def _die_with_launcher() -> None:
+    """Linux, under torchrun: this rank gets SIGKILL when its torchrun agent dies, so a killed
+    launcher never leaves a rank holding the port, the GPU or the state dir's lock. (Without
+    torchrun the parent is a shell, which may well go away while the server keeps running.)"""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     try:
         import ctypes
@@ -68,7 +69,9 @@ def _die_with_parent() -> None:
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
     except OSError:
-        pass
+        return
+    if os.getppid() == 1:             # the agent died before the line above
+        os._exit(1)
 
 
 def _check_services(runtime) -> None:
@@ -110,7 +113,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _die_with_parent()
+    _die_with_launcher()
 
     from ..evaluation.runner import on_main
     from ..parallel.state import ParallelState
