@@ -264,11 +264,13 @@ class JobStore:
                          stage="encoding")
             return self.get(job.id)
 
-    def set_progress(self, job_id: str, progress: float, stage: str) -> None:
+    def set_progress(self, job_id: str, progress: float, stage: str, timings: Optional[dict] = None) -> None:
         """Progress never goes down (``MAX`` in SQL), whatever order updates arrive in."""
         with self._lock:
-            self._conn.execute("UPDATE jobs SET progress = MAX(progress, ?), stage = ? WHERE id = ? AND status = ?",
-                               (progress, stage, job_id, IN_PROGRESS))
+            self._conn.execute("UPDATE jobs SET progress = MAX(progress, ?), stage = ?, timings = COALESCE(?, timings) "
+                               "WHERE id = ? AND status = ?",
+                               (progress, stage, None if timings is None else json.dumps(timings), job_id,
+                                IN_PROGRESS))
 
     def finish(self, job_id: str, status: str, timings: Optional[dict] = None, error: Optional[str] = None) -> None:
         """End a running job. A ``completed`` job's video must already be in place; a job whose

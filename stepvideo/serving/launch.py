@@ -130,6 +130,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         on_main(state, lambda: _start_http(config, runtime, options, holder))
         generator = VideoGenerator(runtime, state)
+        if getattr(args, "compile", False):          # --compile, once the flag exists (same as a one-shot run)
+            from ..perf.compile import compile_blocks
+            compile_blocks(getattr(generator.model, "module", generator.model))
     except (ValueError, FileNotFoundError, RuntimeError, GenerationError) as err:
         print(f"error (rank {state.rank}): {err}", file=sys.stderr)
         _stop_http(holder)

@@ -160,8 +160,8 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
     if state.is_main:
         store = ctx.store
 
-        def listener(stage: str, done: int, total: int) -> None:
-            store.set_progress(job_id, *_progress(stage, done, total))
+        def listener(stage: str, done: int, total: int) -> None:   # live progress, stage and timings so far
+            store.set_progress(job_id, *_progress(stage, done, total), timings=timer.as_dict())
 
         if settings.get("image"):
             from PIL import Image
