@@ -1,6 +1,6 @@
 """Overhead of the generation server per job, against a direct ``VideoGenerator.generate`` call.
 
-    python benchmark/bench_server.py [--jobs 5] [--nproc 1] [--poll 0.05]
+    python benchmark/bench_server.py [--jobs 5] [--nproc 1] [--poll 0.5]
 
 On the tiny model (CPU), with a real caption/VAE service on 127.0.0.1:
 
@@ -113,7 +113,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=5)
     parser.add_argument("--nproc", type=int, default=1, help="server ranks (1: no torchrun)")
-    parser.add_argument("--poll", type=float, default=0.05, help="client poll interval in seconds")
+    parser.add_argument("--poll", type=float, default=0.5, help="client poll interval in seconds (long polls: the end of a job is seen at once)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)

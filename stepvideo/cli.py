@@ -121,8 +121,8 @@ def sampling_from_options(options: dict, has_image: bool = False) -> SamplingCon
         ok = value is None or (isinstance(value, kind) and not isinstance(value, bool)) or (
             kind is float and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
-            raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer' if kind is int else 'a string'}"
-                             f", got {type(value).__name__} {value!r}")
+            wanted = {float: "a number", int: "an integer", str: "a string"}[kind]
+            raise ValueError(f"{name} must be {wanted}, got {type(value).__name__} {value!r}")
     preset = get_preset(options.get("preset") or ("ti2v" if has_image else "t2v"))
     overrides = {k: (float(v) if _OPTION_TYPES[k] is float and v is not None else v)
                  for k, v in options.items() if k != "preset"}

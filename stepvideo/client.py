@@ -121,7 +121,10 @@ class VideoClient:
 
     def wait(self, job_id: str, poll: float = 0.5, timeout: Optional[float] = None, progress: bool = True,
              raise_on_failure: bool = True) -> Dict[str, Any]:
-        """Poll until the job finishes; shows a tqdm bar of its progress (0..1) and stage."""
+        """Poll until the job finishes; shows a tqdm bar of its progress (0..1) and stage.
+
+        Each poll is a long poll (``?wait=poll``): the server answers as soon as the job finishes,
+        or after ``poll`` seconds with its progress, so the end is seen at once."""
         from tqdm.auto import tqdm
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -130,7 +133,8 @@ class VideoClient:
         shown = 0
         try:
             while True:
-                job = self.get(job_id)
+                asked = time.monotonic()
+                job = self._request("GET", f"/v1/videos/{job_id}", params={"wait": min(poll, 30.0)}).json()
                 value = int(round(job.get("progress", 0.0) * 1000))
                 if value > shown:
                     bar.update(value - shown)
@@ -140,7 +144,8 @@ class VideoClient:
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:g} s")
-                time.sleep(poll)
+                if time.monotonic() - asked < poll / 2:        # the server did not hold the poll
+                    time.sleep(poll)
         finally:
             bar.close()
         if raise_on_failure and job["status"] != "completed":

@@ -4,7 +4,8 @@ Routes (errors are ``{"error": "...", "field": ...}``)::
 
     POST   /v1/videos                JSON or multipart (``image`` upload) -> 202 job
     GET    /v1/videos                ?limit=20&after=<id>: jobs, newest first
-    GET    /v1/videos/<id>           the job: status, progress, stage, settings, timings, error
+    GET    /v1/videos/<id>           the job: status, progress, stage, settings, timings, error;
+                                     ?wait=S holds the answer until the job finishes (at most S s)
     GET    /v1/videos/<id>/content   video/mp4 of a completed job (404 unknown, 409 not completed)
     DELETE /v1/videos/<id>           cancel (queued: now; running: at the next step) or delete a finished job
     GET    /health                   {"status": "alive"}: always, whatever the load
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 LOADING_RETRY_AFTER = 10
 MAX_LIST = 100
+MAX_WAIT = 60.0         # seconds a GET /v1/videos/<id>?wait= may hold its request
 _ROUTES = {"/v1/videos": "GET, POST", "/v1/videos/<id>": "GET, DELETE", "/v1/videos/<id>/content": "GET",
            "/health": "GET", "/ready": "GET", "/metrics": "GET"}
 
@@ -56,6 +58,35 @@ class ServingContext:
     started: float = field(default_factory=time.time)
     _job_seconds: float = 60.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _finished: threading.Condition = field(default_factory=threading.Condition)
+    _waiters: Optional[threading.BoundedSemaphore] = None
+
+    def __post_init__(self):
+        # long polls may hold all but 2 HTTP threads: /health and short requests always find one
+        self._waiters = threading.BoundedSemaphore(max(1, self.config.threads - 2))
+
+    def job_finished(self) -> None:
+        """Wake the long polls (``GET /v1/videos/<id>?wait=S``)."""
+        with self._finished:
+            self._finished.notify_all()
+
+    def wait_finished(self, job_id: str, seconds: float) -> Optional[js.Job]:
+        """The job once it is finished, or after ``seconds``; no wait when every long-poll slot is taken."""
+        job = self.store.get(job_id)
+        if job is None or job.status in js.FINISHED or seconds <= 0 or not self._waiters.acquire(blocking=False):
+            return job
+        try:
+            deadline = time.monotonic() + seconds
+            with self._finished:
+                while job is not None and job.status not in js.FINISHED:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._finished.wait(min(left, 1.0))
+                    job = self.store.get(job_id)
+            return job
+        finally:
+            self._waiters.release()
 
     def note_job_seconds(self, seconds: float) -> None:
         with self._lock:
@@ -160,7 +191,15 @@ def create_app(ctx: ServingContext) -> Flask:
 
     @app.get("/v1/videos/<job_id>")
     def get_video(job_id: str):
-        job = store.get(job_id)
+        raw = request.args.get("wait", "0")
+        try:
+            wait = float(raw)
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait <= MAX_WAIT:
+            return _json_response({"error": f"query 'wait' must be seconds in [0, {MAX_WAIT}], got {raw!r}",
+                                   "field": "wait"}, 400)
+        job = ctx.wait_finished(job_id, wait)
         if job is None:
             return _error(404, f"no job {job_id!r}")
         return _json_response(_job_json(ctx, job))
@@ -195,6 +234,7 @@ def create_app(ctx: ServingContext) -> Flask:
         job = store.cancel(job_id)
         if job is None:
             return _error(404, f"no job {job_id!r}")
+        ctx.job_finished()
         if job.status == js.IN_PROGRESS:
             ctx.dispatcher.request_cancel(job_id)
             return _json_response(_job_json(ctx, job), 202)    # stops at the next step boundary

@@ -196,6 +196,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
         return
     ctx.store.finish(job_id, status, timings=timings, error=error)
     ctx.dispatcher.done()
+    ctx.job_finished()
     ctx.metrics.job_finished(status, timings, seconds)
     if status == js.COMPLETED:
         ctx.note_job_seconds(seconds)
