@@ -6,7 +6,7 @@ On the tiny model (CPU), with a real caption/VAE service on 127.0.0.1:
 
 1. direct: ``VideoGenerator.generate`` in this process (1 rank);
 2. server: ``run_parallel.py --serve`` (``--nproc`` ranks; 1 runs without torchrun) and the Python
-   client: submit, poll every ``--poll`` s, download. The job's own ``timings.total_s`` is the
+   client: submit, long-poll (``?wait=--poll``), download. The job's own ``timings.total_s`` is the
    generation inside the server.
    Direct and server jobs alternate, ``--jobs`` of each after one warm-up round;
 3. the cancel flag every step broadcasts on 2 gloo ranks (the per-step cost of cancellation).
@@ -113,7 +113,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=5)
     parser.add_argument("--nproc", type=int, default=1, help="server ranks (1: no torchrun)")
-    parser.add_argument("--poll", type=float, default=0.5, help="client poll interval in seconds (long polls: the end of a job is seen at once)")
+    parser.add_argument("--poll", type=float, default=0.5,
+                        help="client poll interval in seconds (long polls: the end of a job is seen at once)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
