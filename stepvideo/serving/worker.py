@@ -161,12 +161,25 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
         store = ctx.store
 
         def listener(stage: str, done: int, total: int) -> None:   # live progress, stage and timings so far
-            store.set_progress(job_id, *_progress(stage, done, total), timings=timer.as_dict())
+            try:
+                store.set_progress(job_id, *_progress(stage, done, total), timings=timer.as_dict())
+            except Exception as err:  # noqa: BLE001 - rank 0 alone must never leave the loop mid-step
+                logger.warning("job %s: progress not recorded (%s: %s)", job_id, type(err).__name__, err)
 
+        image_error = None
         if settings.get("image"):
-            from PIL import Image
+            try:
+                from PIL import Image
 
-            first_image = Image.open(io.BytesIO(store.image(job_id))).convert("RGB")
+                first_image = Image.open(io.BytesIO(store.image(job_id))).convert("RGB")
+            except Exception as err:  # noqa: BLE001 - checked at submission; reported on the job if it happens
+                image_error = f"the stored first image cannot be read: {type(err).__name__}: {err}"
+    if settings.get("image") and channel.flag(state.is_main and image_error is not None):   # all ranks skip it
+        if state.is_main:
+            ctx.store.finish(job_id, js.FAILED, error=image_error)
+            ctx.dispatcher.done()
+            ctx.job_finished()
+        return
     timer = StageTimer(listener=listener)
     job_output = replace(output, save_path=str(_videos_dir(ctx, state)), output_file_name=job_id,
                          output_path=str(_videos_dir(ctx, state) / f"{job_id}.mp4"))
