@@ -25,6 +25,7 @@ setup(
         "pillow",
         "imageio>=2.30",
         "imageio-ffmpeg>=0.4.9",
+        "prometheus_client>=0.16",
     ],
     extras_require={
         "hub": ["huggingface_hub>=0.20"],

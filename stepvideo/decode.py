@@ -56,7 +56,8 @@ def latents_path(video_path) -> Path:
 
 def decode_or_keep_latents(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, path, output, *,
                            prompt: str, sampling, remote: bool, model_dir: Optional[str], decode_flag: str,
-                           retries: int = 2, backoff: float = 2.0, timings: Optional[Dict[str, float]] = None):
+                           retries: int = 2, backoff: float = 2.0, timings: Optional[Dict[str, float]] = None,
+                           on_stage: Optional[Callable[[str], None]] = None):
     """:func:`write_video`, retried ``retries`` times with exponential backoff; when every attempt
     failed, save the latents next to ``path`` and raise ``GenerationError`` saying where and how
     to make the video from them (``decode_flag``: ``--vae_url URL`` or ``--model_dir DIR``)."""
@@ -68,7 +69,7 @@ def decode_or_keep_latents(decode: Callable[[torch.Tensor], torch.Tensor], laten
     attempts = max(0, retries) + 1
     for attempt in range(attempts):
         try:
-            return write_video(decode, latents, path, output, timings=timings)
+            return write_video(decode, latents, path, output, timings=timings, on_stage=on_stage)
         except Exception as exc:         # retried, then the latents are kept
             failure = exc
             if attempt + 1 < attempts:
@@ -102,8 +103,9 @@ def load_latents(path):
 
 
 def write_video(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, path, output,
-                timings: Optional[Dict[str, float]] = None):
+                timings: Optional[Dict[str, float]] = None, on_stage: Optional[Callable[[str], None]] = None):
     """Decode ``latents`` with ``decode``, post-process as the pipeline does, write the mp4 atomically.
+    ``on_stage`` is called with ``"decoding"`` and ``"writing"`` as those stages start.
 
     Returns the ``uint8 [T, H, W, 3]`` frames written.
     """
@@ -113,10 +115,14 @@ def write_video(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.T
     from .pipelines.postprocess import decoded_to_frames
 
     timings = timings if timings is not None else {}
+    if on_stage is not None:
+        on_stage("decoding")
     start = time.perf_counter()
     video = decode(latents)
     timings["decode_s"] = time.perf_counter() - start
     frames = decoded_to_frames(video, crop_540p=output.crop_540p)
+    if on_stage is not None:
+        on_stage("writing")
     start = time.perf_counter()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_mp4(path, frames, fps=output.fps, denoise=output.denoise_filter)

@@ -22,7 +22,7 @@ import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -56,6 +56,10 @@ class RuntimeConfig:
 
 class GenerationError(RuntimeError):
     """A generation failed for a reason the user can act on (service down, bad image, ...)."""
+
+
+class GenerationCancelled(RuntimeError):
+    """``should_cancel`` asked to stop; raised on every rank at the same step boundary."""
 
 
 def _free(device: torch.device) -> None:
@@ -174,35 +178,61 @@ class VideoGenerator:
 
     # ------------------------------------------------------------------------------------
     def generate(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, first_image=None,
-                 progress: bool = True):
+                 progress: bool = True, *, timer=None, should_cancel: Optional[Callable[[int], bool]] = None):
         """Generate one video; returns the pipeline output on rank 0 and ``None`` elsewhere.
 
         Collective. Raises :class:`~stepvideo.parallel.agree.RankFailure` on every rank when any
         step fails on any rank; a failed decode/write leaves the latents on disk (see the message).
+
+        ``timer``: a :class:`stepvideo.timing.StageTimer` to fill (one is made otherwise); its
+        per-stage seconds and summary line go into the result's ``timings``, and rank 0 logs
+        the summary. ``should_cancel(step)``: called on every rank after each denoising step; it
+        must answer the same on every rank (the generation server broadcasts rank 0's flag);
+        ``True`` raises :class:`GenerationCancelled` on every rank at that step.
         """
         from .parallel.agree import on_all, on_main
+        from .timing import StageTimer
 
+        timer = timer if timer is not None else StageTimer()
+        timer.begin("encoding")
         inputs = on_main(self.state, lambda: self._encode_inputs(prompt, sampling, first_image))
         pipe = self.pipeline
         if self.state.is_main and self.runtime.local:
             pipe.vae = _LazyVAE(self._local_vae)
+        timer.begin("denoising", total_steps=sampling.num_inference_steps)
+
+        def after_step(i, t, latents):
+            timer.step(i)
+            if should_cancel is not None and should_cancel(i):
+                raise GenerationCancelled(f"cancelled after step {i + 1}/{sampling.num_inference_steps}")
+
+        def denoise():
+            try:
+                return pipe(prompt=prompt, sampling=sampling, prompt_embeds=inputs["embeds"],
+                            condition_latents=inputs.get("condition"), output_type="latent", progress=progress,
+                            callback=after_step)
+            except GenerationCancelled as cancelled:     # not a failure: every rank stops at this step
+                return cancelled
+
+        finished = {}
         try:
-            denoised = on_all(self.state, lambda: pipe(
-                prompt=prompt, sampling=sampling, prompt_embeds=inputs["embeds"],
-                condition_latents=inputs.get("condition"), output_type="latent", progress=progress))
-            finished = {}
-
-            def finish() -> None:
-                finished["result"] = self._finish(prompt, sampling, output, denoised)
-
-            on_main(self.state, finish)
+            denoised = on_all(self.state, denoise)
+            if isinstance(denoised, GenerationCancelled):
+                raise denoised
+            on_main(self.state, lambda: finished.update(result=self._finish(prompt, sampling, output, denoised,
+                                                                            timer)))
         finally:
             if self.runtime.local and self.state.is_main:
                 pipe.vae = None
                 _free(self._encoder_device())
-        return finished.get("result") if self.state.is_main else None
+        timer.finish()
+        result = finished.get("result") if self.state.is_main else None
+        if result is not None:
+            result.timings.update(timer.as_dict())
+            logger.info("%s", timer.summary())
+        return result
 
-    def _finish(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, denoised):
+    def _finish(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, denoised, timer):
         """Rank 0: decode and write the mp4, retried; if that fails the latents are kept and it raises."""
         from .decode import decode_or_keep_latents
         from .io.video import output_video_path
@@ -216,7 +246,7 @@ class VideoGenerator:
         frames = decode_or_keep_latents(self.pipeline.decode, denoised.latents, path, output, prompt=prompt,
                                         sampling=sampling, remote=not self.runtime.local, model_dir=str(self.root),
                                         decode_flag=how, retries=self.runtime.decode_retries,
-                                        backoff=self.runtime.decode_backoff, timings=timings)
+                                        backoff=self.runtime.decode_backoff, timings=timings, on_stage=timer.begin)
         logger.info("Saved the generated video in %s", path)
         return StepVideoPipelineOutput(video=frames, latents=denoised.latents, path=path, timings=timings)
 

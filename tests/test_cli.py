@@ -51,7 +51,7 @@ def test_compile_and_decode_retries_reach_the_runtime_config():
 
 def test_sizes_must_be_multiples_of_16_one_clear_error():
     args = build_parser().parse_args(["--height", "70"])
-    with pytest.raises(ValueError, match=r"--height 70 is not a multiple of 16.*use 64 or 80"):
+    with pytest.raises(ValueError, match=r"height 70 is not a multiple of 16.*use 64 or 80"):
         cli.sampling_config(args)
 
 

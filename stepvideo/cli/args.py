@@ -109,17 +109,50 @@ def sampling_config(args: argparse.Namespace, has_image: Optional[bool] = None) 
     """Preset (explicit, or by mode) with the explicit flags applied on top."""
     if has_image is None:
         has_image = bool(getattr(args, "first_image_path", None))
-    preset = get_preset(args.preset or ("ti2v" if has_image else "t2v"))
-    for flag in ("height", "width"):
-        value = getattr(args, flag)
+    return sampling_from_options(sampling_options(args), has_image=has_image)
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The sampling flags as ``SamplingConfig`` field names (``None`` = unset), plus ``preset``."""
+    return {"preset": args.preset, "num_inference_steps": args.infer_steps, "guidance_scale": args.cfg_scale,
+            "time_shift": args.time_shift, "num_frames": args.num_frames, "height": args.height,
+            "width": args.width, "motion_score": args.motion_score, "pos_magic": args.pos_magic,
+            "neg_magic": args.neg_magic, "seed": args.seed}
+
+
+_OPTION_TYPES = {"num_inference_steps": int, "num_frames": int, "height": int, "width": int, "seed": int,
+                 "guidance_scale": float, "time_shift": float, "motion_score": float,
+                 "pos_magic": str, "neg_magic": str, "preset": str}
+
+
+def sampling_from_options(options: dict, has_image: bool = False) -> SamplingConfig:
+    """The one way from plain values to a ``SamplingConfig`` (flags, and generation-server requests).
+
+    ``options`` maps ``SamplingConfig`` field names (and ``preset``) to values; ``None`` means
+    unset. The preset (``options["preset"]``, else ``ti2v`` with an image, else ``t2v``) is applied
+    first and set values win. Raises ``ValueError`` naming the option for an unknown name, a
+    wrong type or a value ``SamplingConfig`` rejects.
+    """
+    unknown = sorted(set(options) - set(_OPTION_TYPES))
+    if unknown:
+        raise ValueError(f"unknown sampling option(s) {unknown}; known: {sorted(_OPTION_TYPES)}")
+    for name, value in options.items():
+        kind = _OPTION_TYPES[name]
+        ok = value is None or (isinstance(value, kind) and not isinstance(value, bool)) or (
+            kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            wanted = {float: "a number", int: "an integer", str: "a string"}[kind]
+            raise ValueError(f"{name} must be {wanted}, got {type(value).__name__} {value!r}")
+    for name in ("height", "width"):
+        value = options.get(name)
         if value is not None and value % 16:
             low, high = value // 16 * 16, value // 16 * 16 + 16
-            raise ValueError(f"--{flag} {value} is not a multiple of 16 (the VAE and the DiT patches need it); "
+            raise ValueError(f"{name} {value} is not a multiple of 16 (the VAE and the DiT patches need it); "
                              f"use {low or 16} or {high}")
-    return preset.with_overrides(
-        num_inference_steps=args.infer_steps, guidance_scale=args.cfg_scale, time_shift=args.time_shift,
-        num_frames=args.num_frames, height=args.height, width=args.width, motion_score=args.motion_score,
-        pos_magic=args.pos_magic, neg_magic=args.neg_magic, seed=args.seed)
+    preset = get_preset(options.get("preset") or ("ti2v" if has_image else "t2v"))
+    overrides = {k: (float(v) if _OPTION_TYPES[k] is float and v is not None else v)
+                 for k, v in options.items() if k != "preset"}
+    return preset.with_overrides(**overrides)
 
 
 def output_config(args: argparse.Namespace) -> OutputConfig:

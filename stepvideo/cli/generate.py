@@ -27,6 +27,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     cli.add_sampling_args(parser)
     cli.add_output_args(parser)
     cli.add_parallel_args(parser)
+    from ..serving.launch import add_serve_args
+    add_serve_args(parser)
     return parser
 
 
@@ -56,6 +58,9 @@ def generate(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     args = build_parser(prog).parse_args(argv)
     cli.configure_logging()
+    if args.serve:                      # the persistent generation server (docs/server.md)
+        from ..serving.launch import serve
+        return run_main(lambda: serve(args), debug=args.debug)
     return run_main(lambda: generate(args), debug=args.debug)
 
 

@@ -128,7 +128,8 @@ def make_record(item: EvalItem, sampling: SamplingConfig, info: dict, status: st
                 error: Optional[str] = None) -> dict:
     return {"id": item.id, "index": item.index, "category": item.category, "prompt": item.prompt,
             "image": item.image, "seed": sampling.seed, "sampling": sampling.to_dict(), **info,
-            "timings": dict(timings or {}), "seconds": round(seconds, 3), "path": path, "sha256": sha256,
+            "timings": dict(timings or {}), "timing": (timings or {}).get("summary"),   # the run's one-line summary
+            "seconds": round(seconds, 3), "path": path, "sha256": sha256,
             "status": status, "error": error, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

@@ -297,6 +297,7 @@ class StepVideoPipeline:
         callback: Optional[Callable] = None,
         progress: bool = True,
         output: Optional[OutputConfig] = None,
+        on_stage: Optional[Callable[[str], None]] = None,
     ):
         """Generate one video.
 
@@ -310,7 +311,8 @@ class StepVideoPipeline:
         it the reference's fixed noise is used), ``prompt_embeds`` (dict or tuple of
         ``y, y_mask, clip_embedding`` instead of calling the caption encoder),
         ``condition_latents`` (TI2V: encoded first image ``[1, 1, C, h, w]``), ``output_path``
-        (explicit mp4 path), ``callback(step, t, latents)``, ``output`` (an
+        (explicit mp4 path), ``callback(step, t, latents)``, ``on_stage(name)`` (rank 0, called with
+        ``"decoding"`` and ``"writing"`` as those stages start), ``output`` (an
         :class:`~stepvideo.config.OutputConfig`: folder, file name, fps, crop, denoise filter;
         ``output_file_name`` / ``output_path`` given here win over its fields).
 
@@ -359,6 +361,8 @@ class StepVideoPipeline:
             result = StepVideoPipelineOutput(video=latents, latents=latents, path=None, timings=timings)
             return result if return_dict else (latents,)
 
+        if on_stage is not None:
+            on_stage("decoding")
         start = time.perf_counter()
         video = self.decode(latents)
         timings["decode_s"] = time.perf_counter() - start
@@ -368,6 +372,8 @@ class StepVideoPipeline:
         if output_type == "mp4":
             from ..io.video import output_video_path, write_mp4
 
+            if on_stage is not None:
+                on_stage("writing")
             start = time.perf_counter()
             path = output_video_path(out_cfg.save_path, prompt or "video", seed=seed,
                                      output_file_name=output_file_name or out_cfg.output_file_name,

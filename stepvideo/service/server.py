@@ -119,6 +119,27 @@ def _tensor_response(tensors: Dict[str, torch.Tensor], options: Optional[Dict[st
     return resp
 
 
+def token_error(token: Optional[str], hint: str = "--token or STEPVIDEO_SERVICE_TOKEN") -> Optional[Response]:
+    """``None`` when the request may pass, else the 401 answer (also used by ``stepvideo.serving``).
+
+    With ``token`` set, every request must send ``Authorization: Bearer <token>`` (compared in
+    constant time); ``hint`` names where the server's token comes from.
+    """
+    if token is None:
+        return None
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        resp = _error(401, "missing 'Authorization: Bearer <token>' header: this service requires the shared "
+                           f"token it was started with ({hint})")
+    elif not hmac.compare_digest(given.strip().encode("utf-8"), token.encode("utf-8")):
+        resp = _error(401, "invalid token in the Authorization header")
+    else:
+        return None
+    resp.headers["WWW-Authenticate"] = 'Bearer realm="stepvideo"'
+    return resp
+
+
 # ----------------------------------------------------------------------------------------
 # The app
 # ----------------------------------------------------------------------------------------
@@ -140,19 +161,7 @@ def create_app(components: ComponentsArg, config: ServiceConfig) -> Flask:
 
     @app.before_request
     def _check_token():
-        if config.token is None:
-            return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            resp = _error(401, "missing 'Authorization: Bearer <token>' header: this service requires the shared "
-                               "token it was started with (--token or STEPVIDEO_SERVICE_TOKEN)")
-        elif not hmac.compare_digest(given.strip().encode("utf-8"), config.token.encode("utf-8")):
-            resp = _error(401, "invalid token in the Authorization header")
-        else:
-            return None
-        resp.headers["WWW-Authenticate"] = 'Bearer realm="stepvideo"'
-        return resp
+        return token_error(config.token)
 
     @app.after_request
     def _stamp(resp: Response) -> Response:

@@ -1,0 +1,201 @@
+"""``run_parallel.py --serve``: the generation server's flags and launcher (every rank runs :func:`serve`).
+
+    torchrun --nproc_per_node 2 run_parallel.py --serve --port 8000 --state_dir ./server-state \\
+        --model_dir ckpts --caption_url http://127.0.0.1:8080 --vae_url http://127.0.0.1:8080
+
+Start-up, failing before any weight is read: rank 0 opens (and reconciles) the state dir,
+checks the caption and VAE services' ``/ready``, binds the port and starts HTTP in waitress
+threads; every rank learns the outcome. Then every rank loads the DiT once and enters the job
+loop (:mod:`.worker`). Sampling flags given at launch (``--infer_steps``, ``--num_frames``, ...)
+are the defaults of every job, job fields win. Stop with Ctrl-C or SIGTERM: the job in
+progress is re-queued at the next start.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Optional
+
+from .config import DEFAULT_MAX_TOKENS, DEFAULT_PORT, TOKEN_ENV, ServerConfig
+
+logger = logging.getLogger("stepvideo.serving")
+
+SERVICE_WAIT_S = 120.0      # a caption/VAE service started together with the server gets this long
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """The ``--serve`` group of ``run_parallel.py``."""
+    g = parser.add_argument_group("generation server (--serve; see docs/server.md)")
+    g.add_argument("--serve", action="store_true",
+                   help="load the DiT once and serve POST /v1/videos jobs over HTTP instead of one --prompt")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default %(default)s; 0.0.0.0 exposes the server: set a token)")
+    g.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s; 0 = any free)")
+    g.add_argument("--state_dir", default="./stepvideo-server",
+                   help="job database and videos; jobs survive restarts on the same dir (default %(default)s)")
+    g.add_argument("--max_queue", type=int, default=16, help="queued jobs before 429 (default %(default)s)")
+    g.add_argument("--token", default=None,
+                   help=f"clients must send 'Authorization: Bearer <token>' (default ${TOKEN_ENV}; prefer the "
+                        "environment variable: command lines are visible to other users)")
+    g.add_argument("--http_threads", type=int, default=8, help="HTTP worker threads (default %(default)s)")
+    g.add_argument("--max_steps", type=int, default=100, help="most denoising steps per job (default %(default)s)")
+    g.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="most DiT tokens (latent frames x h/16 x w/16) per job (default %(default)s: 204 frames "
+                        "at 544x992)")
+    g.add_argument("--max_body_mb", type=float, default=32, help="largest request body in MiB (default %(default)s)")
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
+    return ServerConfig(host=args.host, port=args.port, token=token, state_dir=args.state_dir,
+                        max_queue=args.max_queue, threads=args.http_threads, max_steps=args.max_steps,
+                        max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+
+
+def _die_with_launcher() -> None:
+    """Linux, under torchrun: this rank gets SIGKILL when its torchrun agent dies, so a killed
+    launcher never leaves a rank holding the port, the GPU or the state dir's lock. (Without
+    torchrun the parent is a shell, which may well go away while the server keeps running.)"""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except OSError:
+        return
+    if os.getppid() == 1:             # the agent died before the line above
+        os._exit(1)
+
+
+def _check_services(runtime) -> None:
+    """The caption and VAE services answer ``/ready`` with the parts we need (waiting up to
+    :data:`SERVICE_WAIT_S` for one that is still starting or loading)."""
+    from ..service.client import ServiceError, wait_ready
+
+    urls = {}
+    urls.setdefault(runtime.caption_url, []).append("caption")
+    urls.setdefault(runtime.vae_url, []).append("vae")
+    for url, parts in urls.items():
+        logger.info("checking the %s service at %s (GET /ready, waiting up to %.0f s)", " and ".join(parts), url,
+                    SERVICE_WAIT_S)
+        try:
+            info = wait_ready(url, token=runtime.service_token, timeout=SERVICE_WAIT_S)
+        except (ServiceError, ValueError) as err:
+            raise ValueError(f"the caption/VAE service is not ready: {err}") from None
+        missing = [p for p in parts if not info.get(p)]
+        if missing:
+            raise ValueError(f"the service at {url} does not serve {' and '.join(missing)}; point "
+                             f"--{'caption' if 'caption' in missing else 'vae'}_url at one that does")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Every rank: start-up checks, load the DiT, run jobs until stopped. Returns the exit code."""
+    from .. import cli
+
+    if getattr(args, "prompt", None):
+        print("error: --prompt is not used with --serve; POST prompts to /v1/videos (see docs/server.md)",
+              file=sys.stderr)
+        return 2
+    try:
+        config = server_config(args)
+        options = cli.sampling_options(args)
+        cli.sampling_from_options(options)         # the launch's sampling flags are valid
+        (_, output, _, runtime), state = cli.start_ranks(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _die_with_launcher()
+
+    from ..generator import GenerationError, VideoGenerator
+    from ..parallel.agree import on_main
+    from .worker import ControlChannel
+
+    channel = ControlChannel(state)
+    holder = {}
+    try:
+        on_main(state, lambda: _start_http(config, runtime, options, holder))
+        generator = VideoGenerator(runtime, state)         # applies --compile like a one-shot run
+    except (ValueError, FileNotFoundError, RuntimeError, GenerationError) as err:
+        print(f"error (rank {state.rank}): {err}", file=sys.stderr)
+        _stop_http(holder)
+        state.destroy()
+        return 2
+    ctx = holder.get("ctx")
+    # Ctrl-C / SIGTERM reach every rank (torchrun forwards them): rank 0 stops the loop at the
+    # next step boundary and tells the others, which ignore the signal and leave with it
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, (lambda *_: ctx.dispatcher.stop()) if state.is_main else signal.SIG_IGN)
+    if state.is_main:
+        _mark_ready(ctx, generator, state)
+        print(f"stepvideo generation server ready on {holder['url']} (state dir {config.state_dir})", flush=True)
+    from .worker import serve_jobs
+
+    try:
+        serve_jobs(generator, state, channel, output, ctx)
+    finally:
+        _stop_http(holder)
+        state.destroy()
+    return 0
+
+
+def _start_http(config: ServerConfig, runtime, options: dict, holder: dict) -> None:
+    """Rank 0: state dir, services, port, HTTP thread (the model is not loaded yet)."""
+    from ..service.cli import advertised_urls
+    from ..service.config import ServiceConfig
+    from ..service.server import ServiceServer
+    from .app import ServingContext, create_app
+    from .jobs import JobStore, StateDirBusy
+    from .metrics import ServerMetrics
+    from .worker import Dispatcher
+
+    if config.exposed and config.token is None:
+        logger.warning("binding %s without a token: anyone who can reach this port can queue jobs. Set %s "
+                       "(or --token) on the server and the clients.", config.host, TOKEN_ENV)
+    try:
+        store = JobStore.open(config.state_dir)
+    except StateDirBusy as err:
+        raise ValueError(str(err)) from None
+    holder["store"] = store
+    if not runtime.local:
+        _check_services(runtime)
+    ctx = ServingContext(store=store, config=config, metrics=ServerMetrics(store.counts),
+                         dispatcher=Dispatcher(store), server_options=options)
+    http = ServiceConfig(host=config.host, port=config.port, token=config.token, threads=config.threads,
+                         max_body_bytes=config.max_body_bytes)
+    try:
+        server = ServiceServer(create_app(ctx), http)
+    except OSError as err:
+        raise ValueError(f"cannot listen on {config.host}:{config.port}: {err}") from None
+    holder.update(ctx=ctx, server=server, url=advertised_urls(config.host, server.port)[0])
+    thread = threading.Thread(target=server.run, name="stepvideo-http", daemon=True)
+    thread.start()
+    print(f"stepvideo generation server listening on {holder['url']} (loading the model; GET /ready answers "
+          "200 when jobs run)", flush=True)
+
+
+def _mark_ready(ctx, generator, state) -> None:
+    from .requests import ModelInfo
+
+    config = generator.transformer_config
+    ctx.model_summary = {"model_dir": str(generator.root), "ti2v": generator.pipeline.is_ti2v,
+                         "world_size": state.world_size,
+                         "layout": {"ulysses_degree": state.config.ulysses_degree,
+                                    "tensor_parallel_degree": state.config.tensor_parallel_degree,
+                                    "cfg_degree": state.config.cfg_degree}}
+    ctx.model = ModelInfo(is_ti2v=generator.pipeline.is_ti2v, num_heads=int(config.get("num_attention_heads", 48)),
+                          parallel=state.config, world_size=state.world_size)
+
+
+def _stop_http(holder: dict) -> None:
+    server: Optional[object] = holder.get("server")
+    if server is not None:
+        server.close()
+    if holder.get("store") is not None:
+        holder["store"].close()

@@ -1,0 +1,343 @@
+"""The generation server (``run_parallel.py --serve``) as users run it: real processes on CPU.
+
+One caption/VAE service and one server (torchrun, 2 gloo ranks, Ulysses 2, tiny model) per
+module; the tests run in file order on it: token and bad requests, 3 concurrent jobs equal to
+a ``run_parallel.py`` run, cancels and the full queue, then ``kill -9`` of the launcher and a
+restart on the same state dir.
+"""
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from stepvideo.client import JobFailed, ServerError, VideoClient
+from stepvideo.demo import free_port, stop, wait_ready
+from stepvideo.io.video import read_mp4
+from stepvideo.serving import jobs as js
+from stepvideo.testing.tiny import write_tiny_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2", "--dtype", "fp32"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TOKEN = "s3cret-token"
+PROMPT = "一只猫在月球上散步"
+LONG = 60            # steps of a job that is still running when the test acts on it
+
+
+def _torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), str(REPO / "run_parallel.py"), *args]
+
+
+class Server:
+    """A ``--serve`` launch in its own session (so teardown can stop every rank)."""
+
+    def __init__(self, model_dir, service_url, state_dir, log_path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_path, "ab")
+        cmd = _torchrun("--serve", "--port", str(self.port), "--state_dir", str(state_dir), "--max_queue", "2",
+                        "--model_dir", str(model_dir), "--vae_url", service_url, "--caption_url", service_url,
+                        "--ulysses_degree", "2", *TINY)
+        self.proc = subprocess.Popen(cmd, env={**ENV, "STEPVIDEO_SERVER_TOKEN": TOKEN}, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.client = VideoClient(self.url, token=TOKEN)
+
+    def wait_ready(self, timeout=240.0):
+        def exited():
+            return None if self.proc.poll() is None else f"the server exited with code {self.proc.returncode}"
+
+        return self.client.wait_ready(timeout=timeout, interval=0.3, abort=exited)
+
+    def kill_launcher(self):
+        """``kill -9`` of torchrun alone; its ranks must go away by themselves."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        raise AssertionError("the ranks outlived their killed launcher")
+
+    def stop(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    model = write_tiny_model_dir(root / "t2v", variant="t2v")
+    port = free_port()
+    service = subprocess.Popen([sys.executable, str(REPO / "api" / "call_remote_server.py"), "--model_dir",
+                                str(model), "--port", str(port), "--device", "cpu", "--torch_threads", "1"],
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    server = reference = None
+    shared = {}
+    try:
+        # started together: the server's start-up check waits for the service's /ready
+        server = Server(model, url, root / "state", root / "server.log")
+        wait_ready(url, service, timeout=180)
+        # the one-shot CLI run the server's frames must equal, while the server loads
+        reference = subprocess.Popen(_torchrun("--model_dir", str(model), "--vae_url", url, "--caption_url", url,
+                                               "--ulysses_degree", "2", "--save_path", str(root / "cli"), *TINY,
+                                               "--prompt", PROMPT, "--seed", "7"),
+                                     env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        server.wait_ready()
+        shared.update(root=root, model=model, service=url, server=server, reference=reference, jobs={})
+        yield shared
+    finally:
+        if reference is not None and reference.poll() is None:
+            reference.kill()
+        for launch in {id(s): s for s in (server, shared.get("server")) if s is not None}.values():
+            launch.stop()           # the first launch and the restarted one
+        stop(service)
+
+
+def _post(url, token=TOKEN, **kwargs):
+    headers = kwargs.pop("headers", {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return requests.post(url + "/v1/videos", headers=headers, timeout=30, **kwargs)
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_token_health_and_invalid_requests(env):
+    url = env["server"].url
+    assert requests.get(url + "/health", timeout=10).json()["status"] == "alive"      # no token needed
+    r = requests.get(url + "/v1/videos", timeout=10)
+    assert r.status_code == 401 and "Authorization" in r.json()["error"]
+    r = requests.get(url + "/v1/videos", headers={"Authorization": "Bearer wrong"}, timeout=10)
+    assert r.status_code == 401
+    assert _post(url, token=None, json={"prompt": "x"}).status_code == 401
+
+    cases = [
+        ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, None),
+        ({"json": {"prompt": ""}}, 400, "prompt"),
+        ({"json": {"prompt": "x", "colour": "red"}}, 400, "colour"),
+        ({"json": {"prompt": "x", "num_inference_steps": "2"}}, 400, "num_inference_steps"),
+        ({"json": {"prompt": "x", "cfg_scale": 0.5}}, 422, "cfg_scale"),
+        ({"json": {"prompt": "x", "num_inference_steps": 1000}}, 422, "num_inference_steps"),
+        ({"json": {"prompt": "x", "height": 8}}, 422, "height"),
+        ({"json": {"prompt": "x", "preset": "fast"}}, 422, "preset"),
+        ({"json": {"prompt": "x", "image": "not base64!"}}, 400, "image"),
+        ({"json": {"prompt": "x", "image": base64.b64encode(_png()).decode()}}, 422, "image"),   # a T2V model
+        ({"data": {"prompt": "x"}, "files": {"image": ("a.png", _png(), "image/png")}}, 422, "image"),
+        ({"data": {"prompt": "x", "seed": "seven"}, "files": {"other": ("a", b"1")}}, 400, "other"),
+        ({"data": "prompt=x", "headers": {"Content-Type": "text/plain"}}, 415, None),
+    ]
+    for kwargs, status, field in cases:
+        r = _post(url, **kwargs)
+        assert r.status_code == status, (kwargs, r.text)
+        body = r.json()
+        assert body["error"]
+        if field is not None:
+            assert body["field"] == field and field in body["error"], body
+    client = env["server"].client
+    with pytest.raises(ServerError) as err:
+        client.get("video_unknown")
+    assert err.value.status == 404
+    with pytest.raises(ServerError) as err:
+        client.list(limit=0)
+    assert err.value.status == 400
+    r = requests.get(f"{url}/v1/videos/video_unknown", params={"wait": "soon"}, timeout=10,
+                     headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 400 and r.json()["field"] == "wait"
+    assert client.list()["data"] == []            # nothing was queued by the bad requests
+
+
+def test_three_concurrent_jobs_equal_the_cli(env, tmp_path):
+    client = env["server"].client
+    seen, results, errors = {}, {}, []
+
+    def one(seed, multipart):
+        try:
+            if multipart:        # the same job as a multipart form (all fields are strings there)
+                r = _post(client.url, files={"prompt": (None, PROMPT), "seed": (None, str(seed))})
+                assert r.status_code == 202, r.text
+                job = r.json()
+            else:
+                job = VideoClient(client.url, token=TOKEN).submit(PROMPT, seed=seed)
+            assert job["status"] == "queued" and job["id"].startswith("video_")
+            values = []
+            while True:
+                state = client.get(job["id"])
+                values.append(state["progress"])
+                if state["status"] in js.FINISHED:
+                    break
+                time.sleep(0.05)
+            seen[seed] = values
+            results[seed] = client.download(job["id"], tmp_path / f"{seed}.mp4"), state
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(seed, seed == 9)) for seed in (7, 8, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    for seed, values in seen.items():
+        assert values == sorted(values), f"progress went down for seed {seed}: {values}"
+        assert values[-1] == 1.0
+    frames = {seed: read_mp4(path)[0] for seed, (path, _) in results.items()}
+    for seed, (_, job) in results.items():
+        assert job["status"] == "completed" and job["settings"]["seed"] == seed
+        assert job["settings"]["preset"] == "t2v" and job["settings"]["num_inference_steps"] == 2
+        assert len(job["timings"]["steps_s"]) == 2 and job["timings"]["summary"].startswith("timing: encode")
+        assert frames[seed].shape == (17, 64, 64, 3)
+        env["jobs"][seed] = (job["id"], Path(results[seed][0]).read_bytes())
+    assert not np.array_equal(frames[7], frames[8])
+
+    reference = env["reference"]
+    out, err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, err[-3000:]
+    assert "timing: encode" in err                     # the one-line summary of every run
+    np.testing.assert_array_equal(read_mp4(out.strip().splitlines()[-1])[0], frames[7])
+
+    listed = [job["id"] for job in client.list(limit=2)["data"]]
+    everything = [job["id"] for job in client.iter_jobs(page=1)]
+    assert len(everything) == 3 and everything[:2] == listed          # newest first, paged with after
+    created = [client.get(i)["created_at"] for i in everything]
+    assert created == sorted(created, reverse=True)
+    metrics = requests.get(client.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).text
+    assert 'stepvideo_server_jobs{status="completed"} 3.0' in metrics
+    assert "stepvideo_server_step_seconds_count 6.0" in metrics and "stepvideo_server_queue_depth 0.0" in metrics
+
+
+def _wait_for(client, job_id, predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(job_id)
+        if predicate(job):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached the state; last {job}")
+
+
+def _denoising(job):
+    assert job["status"] not in js.FINISHED, job
+    return job["status"] == "in_progress" and (job["stage"] or "").startswith("denoising")
+
+
+def test_cancel_queued_and_running_and_full_queue(env):
+    client = env["server"].client
+    running = client.submit("a long one", seed=1, num_inference_steps=LONG)
+    _wait_for(client, running["id"], _denoising)
+    queued = [client.submit("waits", seed=s) for s in (2, 3)]          # --max_queue 2
+    with pytest.raises(ServerError) as err:
+        client.submit("one too many")
+    assert err.value.status == 429 and "retry after" in str(err.value)
+    r = _post(client.url, json={"prompt": "one too many"})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+
+    answer = client.cancel(queued[0]["id"])                        # a queued job: at once
+    assert answer["status"] == "cancelled"
+    r = requests.delete(f"{client.url}/v1/videos/{running['id']}", headers={"Authorization": f"Bearer {TOKEN}"},
+                        timeout=10)
+    assert r.status_code == 202 and r.json()["cancel_requested"]     # a running one: at the next step
+    start = time.monotonic()
+    r = requests.get(f"{client.url}/v1/videos/{running['id']}", params={"wait": 50}, timeout=60,
+                     headers={"Authorization": f"Bearer {TOKEN}"})        # a long poll: answers when it ends
+    job = r.json()
+    assert job["status"] == "cancelled" and job["progress"] < 1 and time.monotonic() - start < 40
+    assert 1 <= len(job["timings"]["steps_s"]) < LONG
+    with pytest.raises(ServerError) as err:
+        client.download(running["id"], env["root"] / "nothing.mp4")
+    assert err.value.status == 409
+    with pytest.raises(JobFailed):
+        client.wait(queued[0]["id"], progress=False)
+    assert not (env["root"] / "nothing.mp4").exists()
+    job = client.wait(queued[1]["id"], poll=0.1, progress=False)      # the rest of the queue still runs
+    assert job["status"] == "completed"
+    # deleting a finished job removes its file and its record
+    assert client.cancel(job["id"])["deleted"] is True
+    assert not (env["root"] / "state" / "videos" / f"{job['id']}.mp4").exists()
+    with pytest.raises(ServerError) as err:
+        client.get(job["id"])
+    assert err.value.status == 404
+
+
+def test_kill_minus_nine_then_restart_on_the_same_state_dir(env):
+    server = env["server"]
+    client = server.client
+    running = client.submit("interrupted", seed=4, num_inference_steps=LONG)
+    _wait_for(client, running["id"], _denoising)
+    waiting = client.submit("waits for the restart", seed=5)
+    server.kill_launcher()
+
+    env["server"] = server = Server(env["model"], env["service"], env["root"] / "state", env["root"] / "server.log")
+    server.wait_ready()
+    client = server.client
+    for seed in (7, 8, 9):                          # completed jobs: listed and downloadable, same bytes
+        job_id, data = env["jobs"][seed]
+        assert client.get(job_id)["status"] == "completed"
+        r = requests.get(f"{client.url}/v1/videos/{job_id}/content", headers={"Authorization": f"Bearer {TOKEN}"},
+                         timeout=10)
+        assert r.status_code == 200 and r.headers["Content-Type"] == "video/mp4" and r.content == data
+    job = client.get(running["id"])                 # the interrupted job was re-queued (and counted)
+    assert job["status"] in ("queued", "in_progress") and job["attempts"] >= 1, job
+    client.cancel(running["id"])
+    job = client.wait(waiting["id"], poll=0.1, progress=False)
+    assert job["status"] == "completed"
+    _wait_for(client, running["id"], lambda j: j["status"] in js.FINISHED)
+
+    videos = env["root"] / "state" / "videos"
+    files = {p.name for p in videos.iterdir()}
+    completed = {f"{j['id']}.mp4" for j in client.iter_jobs() if j["status"] == "completed"}
+    assert files == completed and len(completed) == 4          # no file without a record, nor the reverse
+
+
+def test_reconcile_after_a_crash(tmp_path):
+    """What a restart finds on disk, written by hand: every kind of leftover is repaired."""
+    store = js.JobStore.open(tmp_path)
+    done = store.add("done", {}, None, max_queue=10)
+    lost = store.add("lost", {}, None, max_queue=10)
+    ran = store.add("ran", {}, None, max_queue=10)
+    for job in (done, lost, ran):
+        assert store.claim_next().id == job.id
+    store.video_path(done.id).write_bytes(b"mp4")
+    store.finish(done.id, js.COMPLETED)
+    store.video_path(lost.id).write_bytes(b"mp4")
+    store.finish(lost.id, js.COMPLETED)
+    store.video_path(lost.id).unlink()                         # completed, file gone
+    (store.videos_dir / "video_orphan.mp4").write_bytes(b"x")  # a file without a record
+    (store.videos_dir / f".{ran.id}.123.partial.mp4").write_bytes(b"x")    # an interrupted write
+    with pytest.raises(js.StateDirBusy):
+        js.JobStore.open(tmp_path)                             # one server per state dir
+    store.close()
+
+    store = js.JobStore.open(tmp_path)
+    assert store.get(done.id).status == js.COMPLETED
+    assert store.get(lost.id).status == js.FAILED and "missing" in store.get(lost.id).error
+    assert store.get(ran.id).status == js.QUEUED and store.get(ran.id).attempts == 1
+    assert sorted(p.name for p in store.videos_dir.iterdir()) == [f"{done.id}.mp4"]
+    assert store.claim_next().id == ran.id                    # second attempt, then a crash again:
+    store.close()
+    store = js.JobStore.open(tmp_path)
+    assert store.get(ran.id).status == js.FAILED and js.RESTARTED in store.get(ran.id).error
+    store.close()
