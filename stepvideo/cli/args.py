@@ -12,6 +12,7 @@ Sampling flags default to ``None`` so that a preset fills them: the CLI applies 
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import NamedTuple, Optional
 
 from ..config import PRESETS, OutputConfig, SamplingConfig, get_preset
@@ -116,9 +117,14 @@ def sampling_config(args: argparse.Namespace, has_image: Optional[bool] = None) 
             low, high = value // 16 * 16, value // 16 * 16 + 16
             raise ValueError(f"--{flag} {value} is not a multiple of 16 (the VAE and the DiT patches need it); "
                              f"use {low or 16} or {high}")
+    num_frames = args.num_frames
+    if num_frames is not None and num_frames >= 17 and num_frames % 17:
+        logging.getLogger(__name__).warning("--num_frames %d is not a multiple of 17; using %d", num_frames,
+                                            num_frames // 17 * 17)
+        num_frames = num_frames // 17 * 17
     return preset.with_overrides(
         num_inference_steps=args.infer_steps, guidance_scale=args.cfg_scale, time_shift=args.time_shift,
-        num_frames=args.num_frames, height=args.height, width=args.width, motion_score=args.motion_score,
+        num_frames=num_frames, height=args.height, width=args.width, motion_score=args.motion_score,
         pos_magic=args.pos_magic, neg_magic=args.neg_magic, seed=args.seed)
 
 
