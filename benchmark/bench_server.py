@@ -122,7 +122,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from stepvideo.demo import stop, wait_ready
+    from stepvideo.cli.demo import process_exited, stop
+    from stepvideo.service.client import wait_ready
     from stepvideo.parallel.launch import free_port, run_on_cpu_ranks
     from stepvideo.testing.tiny import write_tiny_model_dir
 
@@ -135,7 +136,7 @@ def main() -> int:
                                     str(args.threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(url, service, timeout=300)
+            wait_ready(url, timeout=300, abort=process_exited(service))
             direct, walls, inside = compare(model_dir, url, args.jobs, args.nproc, args.poll, root)
         finally:
             stop(service)

@@ -55,6 +55,13 @@ def test_sizes_must_be_multiples_of_16_one_clear_error():
         cli.sampling_config(args)
 
 
+def test_frames_are_rounded_once_by_the_cli(caplog):
+    with caplog.at_level("WARNING"):
+        sampling = cli.sampling_config(build_parser().parse_args(["--num_frames", "40"]))
+    assert sampling.num_frames == 34
+    assert [r.getMessage() for r in caplog.records] == ["num_frames 40 is not a multiple of 17; using 34"]
+
+
 def test_cfg_scale_at_most_one_is_accepted_and_runs_the_conditional_branch_only(tiny_model_dir):
     """guidance <= 1 gives exactly the conditional prediction: the same latents as CFG with an
     unconditional row equal to the conditional one (uncond + g * (cond - uncond) == cond)."""

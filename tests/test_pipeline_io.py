@@ -33,7 +33,8 @@ def test_presets_and_explicit_overrides():
     assert not ti2v.neg_magic.endswith("。") and PRESETS["t2v"].neg_magic.endswith("。")
     assert ti2v.with_overrides(time_shift=13.0, num_frames=None).time_shift == 13.0
     with pytest.raises(ValueError, match="guidance_scale"):
-        SamplingConfig(guidance_scale=1.0)
+        SamplingConfig(guidance_scale=-1.0)
+    assert SamplingConfig(guidance_scale=1.0).guidance_scale == 1.0      # <= 1: conditional branch only
 
 
 def test_image_aspect_bucket_resize_and_crop():

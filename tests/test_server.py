@@ -20,7 +20,9 @@ import pytest
 import requests
 
 from stepvideo.client import JobFailed, ServerError, VideoClient
-from stepvideo.demo import free_port, stop, wait_ready
+from stepvideo.cli.demo import process_exited, stop
+from stepvideo.parallel.launch import free_port
+from stepvideo.service.client import wait_ready
 from stepvideo.io.video import read_mp4
 from stepvideo.serving import jobs as js
 from stepvideo.testing.tiny import write_tiny_model_dir
@@ -94,7 +96,7 @@ def env(tmp_path_factory):
     try:
         # started together: the server's start-up check waits for the service's /ready
         server = Server(model, url, root / "state", root / "server.log")
-        wait_ready(url, service, timeout=180)
+        wait_ready(url, timeout=180, abort=process_exited(service))
         # the one-shot CLI run the server's frames must equal, while the server loads
         reference = subprocess.Popen(_torchrun("--model_dir", str(model), "--vae_url", url, "--caption_url", url,
                                                "--ulysses_degree", "2", "--save_path", str(root / "cli"), *TINY,

@@ -12,6 +12,7 @@ Sampling flags default to ``None`` so that a preset fills them: the CLI applies 
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import NamedTuple, Optional
 
 from ..config import PRESETS, OutputConfig, SamplingConfig, get_preset
@@ -149,6 +150,11 @@ def sampling_from_options(options: dict, has_image: bool = False) -> SamplingCon
             low, high = value // 16 * 16, value // 16 * 16 + 16
             raise ValueError(f"{name} {value} is not a multiple of 16 (the VAE and the DiT patches need it); "
                              f"use {low or 16} or {high}")
+    num_frames = options.get("num_frames")
+    if num_frames is not None and num_frames >= 17 and num_frames % 17:
+        logging.getLogger(__name__).warning("num_frames %d is not a multiple of 17; using %d", num_frames,
+                                            num_frames // 17 * 17)
+        options = {**options, "num_frames": num_frames // 17 * 17}
     preset = get_preset(options.get("preset") or ("ti2v" if has_image else "t2v"))
     overrides = {k: (float(v) if _OPTION_TYPES[k] is float and v is not None else v)
                  for k, v in options.items() if k != "preset"}
