@@ -14,8 +14,8 @@ The argument groups and config builders (``stepvideo.cli.args``) are re-exported
 """
 from .args import (LaunchConfigs, add_model_args, add_output_args, add_parallel_args, add_sampling_args,
                    configure_logging, launch_configs, output_config, parallel_config, runtime_config,
-                   sampling_config, start_ranks, token_count)
+                   sampling_config, sampling_from_options, sampling_options, start_ranks, token_count)
 
 __all__ = ["LaunchConfigs", "add_model_args", "add_output_args", "add_parallel_args", "add_sampling_args",
            "configure_logging", "launch_configs", "output_config", "parallel_config", "runtime_config",
-           "sampling_config", "start_ranks", "token_count"]
+           "sampling_config", "sampling_from_options", "sampling_options", "start_ranks", "token_count"]
