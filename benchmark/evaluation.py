@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard", default="0/1", help="i/n: this run takes items with (index-1) %% n == i")
     g.add_argument("--limit", type=int, default=None, help="at most N items (of this shard)")
     g.add_argument("--ids", nargs="+", default=None, help="only these item ids (e.g. 001 017)")
+    g.add_argument("--categories", nargs="+", default=None,
+                   help="only these categories (e.g. Sports '3D Animation'; case, spaces and _ do not matter)")
+    g.add_argument("--save_latents", action="store_true",
+                   help="also save each item's final latents beside its video (<video>.latents.safetensors)")
     g.add_argument("--gallery_only", action="store_true", help="rebuild index.html from the manifest and exit")
     g.add_argument("--no_gallery", action="store_true", help="do not write the gallery at the end")
     return parser
@@ -74,13 +78,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         plan = plan_on_main(state, root, args.prompts, args.cache_dir, args.prompts_url, ids=args.ids,
-                            shard=shard, limit=args.limit, motion_score=args.motion_score)
+                            shard=shard, limit=args.limit, motion_score=args.motion_score,
+                            categories=args.categories)
         if state.is_main:
             logging.getLogger("evaluation").info("%d item(s) selected: %d to generate, %d already done",
                                                  plan.selected, len(plan.todo), len(plan.skipped))
         if plan.todo:
             generator = VideoGenerator(runtime, state, sequence_tokens=cli.token_count(sampling))
-            summary = run_items(generator, plan, root, sampling, output, state, shard=shard)
+            summary = run_items(generator, plan, root, sampling, output, state, shard=shard,
+                                save_latents=args.save_latents)
         else:
             from stepvideo.evaluation.runner import EvalSummary
             summary = EvalSummary(skipped=len(plan.skipped))
