@@ -133,10 +133,13 @@ def select_options(available: Sequence[SpeedOption], names: Optional[Sequence[st
 
 
 def tiling_for(height: int, width: int):
-    """Latent tile size that really tiles this frame size: 32 (the default) or half the smaller side."""
+    """``(tile, overlap)`` in latent pixels: the VAE default (32, 8), or for frames whose latent
+    side is at most 32 (tiny test sizes) a tile one smaller than the side, so tiling really happens."""
     side = min(height, width) // 16
-    tile = min(32, max(1, side // 2))
-    return tile, min(8, tile // 4)
+    if side > 32:
+        return 32, 8
+    tile = max(2, side - 1)
+    return tile, max(1, tile // 4)
 
 
 # ------------------------------------------------------------------------------ one option
@@ -237,8 +240,10 @@ class LosslessRunner:
             if option.layout:
                 from ..parallel.launch import run_on_cpu_ranks
 
+                # the ranks use the baseline's thread count: CPU kernels may block (and round) by threads
                 values = run_on_cpu_ranks(_layout_worker, option.world_size,
-                                          args=(self.setup, self.root, option, self.embeds), timeout=1800)
+                                          args=(self.setup, self.root, option, self.embeds), timeout=1800,
+                                          threads_per_rank=torch.get_num_threads())
                 latents, result.seconds = values[0]["latents"], max(v["seconds"] for v in values)
             else:
                 if self.device.type == "cuda":

@@ -52,7 +52,7 @@ def ssim_frames(a: torch.Tensor, b: torch.Tensor, window: int = 11) -> torch.Ten
     y = b.to(torch.float32).permute(0, 3, 1, 2).reshape(t * 3, 1, b.shape[1], b.shape[2])
     size = min(window, x.shape[-1], x.shape[-2])
     size -= (size + 1) % 2                                         # odd window that fits the frame
-    g = _gaussian_1d(size)
+    g = _gaussian_1d(size).to(x.device)
     rows, cols = g.view(1, 1, 1, size), g.view(1, 1, size, 1)
 
     def blur(v):
