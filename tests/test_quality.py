@@ -229,3 +229,29 @@ def test_vae_cli_round_trip(tiny_model_dir, runs, tmp_path, capsys):
                     tiny_model_dir) == 2
     assert "input not found" in capsys.readouterr().err
     assert frames_to_video(np.full((1, 16, 16, 3), 255, np.uint8)).max() == 1.0
+
+
+def test_vae_cli_through_the_service(tiny_model_dir, runs, tmp_path):
+    """The same commands with --vae_url: chunked requests give the local numbers."""
+    from stepvideo.demo import free_port, stop, wait_ready
+    from stepvideo.io.video import read_mp4
+    from stepvideo.vae.latents_file import load_latents
+
+    source = runs["a"] / _records(runs["a"])["002"]["path"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "api" / "call_remote_server.py"), "--model_dir",
+                             str(tiny_model_dir), "--port", str(port), "--device", "cpu"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(url, proc, timeout=180)
+        for where, flag in (("remote", ["--vae_url", url]), ("local", ["--model_dir", tiny_model_dir])):
+            assert _vae_cli("encode", source, "-o", tmp_path / f"{where}.safetensors", *flag) == 0
+            assert _vae_cli("decode", tmp_path / f"{where}.safetensors", "-o", tmp_path / f"{where}.mp4", *flag) == 0
+    finally:
+        stop(proc)
+    z_remote, _ = load_latents(tmp_path / "remote.safetensors")
+    z_local, _ = load_latents(tmp_path / "local.safetensors")
+    assert z_remote.equal(z_local)
+    assert (read_mp4(tmp_path / "remote.mp4")[0] == read_mp4(tmp_path / "local.mp4")[0]).all()

@@ -9,7 +9,7 @@
 Frame counts the VAE does not take (17*k, optionally plus 8*j+1) are refused unless
 ``--frames pad`` or ``--frames trim``; sides that are not multiples of 16 are refused unless
 ``--crop``. Inputs and the output folder are checked before any weight is read.
-Exit codes: 0 ok, 2 bad input or unreachable service. See docs/vae.md.
+Exit codes: 0 ok, 2 bad input or unreachable service. See docs/quality.md.
 """
 from __future__ import annotations
 
