@@ -78,14 +78,14 @@ def _contact_sheet(root: Path, thumbs: List[str], cell: int = 128, columns: int 
     return CONTACT_SHEET
 
 
-def _scores_text(scores, prefix: str = "") -> str:
+def _scores_text(scores) -> str:
     """``alignment 0.2712, temporal_consistency 0.9810, motion 3.41`` (whatever is present)."""
     from ..quality.score_summary import METRICS
 
     if not isinstance(scores, dict):
         return ""
     shown = [f"{m} {scores[m]:.4f}" for m in METRICS if isinstance(scores.get(m), (int, float))]
-    return prefix + ", ".join(shown) if shown else ""
+    return ", ".join(shown)
 
 
 def _entry(record: dict, thumb: Optional[str]) -> str:

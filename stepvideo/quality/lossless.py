@@ -286,7 +286,9 @@ def run_table(setup: LosslessSetup, names: Optional[Sequence[str]] = None, progr
     if setup.sampling.seed is None:
         setup = replace(setup, sampling=setup.sampling.with_overrides(seed=DEFAULT_SEED))
     runner = LosslessRunner(setup)
-    baseline_backend = setup.attention_backend if setup.attention_backend != "auto" else "sdpa"
+    from ..models.attention import resolve_backend
+
+    baseline_backend = resolve_backend(setup.attention_backend)       # "auto" -> what it picks here
     options = select_options(applicable_options(runner.device, setup.max_ranks, local_vae=setup.local,
                                                 baseline_backend=baseline_backend), names)
     rows = [runner.run_baseline()]
