@@ -56,7 +56,7 @@ def load_latents(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, dict]:
                 raise ValueError(f"{path}: expected a tensor named {LATENTS_KEY!r} (or a single tensor), "
                                  f"found {keys}")
             latents = f.get_tensor(key)
-            raw = (f.metadata() or {}).get(METADATA_KEY)
+            file_meta = f.metadata() or {}
     except ValueError:
         raise
     except Exception as err:          # safetensors raises its own error types for broken files
@@ -66,8 +66,19 @@ def load_latents(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, dict]:
     if latents.ndim != 5 or not latents.is_floating_point():
         raise ValueError(f"{path}: latents must be a float tensor [B, F, C, h, w], got {latents.dtype} "
                          f"{list(latents.shape)}")
-    try:
-        metadata = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        metadata = {"raw": raw}
-    return latents, metadata if isinstance(metadata, dict) else {"value": metadata}
+    return latents, _parse_metadata(file_meta)
+
+
+def _parse_metadata(file_meta: dict) -> dict:
+    """Our ``"stepvideo"`` JSON object, else every entry with JSON values decoded where possible
+    (files written by other tools, e.g. flat string fields)."""
+    def value(text):
+        try:
+            return json.loads(text)
+        except (TypeError, json.JSONDecodeError):
+            return text
+
+    if METADATA_KEY in file_meta:
+        parsed = value(file_meta[METADATA_KEY])
+        return parsed if isinstance(parsed, dict) else {"value": parsed}
+    return {k: value(v) for k, v in file_meta.items()}
