@@ -195,9 +195,9 @@ def test_vae_cli_round_trip(tiny_model_dir, runs, tmp_path, capsys):
 
     # chunked decode (3 latents at a time, seams blended after) == one whole decode
     vae = AutoencoderKL.from_pretrained(tiny_model_dir, dtype="fp32")
-    z = torch.randn(1, 7, 8, 2, 2, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 4, 8, 2, 2, generator=torch.Generator().manual_seed(0))      # chunks of 3 + 1: one seam
     assert torch.equal(decode_latents(vae, z), vae.decode(z))
-    video = torch.rand(1, 34, 3, 32, 32) * 2 - 1
+    video = torch.rand(1, 18, 3, 16, 16) * 2 - 1                                     # chunks of 17 + 1
     assert torch.equal(encode_video(vae, video), vae.encode(video.to(torch.bfloat16), mode="mean").float())
 
     source = runs["a"] / _records(runs["a"])["001"]["path"]
@@ -211,10 +211,6 @@ def test_vae_cli_round_trip(tiny_model_dir, runs, tmp_path, capsys):
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("reconstruction:")][0]
     assert re.match(r"reconstruction: psnr \d+\.\d+ dB, ssim -?\d\.\d{4}", line), line
 
-    # the runner's latents decode with the same function
-    runner_latents = runs["a"] / _records(runs["a"])["001"]["latents"]
-    assert _vae_cli("decode", runner_latents, "-o", tmp_path / "from_run.mp4", "--model_dir", tiny_model_dir) == 0
-
     # 20 frames do not fit the 17-frame chunks: refused clearly, or padded and trimmed back
     odd = write_mp4(tmp_path / "odd.mp4", np.zeros((20, 64, 48, 3), np.uint8), denoise=False)
     capsys.readouterr()
@@ -223,7 +219,7 @@ def test_vae_cli_round_trip(tiny_model_dir, runs, tmp_path, capsys):
     assert err.startswith("error: the video has 20 frames") and "--frames pad" in err and err.count("\n") == 1
     assert not (tmp_path / "odd.safetensors").exists()
     assert _vae_cli("reconstruct", odd, "-o", tmp_path / "odd_rec.mp4", "--model_dir", tiny_model_dir,
-                    "--frames", "pad") == 0
+                    "--frames", "pad", "--dtype", "fp32") == 0
     assert read_mp4(tmp_path / "odd_rec.mp4")[0].shape == (20, 64, 48, 3)
     assert _vae_cli("decode", tmp_path / "missing.safetensors", "-o", tmp_path / "x.mp4", "--model_dir",
                     tiny_model_dir) == 2
