@@ -43,6 +43,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     g.add_argument("--shard", default="0/1", help="i/n: this run takes items with (index-1) %% n == i")
     g.add_argument("--limit", type=int, default=None, help="at most N items (of this shard)")
     g.add_argument("--ids", nargs="+", default=None, help="only these item ids (e.g. 001 017)")
+    g.add_argument("--categories", nargs="+", default=None,
+                   help="only these categories (e.g. Sports '3D Animation'; case, spaces and _ do not matter)")
+    g.add_argument("--save_latents", action="store_true",
+                   help="also save each item's final latents beside its video (<video>.latents.safetensors)")
     g.add_argument("--max_service_failures", type=int, default=3,
                    help="stop after this many consecutive items failed on the caption/VAE service "
                         "(default %(default)s; 0 = never stop)")
@@ -96,7 +100,8 @@ def _run(args, root: Path, shard, has_image: bool, sampling, output, parallel, r
     try:
         on_main(state, preflight)
         plan = plan_on_main(state, root, args.prompts, args.cache_dir, args.prompts_url, ids=args.ids,
-                            shard=shard, limit=args.limit, motion_score=args.motion_score)
+                            shard=shard, limit=args.limit, motion_score=args.motion_score,
+                            categories=args.categories)
         if state.is_main:
             logging.getLogger("evaluation").info("%d item(s) selected: %d to generate, %d already done",
                                                  plan.selected, len(plan.todo), len(plan.skipped))
@@ -104,7 +109,7 @@ def _run(args, root: Path, shard, has_image: bool, sampling, output, parallel, r
             return EvalSummary(skipped=len(plan.skipped))
         generator = VideoGenerator(runtime, state, sequence_tokens=cli.token_count(sampling))
         return run_items(generator, plan, root, sampling, output, state, shard=shard,
-                         max_service_failures=args.max_service_failures)
+                         max_service_failures=args.max_service_failures, save_latents=args.save_latents)
     finally:
         lock.release()
 

@@ -29,10 +29,11 @@ INDEX = "index.html"
 _SHOWN_PARAMS = ("num_inference_steps", "guidance_scale", "time_shift", "num_frames", "height", "width",
                  "motion_score")
 
-_CSS = """body{font-family:sans-serif;margin:1.5em;background:#fafafa}
+CSS = """body{font-family:sans-serif;margin:1.5em;background:#fafafa}
 .entry{display:flex;gap:1em;border:1px solid #ddd;background:#fff;padding:.7em;margin:.6em 0}
 .entry.failed{border-color:#d33}.entry video{max-width:360px}.entry img{max-width:160px}
-.prompt{font-size:1.05em;margin:.2em 0}.params{color:#555;font-size:.85em}.error{color:#d33}"""
+.prompt{font-size:1.05em;margin:.2em 0}.params{color:#555;font-size:.85em}.error{color:#d33}
+.scores{color:#235;font-size:.85em}"""
 
 
 def latest_records(root) -> List[dict]:
@@ -77,6 +78,16 @@ def _contact_sheet(root: Path, thumbs: List[str], cell: int = 128, columns: int 
     return CONTACT_SHEET
 
 
+def _scores_text(scores) -> str:
+    """``alignment 0.2712, temporal_consistency 0.9810, motion 3.41`` (whatever is present)."""
+    from ..quality.score_summary import METRICS
+
+    if not isinstance(scores, dict):
+        return ""
+    shown = [f"{m} {scores[m]:.4f}" for m in METRICS if isinstance(scores.get(m), (int, float))]
+    return ", ".join(shown)
+
+
 def _entry(record: dict, thumb: Optional[str]) -> str:
     e = html.escape
     sampling = record.get("sampling") or {}
@@ -92,6 +103,9 @@ def _entry(record: dict, thumb: Optional[str]) -> str:
             parts.append(f'<a href="{e(record["path"])}"><img src="{e(thumb)}" alt="first frame"></a>')
     parts.append(f'<div><p class="prompt"><b>{e(str(record["id"]))}</b> {e(record.get("prompt", ""))}</p>')
     parts.append(f'<p class="params">{e(params)}</p>')
+    scores = _scores_text(record.get("scores"))
+    if scores:
+        parts.append(f'<p class="scores">{e(scores)}</p>')
     if not ok:
         parts.append(f'<p class="error">failed: {e(str(record.get("error")))}</p>')
     parts.append("</div></div>")
@@ -124,13 +138,21 @@ def build_gallery(root, title: str = "Step-Video evaluation") -> Path:
     model = next((r.get("model_dir") for r in records if r.get("model_dir")), None)
     if model:
         body.append(f"<p class=\"params\">model: {e(str(model))}</p>")
+    from ..quality.score_summary import category_means
+
+    means = category_means(records)
+    if "overall" in means:
+        body.append(f'<p class="scores">scores, all items: {e(_scores_text(means["overall"]))}</p>')
     for category in sorted(by_category):
         entries = by_category[category]
         body.append(f'<section class="category" data-category="{e(category)}"><h2>{e(category)} ({len(entries)})</h2>')
+        if category in means:
+            body.append(f'<p class="scores category-means">mean of {means[category]["items"]} scored: '
+                        f'{e(_scores_text(means[category]))}</p>')
         body.extend(_entry(r, thumbs[str(r["id"])]) for r in entries)
         body.append("</section>")
     page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-            f"<title>{e(title)}</title><style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<title>{e(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     index = root / INDEX
     tmp = index.with_name(f".{INDEX}.tmp")
     tmp.write_text(page, encoding="utf-8")

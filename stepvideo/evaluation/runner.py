@@ -98,14 +98,14 @@ class OutputLock:
 
 def plan_on_main(state, root, prompts: str, cache_dir, url: str, ids: Optional[Sequence[str]] = None,
                  shard: Tuple[int, int] = (0, 1), limit: Optional[int] = None,
-                 motion_score: Optional[float] = None) -> EvalPlan:
+                 motion_score: Optional[float] = None, categories: Optional[Sequence[str]] = None) -> EvalPlan:
     """Rank 0 loads the set, selects this run's items and repairs the tree; all ranks get the plan."""
     def plan() -> EvalPlan:
         items = load_items(prompts, cache_dir, url)
         if motion_score is not None:
             items = [item if item.motion_score is not None else replace(item, motion_score=motion_score)
                      for item in items]
-        selected = select_items(items, ids=ids, shard=shard, limit=limit)
+        selected = select_items(items, ids=ids, shard=shard, limit=limit, categories=categories)
         todo, skipped = mf.prepare(root, selected, shard=shard)
         return EvalPlan(todo=tuple(todo), skipped=tuple(skipped), selected=len(selected))
 
@@ -134,11 +134,15 @@ def make_record(item: EvalItem, sampling: SamplingConfig, info: dict, status: st
 
 
 def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output: OutputConfig, state,
-              shard: Tuple[int, int] = (0, 1), progress: bool = True, max_service_failures: int = 0) -> EvalSummary:
+              shard: Tuple[int, int] = (0, 1), progress: bool = True, max_service_failures: int = 0,
+              save_latents: bool = False) -> EvalSummary:
     """Generate every item of ``plan.todo``; rank 0 records the manifest and returns the summary.
 
     ``max_service_failures``: stop after this many consecutive items failed on the caption/VAE
     service (0: never). The decision is taken on every rank from the same shared failure.
+    ``save_latents``: rank 0 also writes the final latents beside each video
+    (``<NNN>-<slug>.latents.safetensors``, atomically, before the manifest line) and records
+    their relative path as ``latents``.
     """
     root = Path(root)
     manifest_path = root / mf.manifest_name(shard)
@@ -170,6 +174,8 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
             if error is None:
                 record = make_record(item, params, info, mf.STATUS_OK, path=rel, sha256=sha256_file(root / rel),
                                      timings=result.timings, seconds=seconds)
+                if save_latents:
+                    record["latents"] = _save_item_latents(root, rel, result, item, params)
                 summary.done += 1
                 summary.seconds.append(seconds)
             else:
@@ -189,3 +195,21 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
         bar.close()
     state.barrier()
     return summary
+
+
+def _save_item_latents(root: Path, rel: str, result, item: EvalItem, params: SamplingConfig) -> Optional[str]:
+    """Write the item's final latents beside its video; their relative path, or None (logged) on failure."""
+    from ..vae.latents_file import latents_path_for, save_latents
+
+    latents = getattr(result, "latents", None)
+    if latents is None:
+        logger.warning("item %s: the pipeline returned no latents; none saved", item.id)
+        return None
+    target = latents_path_for(root / rel)
+    try:
+        save_latents(target, latents, {"id": item.id, "prompt": item.prompt, "sampling": params.to_dict(),
+                                       "video": Path(rel).name})
+    except OSError as err:            # the video is done; a missing latents file must not fail the item
+        logger.warning("item %s: latents not saved to %s: %s", item.id, target, err)
+        return None
+    return target.relative_to(root).as_posix()

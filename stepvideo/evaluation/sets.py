@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -232,10 +233,36 @@ def shard_items(items: Sequence[EvalItem], shard: int, num_shards: int) -> List[
     return [item for item in items if (item.index - 1) % num_shards == shard]
 
 
+def _category_key(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name).strip().casefold()
+
+
+def category_names(items: Sequence[EvalItem]) -> List[str]:
+    """The categories of ``items`` in order of first appearance."""
+    return list(dict.fromkeys(item.category for item in items))
+
+
+def filter_categories(items: Sequence[EvalItem], categories: Sequence[str]) -> List[EvalItem]:
+    """Items of the named categories (case, spaces, ``_`` and ``-`` do not matter:
+    ``3d_animation`` selects ``3D Animation``); an unknown name is an error listing the known ones."""
+    known = {_category_key(name): name for name in category_names(items)}
+    wanted = set()
+    for name in categories:
+        key = _category_key(str(name))
+        if key not in known:
+            raise ValueError(f"--categories: unknown category {name!r}; this set has "
+                             f"{', '.join(repr(n) for n in known.values())}")
+        wanted.add(known[key])
+    return [item for item in items if item.category in wanted]
+
+
 def select_items(items: Sequence[EvalItem], ids: Optional[Sequence[str]] = None,
-                 shard: Tuple[int, int] = (0, 1), limit: Optional[int] = None) -> List[EvalItem]:
-    """``--ids`` filter, then ``--shard``, then ``--limit`` (first N of this shard)."""
+                 shard: Tuple[int, int] = (0, 1), limit: Optional[int] = None,
+                 categories: Optional[Sequence[str]] = None) -> List[EvalItem]:
+    """``--categories`` and ``--ids`` filters, then ``--shard``, then ``--limit`` (first N of this shard)."""
     selected = list(items)
+    if categories:
+        selected = filter_categories(selected, categories)
     if ids:
         wanted = {str(x) for x in ids}
         known = {item.id for item in items} | {str(item.index) for item in items}

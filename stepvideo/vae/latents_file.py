@@ -1,0 +1,84 @@
+"""The latents file: one safetensors file, tensor ``latents [B, F, C, h, w]`` plus JSON metadata.
+
+Written by ``python -m stepvideo.vae encode``, by the evaluation runner's ``--save_latents``
+(``<video>.latents.safetensors`` beside each mp4) and read by ``decode`` and
+``benchmark/compare.py``. The metadata (string-to-string, as safetensors requires) holds
+``"stepvideo"`` = a JSON object (e.g. the sampling settings, the source video, fps).
+A file with a single tensor under another key is accepted too.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ..io.atomic import atomic_write_bytes
+
+LATENTS_KEY = "latents"
+METADATA_KEY = "stepvideo"
+SUFFIX = ".latents.safetensors"
+
+
+def latents_path_for(video: Union[str, os.PathLike]) -> Path:
+    """``dir/001-x.mp4`` -> ``dir/001-x.latents.safetensors``."""
+    video = Path(video)
+    return video.with_name(video.stem + SUFFIX)
+
+
+def save_latents(path: Union[str, os.PathLike], latents: torch.Tensor, metadata: Optional[dict] = None) -> Path:
+    """Write ``latents [B, F, C, h, w]`` (moved to CPU, contiguous) atomically."""
+    from safetensors.torch import save
+
+    if latents.ndim != 5:
+        raise ValueError(f"latents must be [B, F, C, h, w], got shape {list(latents.shape)}")
+    meta = {METADATA_KEY: json.dumps(metadata or {}, ensure_ascii=False, sort_keys=True, default=str)}
+    data = save({LATENTS_KEY: latents.detach().cpu().contiguous()}, metadata=meta)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, data)
+
+
+def load_latents(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, dict]:
+    """``(latents [B, F, C, h, w], metadata dict)``; errors name the file and the problem."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latents file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            key = LATENTS_KEY if LATENTS_KEY in keys else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ValueError(f"{path}: expected a tensor named {LATENTS_KEY!r} (or a single tensor), "
+                                 f"found {keys}")
+            latents = f.get_tensor(key)
+            file_meta = f.metadata() or {}
+    except ValueError:
+        raise
+    except Exception as err:          # safetensors raises its own error types for broken files
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    if latents.ndim == 4:
+        latents = latents.unsqueeze(0)                      # [F, C, h, w] -> [1, F, C, h, w]
+    if latents.ndim != 5 or not latents.is_floating_point():
+        raise ValueError(f"{path}: latents must be a float tensor [B, F, C, h, w], got {latents.dtype} "
+                         f"{list(latents.shape)}")
+    return latents, _parse_metadata(file_meta)
+
+
+def _parse_metadata(file_meta: dict) -> dict:
+    """Our ``"stepvideo"`` JSON object, else every entry with JSON values decoded where possible
+    (files written by other tools, e.g. flat string fields)."""
+    def value(text):
+        try:
+            return json.loads(text)
+        except (TypeError, json.JSONDecodeError):
+            return text
+
+    if METADATA_KEY in file_meta:
+        parsed = value(file_meta[METADATA_KEY])
+        return parsed if isinstance(parsed, dict) else {"value": parsed}
+    return {k: value(v) for k, v in file_meta.items()}
