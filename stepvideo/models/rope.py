@@ -133,8 +133,13 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
     half-chunk by half-chunk from strided views of ``x`` (no gathered copy), then
     ``x *= cos; x += rotated``.
     """
-    rotated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     signed_sin = signed_sin[None, :, None, :]
-    for dst, src in _half_chunks(split):
-        torch.mul(x[..., src], signed_sin[..., dst], out=rotated[..., dst])
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace out= into strided views; Inductor fuses the gather form anyway
+        perm, _ = _partner_and_sign(tuple(split), str(x.device))
+        rotated = x[..., perm] * signed_sin
+    else:
+        rotated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for dst, src in _half_chunks(split):
+            torch.mul(x[..., src], signed_sin[..., dst], out=rotated[..., dst])
     return x.mul_(cos[None, :, None, :]).add_(rotated)
