@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from stepvideo.models.dit import StepVideoModel
-from stepvideo.models.rope import RoPE3D, apply_rope, rotate_half_chunks
+from stepvideo.models.blocks import gated_residual, modulate
+from stepvideo.models.norms import rms_norm, rms_norm_
+from stepvideo.models.rope import RoPE3D, apply_rope, apply_rope_, rotate_half_chunks, signed_sin_table
 from stepvideo.perf import flops, fp8, memory_model
 from stepvideo.perf.offload import disable_block_offload, enable_block_offload
 from stepvideo.testing.init import init_random_weights
@@ -86,6 +88,43 @@ def test_rope_gather_is_bit_identical(dtype):
     cos, sin = RoPE3D().tables((3, 4, 5), dtype, "cpu")
     ref = x * cos[None, :, None] + rotate_half_chunks(x) * sin[None, :, None]
     assert torch.equal(apply_rope(x, cos, sin), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_rope_is_bit_identical_on_strided_views(dtype):
+    """apply_rope_ (no gather, in place) == apply_rope, on a q view of a fused [q|k|v] tensor."""
+    qkv = torch.randn(2, 3 * 4 * 5, 4, 3 * 128).to(dtype)
+    q = qkv[..., :128]
+    cos, sin = RoPE3D().tables((3, 4, 5), dtype, "cpu")
+    expected = apply_rope(q, cos, sin)
+    untouched = qkv[..., 128:].clone()
+    out = apply_rope_(q, cos, signed_sin_table(sin))
+    assert out.data_ptr() == qkv.data_ptr() and torch.equal(out, expected)
+    assert torch.equal(qkv[..., 128:], untouched)
+
+
+def test_in_place_modulation_and_residual_are_bit_identical():
+    g = torch.Generator().manual_seed(0)
+    x, y, h = (torch.randn(2, 50, 64, generator=g).bfloat16() for _ in range(3))
+    scale, shift, gate = (torch.randn(2, 1, 64, generator=g).bfloat16() for _ in range(3))
+    assert torch.equal(modulate(h.clone(), scale, shift), h * (1 + scale) + shift)
+    x_before = x.clone()
+    assert torch.equal(gated_residual(x, gate, y.clone()), gate * y + x)
+    assert torch.equal(x, x_before)                                    # the block input is not written
+
+
+def test_one_pass_rms_norm_statistics():
+    """rms_norm_ moves only the fp32 mean of squares: fp32 ~1e-7 relative, bf16 rare one-ulp flips."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 512, 128, generator=g) * 3
+    w = 1 + 0.1 * torch.randn(128, generator=g)
+    torch.testing.assert_close(rms_norm_(x.clone(), w, 1e-6), rms_norm(x, w, 1e-6), rtol=1e-6, atol=1e-6)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    ref, out = rms_norm(xb, wb, 1e-6), rms_norm_(xb.clone(), wb, 1e-6)
+    differ = ref != out
+    assert differ.float().mean() < 1e-4
+    ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs()
+    assert ((out.float() - ref.float()).abs() <= ulp)[differ].all()
 
 
 def test_rope_tables_cached_per_grid_dtype_device():
