@@ -195,3 +195,31 @@ def test_block_offload_cpu_is_identity():
     assert torch.equal(model(**inputs), ref)          # hooks restore the host copies
     disable_block_offload(model, "cpu")
     assert torch.equal(model(**inputs), ref)
+
+
+# ------------------------------------------------------------------------------------ benchmarks
+def test_bench_scripts_run_on_cpu(tmp_path, capsys):
+    """The documented CPU commands of benchmark/bench_dit.py and benchmark/bench_bf16_drift.py run."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmark"
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    drift = load("bench_bf16_drift")
+    assert drift.main(["dump", str(tmp_path / "a.pt")]) == 0
+    assert drift.main(["compare", str(tmp_path / "a.pt"), str(tmp_path / "a.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "t2v:" in out and "ti2v:" in out and out.count("bf16 bit-identical 100.0%") == 2
+
+    bench = load("bench_dit")
+    assert bench.main(["--device", "cpu", "--dtype", "fp32", "--layers", "1", "--heads", "4", "--frames", "17",
+                       "--height", "64", "--width", "64", "--warmup", "1", "--steps", "1",
+                       "--matmul_size", "0", "--text_tokens", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "seconds/step" in out and "tokens=48" in out
