@@ -55,10 +55,12 @@ def compare(old_path: str, new_path: str) -> None:
         f_old, f_new = old[f"{variant}_float32"], new[f"{variant}_float32"]
         b_old, b_new = old[f"{variant}_bfloat16"].float(), new[f"{variant}_bfloat16"].float()
         same = float((b_old == b_new).float().mean()) * 100
-        print(f"{variant}: std(out) {float(f_old.std()):.3f} | fp32 max|new-old| {float((f_new - f_old).abs().max()):.3g}"
+        err_old, err_new = (b_old - f_old).abs(), (b_new - f_new).abs()
+        print(f"{variant}: std(out) {float(f_old.std()):.3f}"
+              f" | fp32 max|new-old| {float((f_new - f_old).abs().max()):.3g}"
               f" | bf16 bit-identical {same:.1f}%, max|new-old| {float((b_new - b_old).abs().max()):.3g}"
-              f" | bf16 vs fp32: old max {float((b_old - f_old).abs().max()):.4f} mean {float((b_old - f_old).abs().mean()):.5f},"
-              f" new max {float((b_new - f_new).abs().max()):.4f} mean {float((b_new - f_new).abs().mean()):.5f}")
+              f" | bf16 vs fp32: old max {float(err_old.max()):.4f} mean {float(err_old.mean()):.5f},"
+              f" new max {float(err_new.max()):.4f} mean {float(err_new.mean()):.5f}")
 
 
 def main(argv=None) -> int:

@@ -22,8 +22,9 @@ from .rope import apply_rope_, signed_sin_table
 # Small element-wise stages, written once and used by the eager and the compiled path
 # (``stepvideo.perf.compile.compile_blocks``). Eager runs them in place on tensors the block
 # itself produced (never on the block input), with the reference's roundings in the reference's
-# order: the same numbers in fewer full-size passes and without temporaries. torch.compile fuses
-# each into one kernel.
+# order: the same numbers in fewer full-size passes and without temporaries (an inference path:
+# autograd through these in-place stages is not supported). torch.compile fuses each into one
+# kernel.
 def qk_norm_rope(x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """QK-norm (fp32 statistics, cast back, ``* weight``) then 3D RoPE, in place on ``x [B, L, N, Dh]``.
 
