@@ -56,6 +56,9 @@ def _worker(cache_dir):
     from stepvideo.parallel.state import ParallelConfig, ParallelState
     from stepvideo.perf.compile import compile_blocks
 
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1          # no compile-worker pool per rank on a small CPU machine
     handler = _Lines()
     logger = logging.getLogger("stepvideo.perf.compile")
     logger.addHandler(handler)
