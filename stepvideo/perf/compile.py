@@ -137,9 +137,10 @@ def compile_blocks(model: nn.Module, *, mode: Optional[str] = None, dynamic: Opt
     cache = use_inductor_cache(cache_dir)
     _keep_sequence_hooks_eager(model)
     compiled = {}     # one compiled function per block class, shared by all its instances
-    for block in blocks:
-        if "forward" in vars(block):          # already compiled
-            continue
+    fresh = [block for block in blocks if "forward" not in vars(block)]      # not compiled yet
+    if not fresh:
+        return model
+    for block in fresh:
         cls = type(block)
         if cls not in compiled:
             compiled[cls] = torch.compile(cls.forward, mode=mode, dynamic=dynamic, fullgraph=fullgraph)
