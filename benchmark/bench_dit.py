@@ -19,6 +19,7 @@ GPU memory and the memory model of ``stepvideo.perf.memory_model``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -45,7 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=992)
     p.add_argument("--text_tokens", type=int, default=397, help="77 CLIP + LLM tokens (valid, after masking)")
     p.add_argument("--attention_backend", default="auto", choices=list(BACKENDS))
-    p.add_argument("--compile", action="store_true", help="torch.compile every block")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every block (stepvideo.perf.compile; Inductor cache: $TORCHINDUCTOR_CACHE_DIR, "
+                        "default ~/.cache/stepvideo/inductor)")
     p.add_argument("--fp8", action="store_true", help="fp8 e4m3 block linears (stepvideo.perf.fp8)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
@@ -112,6 +115,7 @@ def matmul_tflops(n, device, dtype, repeats=5):
 
 def main(argv=None):
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")   # backend, compile time
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     model = build_model(args, device, dtype)

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from stepvideo.models.dit import StepVideoModel
-from stepvideo.models.rope import RoPE3D, apply_rope, rotate_half_chunks
+from stepvideo.models.blocks import gated_residual, modulate
+from stepvideo.models.norms import rms_norm, rms_norm_
+from stepvideo.models.rope import RoPE3D, apply_rope, apply_rope_, rotate_half_chunks, signed_sin_table
 from stepvideo.perf import flops, fp8, memory_model
 from stepvideo.perf.offload import disable_block_offload, enable_block_offload
 from stepvideo.testing.init import init_random_weights
@@ -88,6 +90,43 @@ def test_rope_gather_is_bit_identical(dtype):
     assert torch.equal(apply_rope(x, cos, sin), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_rope_is_bit_identical_on_strided_views(dtype):
+    """apply_rope_ (no gather, in place) == apply_rope, on a q view of a fused [q|k|v] tensor."""
+    qkv = torch.randn(2, 3 * 4 * 5, 4, 3 * 128).to(dtype)
+    q = qkv[..., :128]
+    cos, sin = RoPE3D().tables((3, 4, 5), dtype, "cpu")
+    expected = apply_rope(q, cos, sin)
+    untouched = qkv[..., 128:].clone()
+    out = apply_rope_(q, cos, signed_sin_table(sin))
+    assert out.data_ptr() == qkv.data_ptr() and torch.equal(out, expected)
+    assert torch.equal(qkv[..., 128:], untouched)
+
+
+def test_in_place_modulation_and_residual_are_bit_identical():
+    g = torch.Generator().manual_seed(0)
+    x, y, h = (torch.randn(2, 50, 64, generator=g).bfloat16() for _ in range(3))
+    scale, shift, gate = (torch.randn(2, 1, 64, generator=g).bfloat16() for _ in range(3))
+    assert torch.equal(modulate(h.clone(), scale, shift), h * (1 + scale) + shift)
+    x_before = x.clone()
+    assert torch.equal(gated_residual(x, gate, y.clone()), gate * y + x)
+    assert torch.equal(x, x_before)                                    # the block input is not written
+
+
+def test_one_pass_rms_norm_statistics():
+    """rms_norm_ moves only the fp32 mean of squares: fp32 ~1e-7 relative, bf16 rare one-ulp flips."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 512, 128, generator=g) * 3
+    w = 1 + 0.1 * torch.randn(128, generator=g)
+    torch.testing.assert_close(rms_norm_(x.clone(), w, 1e-6), rms_norm(x, w, 1e-6), rtol=1e-6, atol=1e-6)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    ref, out = rms_norm(xb, wb, 1e-6), rms_norm_(xb.clone(), wb, 1e-6)
+    differ = ref != out
+    assert differ.float().mean() < 1e-4
+    ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs()
+    assert ((out.float() - ref.float()).abs() <= ulp)[differ].all()
+
+
 def test_rope_tables_cached_per_grid_dtype_device():
     rope = RoPE3D()
     a = rope.tables((2, 3, 4), torch.float32, "cpu")
@@ -97,19 +136,23 @@ def test_rope_tables_cached_per_grid_dtype_device():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol,mean_tol", [(torch.float32, 1e-5, 1e-6), (torch.bfloat16, 3e-2, 5e-3)])
-def test_compiled_blocks_equal_eager(dtype, tol, mean_tol):
+def test_compiled_blocks_equal_eager(dtype, tol, mean_tol, tmp_path, monkeypatch):
     """compile_blocks vs eager, in units of std(out): fp32 max|diff| < 1e-5; bf16 max|diff| < 3e-2
     (two bf16 ulps at |out| ~ 2; Inductor keeps fp32 intermediates inside fused kernels where
     eager rounds each op to bf16) and mean|diff| < 5e-3."""
-    from stepvideo.perf.compile import compile_blocks
+    import torch._inductor.config as inductor_config
 
+    from stepvideo.perf.compile import CACHE_ENV, compile_blocks
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))        # a private Inductor cache, restored afterwards
     torch._dynamo.reset()
     model = tiny_model(dtype, layers=1)
     inputs = tiny_inputs(dtype)
     eager = model(**inputs).float()
-    compiled = compile_blocks(copy.deepcopy(model))
+    compiled = compile_blocks(copy.deepcopy(model), cache_dir=tmp_path)
     assert set(compiled.state_dict()) == set(model.state_dict())
-    out = compiled(**inputs).float()
+    with inductor_config.patch(compile_threads=1):       # no compile-worker pool on a small CPU machine
+        out = compiled(**inputs).float()
     diff = (out - eager).abs()
     assert diff.max() / eager.std() < tol and diff.mean() / eager.std() < mean_tol
 
@@ -156,3 +199,31 @@ def test_block_offload_cpu_is_identity():
     assert torch.equal(model(**inputs), ref)          # hooks restore the host copies
     disable_block_offload(model, "cpu")
     assert torch.equal(model(**inputs), ref)
+
+
+# ------------------------------------------------------------------------------------ benchmarks
+def test_bench_scripts_run_on_cpu(tmp_path, capsys):
+    """The documented CPU commands of benchmark/bench_dit.py and benchmark/bench_bf16_drift.py run."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmark"
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    drift = load("bench_bf16_drift")
+    assert drift.main(["dump", str(tmp_path / "a.pt")]) == 0
+    assert drift.main(["compare", str(tmp_path / "a.pt"), str(tmp_path / "a.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "t2v:" in out and "ti2v:" in out and out.count("bf16 bit-identical 100.0%") == 2
+
+    bench = load("bench_dit")
+    assert bench.main(["--device", "cpu", "--dtype", "fp32", "--layers", "1", "--heads", "4", "--frames", "17",
+                       "--height", "64", "--width", "64", "--warmup", "1", "--steps", "1",
+                       "--matmul_size", "0", "--text_tokens", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "seconds/step" in out and "tokens=48" in out

@@ -14,13 +14,25 @@ Backends
 ``flash3``/``flash2`` one specific flash-attn major version.
                     flash-attn is probed lazily with ``importlib.util.find_spec``; a broken
                     install is logged and disabled, never raised at import.
-``auto``            resolved by :func:`resolve_backend` when a module is built:
-                    ``flash3`` on Hopper (sm_90) when flash-attn 3 is importable (the fastest
-                    bf16 attention there), else ``flash2`` on CUDA when flash-attn 2 is
-                    importable, else ``sdpa`` (which itself dispatches to the flash / cuDNN /
-                    memory-efficient kernels on CUDA).
+``auto``            resolved once, when the model is built, by :func:`choose_backend` from the
+                    CUDA device capability and the flash-attn packages that import:
 
-A call that a backend cannot serve (a mask, CPU tensors or fp32 for ``flash*``) falls back to
+                    =====================  ==========================  ===========
+                    GPU family             package importable          ``auto``
+                    =====================  ==========================  ===========
+                    Hopper (sm_90)         flash-attn 3                ``flash3``
+                    Ampere / Ada (sm_8x)   flash-attn 2                ``flash2``
+                    any other CUDA GPU,    --                          ``sdpa``
+                    or the package above
+                    missing
+                    no CUDA (CPU)          --                          ``sdpa``
+                    =====================  ==========================  ===========
+
+                    ``sdpa`` on CUDA lets PyTorch pick its flash / cuDNN / memory-efficient
+                    kernel. The choice is logged once at INFO (``attention backend: ...``).
+
+Self- and cross-attention go through :func:`attention` with the model's backend. A call that a
+backend cannot serve (a mask, as in cross-attention, CPU tensors or fp32 for ``flash*``) runs
 ``sdpa``, which computes the same operation.
 """
 from __future__ import annotations
@@ -30,7 +42,7 @@ import functools
 import importlib
 import importlib.util
 import logging
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,27 +70,65 @@ def _flash_attn_func(backend: str = "flash") -> Optional[Callable]:
     return None
 
 
+FLASH_INSTALL_HINT = {
+    "flash3": "flash-attn 3 (module flash_attn_interface): build `hopper/` of "
+              "https://github.com/Dao-AILab/flash-attention (`python setup.py install`) on a Hopper host",
+    "flash2": "flash-attn 2 (module flash_attn): `pip install flash-attn --no-build-isolation` on a CUDA host",
+    "flash": "flash-attn 2 or 3: `pip install flash-attn --no-build-isolation` on a CUDA host",
+}
+
+
 def flash_available(backend: str = "flash") -> bool:
     return torch.cuda.is_available() and _flash_attn_func(backend) is not None
 
 
-def _is_hopper() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+def choose_backend(capability: Optional[Tuple[int, int]], importable: Collection[str]) -> str:
+    """What ``auto`` means on a device: a pure function of the facts, so it is testable anywhere.
+
+    Args:
+        capability: CUDA compute capability ``(major, minor)`` of the device, None without CUDA.
+        importable: the flash-attn flavours that import here, a subset of ``{"flash3", "flash2"}``.
+    Returns:
+        ``flash3`` on Hopper with flash-attn 3, ``flash2`` on Ampere / Ada with flash-attn 2,
+        else ``sdpa`` (PyTorch then picks its flash / cuDNN / memory-efficient kernel).
+    """
+    if capability is None:
+        return "sdpa"
+    major = capability[0]
+    if major == 9 and "flash3" in importable:
+        return "flash3"
+    if major == 8 and "flash2" in importable:
+        return "flash2"
+    return "sdpa"
+
+
+def _device_facts() -> Tuple[Optional[Tuple[int, int]], Tuple[str, ...], str]:
+    """(capability, importable flash flavours, device name) of the current CUDA device."""
+    if not torch.cuda.is_available():
+        return None, (), "no CUDA device"
+    capability = tuple(torch.cuda.get_device_capability())
+    importable = tuple(name for name in ("flash3", "flash2") if _flash_attn_func(name) is not None)
+    return capability, importable, torch.cuda.get_device_name()
 
 
 def resolve_backend(name: str = "auto") -> str:
-    """Turn a backend request into a concrete backend name; raise for unknown or missing ones."""
+    """Turn a backend request into a concrete backend name; raise for unknown or missing ones.
+
+    ``auto`` is resolved with :func:`choose_backend` and the choice is logged at INFO.
+    """
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
     if name == "auto":
-        if _is_hopper() and flash_available("flash3"):
-            return "flash3"
-        if flash_available("flash2"):
-            return "flash2"
-        return "sdpa"
+        capability, importable, device = _device_facts()
+        chosen = choose_backend(capability, importable)
+        where = device if capability is None else f"{device}, sm_{capability[0]}{capability[1]}"
+        logger.info("attention backend: %s (auto on %s; flash-attn importable: %s)", chosen, where,
+                    ", ".join(importable) or "none")
+        return chosen
     if name in FLASH_MODULES and _flash_attn_func(name) is None:
-        raise RuntimeError(f"attention backend {name!r} requested but flash-attn is not importable: "
-                           "`pip install flash-attn --no-build-isolation` on a CUDA host, or use 'sdpa'")
+        raise RuntimeError(f"attention backend {name!r} requested but flash-attn is not importable: install "
+                           f"{FLASH_INSTALL_HINT[name]}; or use --attention_backend sdpa")
+    logger.info("attention backend: %s", name)
     return name
 
 

@@ -11,31 +11,40 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .norms import RMSNorm, rms_norm
+from .norms import RMSNorm, rms_norm_
 from .parallel_hooks import LocalSequence
-from .rope import apply_rope
+from .rope import apply_rope_, signed_sin_table
 
 
 # Small element-wise stages, written once and used by the eager and the compiled path
-# (``stepvideo.perf.compile.compile_blocks``): torch.compile fuses each into one kernel; eager
-# evaluates exactly the same ops in the same order, so both paths compute the same numbers.
-def qk_norm_rope(x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """QK-norm (fp32 statistics, cast back, ``* weight``) then 3D RoPE, ``x [B, L, N, Dh]``."""
-    return apply_rope(rms_norm(x, norm.weight, norm.eps), cos, sin)
+# (``stepvideo.perf.compile.compile_blocks``). Eager runs them in place on tensors the block
+# itself produced (never on the block input), with the reference's roundings in the reference's
+# order: the same numbers in fewer full-size passes and without temporaries (an inference path:
+# autograd through these in-place stages is not supported). torch.compile fuses each into one
+# kernel.
+def qk_norm_rope(x: torch.Tensor, norm: RMSNorm, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """QK-norm (fp32 statistics, cast back, ``* weight``) then 3D RoPE, in place on ``x [B, L, N, Dh]``.
+
+    ``signed_sin`` is :func:`~stepvideo.models.rope.signed_sin_table` of the RoPE sine table.
+    """
+    return apply_rope_(rms_norm_(x, norm.weight, norm.eps), cos, signed_sin)
 
 
 def modulate(x_norm: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """AdaLN modulation in the reference order: ``x_norm * (1 + scale) + shift``."""
-    return x_norm * (1 + scale) + shift
+    """AdaLN modulation in the reference order, in place on ``x_norm``: ``x_norm * (1 + scale) + shift``."""
+    return x_norm.mul_(1 + scale).add_(shift)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``gate * y + x`` (not ``addcmul``, whose fused rounding would change bf16 numbers)."""
-    return gate * y + x
+    """``gate * y + x`` as a new tensor; ``y`` (a block temporary) is overwritten with ``gate * y``.
+
+    Two roundings as the reference (not ``addcmul``, whose single rounding would change bf16
+    numbers); IEEE addition and multiplication are commutative, so the operand order is free.
+    """
+    return x + y.mul_(gate)
 
 
 class SelfAttention(nn.Module):
@@ -53,10 +62,12 @@ class SelfAttention(nn.Module):
                 sequence=LocalSequence()) -> torch.Tensor:
         """``x [B, L, D]`` -> ``[B, L, D]``; ``rope`` = (cos, sin) rows of this chunk ``[L, Dh]``."""
         b, length, _ = x.shape
+        cos, sin = rope
+        signed_sin = signed_sin_table(sin)
         qkv = self.wqkv(x).view(b, length, -1, 3 * self.head_dim)     # [B, L, N, 3Dh]
-        q, k, v = qkv.split(self.head_dim, dim=-1)                     # [B, L, N, Dh] each
-        q = qk_norm_rope(q, self.q_norm, *rope)
-        k = qk_norm_rope(k, self.k_norm, *rope)
+        q, k, v = qkv.split(self.head_dim, dim=-1)                     # [B, L, N, Dh] each (views)
+        q = qk_norm_rope(q, self.q_norm, cos, signed_sin)              # in place inside qkv
+        k = qk_norm_rope(k, self.k_norm, cos, signed_sin)
         out = sequence.attention(q, k, v, lambda q_, k_, v_: attention(q_, k_, v_, backend=backend))
         return self.wo(out.reshape(b, length, -1))                     # [B, L, N*Dh] -> [B, L, D]
 
@@ -73,14 +84,20 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=eps)
         self.k_norm = RMSNorm(head_dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """``x [B, L, D]``, ``context [B, Lkv, D]``, ``mask [B, 1, 1, Lkv]`` bool -> ``[B, L, D]``."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: Optional[torch.Tensor],
+                backend: str = "sdpa") -> torch.Tensor:
+        """``x [B, L, D]``, ``context [B, Lkv, D]``, ``mask [B, 1, 1, Lkv]`` bool -> ``[B, L, D]``.
+
+        ``backend`` is the model's attention backend; a masked call on a flash backend runs
+        SDPA (flash-attn takes no mask), see :func:`stepvideo.models.attention.attention`.
+        """
         b, length, _ = x.shape
-        q = self.q_norm(self.wq(x).view(b, length, -1, self.head_dim))           # [B, L, N, Dh]
+        q = self.wq(x).view(b, length, -1, self.head_dim)                        # [B, L, N, Dh]
+        q = rms_norm_(q, self.q_norm.weight, self.q_norm.eps)
         kv = self.wkv(context).view(b, context.shape[1], -1, 2 * self.head_dim)  # [B, Lkv, N, 2Dh]
         k, v = kv.split(self.head_dim, dim=-1)
-        k = self.k_norm(k)
-        out = attention(q, k, v, mask=mask, backend="sdpa")
+        k = rms_norm_(k, self.k_norm.weight, self.k_norm.eps)
+        out = attention(q, k, v, mask=mask, backend=backend)
         return self.wo(out.reshape(b, length, -1))
 
 
@@ -92,7 +109,8 @@ class GELUProjection(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        # in place on the fresh [B, L, 4D] projection (the block's largest activation)
+        return torch._C._nn.gelu_(self.proj(x), approximate="tanh")
 
 
 class FeedForward(nn.Module):
@@ -133,12 +151,11 @@ class StepVideoTransformerBlock(nn.Module):
         rows = self.scale_shift_table[None] + modulation.reshape(b, 6, -1)      # [B, 6, D]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = rows.chunk(6, dim=1)
 
-        # 1. Self-attention
+        # 1. Self-attention (the block input x is read, never written)
         h = modulate(self.norm1(x), scale_msa, shift_msa)
         x = gated_residual(x, gate_msa, self.attn1(h, rope, backend, sequence))
-        # 2. Cross-attention on the un-normalised stream, no gate
-        x = self.attn2(x, context, cross_mask) + x
+        # 2. Cross-attention on the un-normalised stream, no gate (x is now the block's own tensor)
+        x = x.add_(self.attn2(x, context, cross_mask, backend))
         # 3. Feed-forward
         h = modulate(self.norm2(x), scale_mlp, shift_mlp)
-        x = gated_residual(x, gate_mlp, self.ff(h))
-        return x
+        return x.add_(self.ff(h).mul_(gate_mlp))

@@ -105,3 +105,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     perm, sign = _partner_and_sign(tuple(split), str(x.device))
     signed_sin = sin * sign.to(sin.dtype)
     return x * cos[None, :, None, :] + x[..., perm] * signed_sin[None, :, None, :]
+
+
+def signed_sin_table(sin: torch.Tensor, split: Sequence[int] = ROPE_SPLIT) -> torch.Tensor:
+    """``sin [L, D]`` with the first half of every chunk negated (the sign of rotate-half)."""
+    _, sign = _partner_and_sign(tuple(split), str(sin.device))
+    return sin * sign.to(sin.dtype)
+
+
+def _half_chunks(split: Sequence[int]):
+    """``(dst, src)`` channel slices of rotate-half: ``rotated[dst] = x[src] * signed_sin[dst]``."""
+    pairs, offset = [], 0
+    for dim in split:
+        half = dim // 2
+        first, second = slice(offset, offset + half), slice(offset + half, offset + dim)
+        pairs += [(first, second), (second, first)]
+        offset += dim
+    return pairs
+
+
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                split: Sequence[int] = ROPE_SPLIT) -> torch.Tensor:
+    """In-place 3D RoPE of ``x [B, L, N, D]`` (any strides) with ``cos, signed_sin [L, D]``; returns ``x``.
+
+    Bit-identical to :func:`apply_rope` (the same three roundings: ``x * cos``,
+    ``rotate_half(x) * sin`` and their sum) in three passes: the rotated product is written
+    half-chunk by half-chunk from strided views of ``x`` (no gathered copy), then
+    ``x *= cos; x += rotated``.
+    """
+    signed_sin = signed_sin[None, :, None, :]
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace out= into strided views; Inductor fuses the gather form anyway
+        perm, _ = _partner_and_sign(tuple(split), str(x.device))
+        rotated = x[..., perm] * signed_sin
+    else:
+        rotated = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for dst, src in _half_chunks(split):
+            torch.mul(x[..., src], signed_sin[..., dst], out=rotated[..., dst])
+    return x.mul_(cos[None, :, None, :]).add_(rotated)
