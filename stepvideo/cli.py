@@ -27,6 +27,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="FP8 (e4m3, per-channel scales) weights for the DiT block linears (scaled matmul on Hopper)")
     g.add_argument("--use-cpu-offload", "--cpu_offload", dest="use_cpu_offload", action="store_true",
                    help="keep DiT block weights in CPU memory and stream each block to the GPU when it runs")
+    g.add_argument("--memory_profile", default="auto", choices=["auto", "141g", "80g", "48g", "24g", "none"],
+                   help="one-GPU placement by card size (docs/performance.md): 141g everything resident; 80g "
+                        "encoders before the DiT, DiT off the device while the VAE decodes; 48g fp8 DiT + 80g; "
+                        "24g fp8 DiT blocks streamed with prefetch, tiled VAE decode; none: keep everything as "
+                        "loaded; auto (default): by the device's memory for one-GPU --local runs, else none")
     g.add_argument("--local", "--local_encoders", dest="local", action="store_true",
                    help="run the text encoders and the VAE in this process instead of calling the service "
                         "(under torchrun spell it --local_encoders: torchrun's own parser rejects --local as "
@@ -123,7 +128,8 @@ def runtime_config(args: argparse.Namespace):
     return RuntimeConfig(model_dir=args.model_dir or "./ckpts", dtype=args.dtype,
                          attention_backend=args.attention_backend, local=args.local, vae_url=args.vae_url,
                          caption_url=args.caption_url, service_token=args.service_token, fp8=args.fp8,
-                         cpu_offload=args.use_cpu_offload)
+                         cpu_offload=args.use_cpu_offload,
+                         memory_profile=getattr(args, "memory_profile", "auto"))
 
 
 def token_count(sampling: SamplingConfig) -> int:

@@ -41,6 +41,7 @@ class RuntimeConfig:
     encoder_device: Optional[str] = None     # --local: where the text encoders / VAE run (default: DiT device)
     fp8: bool = False                        # FP8 weights for the DiT block linears
     cpu_offload: bool = False                # DiT blocks stay in CPU memory, streamed to the device per block
+    memory_profile: str = "auto"             # one-GPU placement (stepvideo.memory_profiles): auto/141g/80g/48g/24g/none
 
 
 class GenerationError(RuntimeError):
@@ -87,15 +88,18 @@ class VideoGenerator:
         self.transformer_config = config
         from .parallel import load_parallel_dit
 
+        self.placement = self._memory_placement(runtime, state)
         # each rank materialises only its tensor-parallel shard, then SP hooks / CFG wrapper
         self.model = load_parallel_dit(transformer_dir, state, torch_dtype=runtime.dtype,
-                                       device="cpu" if runtime.cpu_offload else state.device,
+                                       device="cpu" if runtime.cpu_offload else self.placement.dit_load_device(),
                                        attention_backend=runtime.attention_backend)
         dit = getattr(self.model, "module", self.model)          # inside a CFG-parallel wrapper
-        if runtime.fp8:
+        if runtime.fp8 and not self.placement.profile.dit_fp8:
             from .perf.fp8 import quantize_blocks
             quantize_blocks(dit)
-        if runtime.cpu_offload:
+        self.placement.prepare_dit(dit)
+        self._encoders = None                     # kept between generations when the profile says so
+        if runtime.cpu_offload and not self.placement.profile.dit_streamed_blocks:
             from .perf.offload import enable_block_offload
             enable_block_offload(dit, state.device)
         self.pipeline = StepVideoPipeline(self.model, FlowMatchDiscreteScheduler.from_pretrained(self.root),
@@ -107,6 +111,36 @@ class VideoGenerator:
             self.pipeline.vae.output = "uint8"     # converted on the server: half the bytes, same numbers
 
     # ------------------------------------------------------------------------------------
+    @staticmethod
+    def _memory_placement(runtime: RuntimeConfig, state):
+        """The memory profile's placement (``auto`` applies to one-GPU ``--local`` runs only)."""
+        from .memory_profiles import Placement, resolve_profile
+
+        name = runtime.memory_profile
+        if name == "auto" and not (runtime.local and state.world_size == 1):
+            name = "none"
+        profile = resolve_profile(name, state.device)
+        logger.info("memory profile: %s", profile.name)
+        return Placement(profile, state.device)
+
+    @property
+    def dit(self):
+        return getattr(self.model, "module", self.model)
+
+    def _caption_encoder(self):
+        """Local text encoders placed by the memory profile (cached when it keeps them)."""
+        from .text_encoders.caption import CaptionEncoder
+
+        if self._encoders is not None:
+            return self._encoders
+        device = torch.device(self.runtime.encoder_device) if self.runtime.encoder_device \
+            else self.placement.encoder_load_device()
+        encoder = CaptionEncoder.from_pretrained(self.root, device=device)
+        self.placement.prepare_caption_encoder(encoder)
+        if self.placement.profile.encoders_stay:
+            self._encoders = encoder
+        return encoder
+
     def _encoder_device(self) -> torch.device:
         return torch.device(self.runtime.encoder_device) if self.runtime.encoder_device else self.state.device
 
@@ -124,18 +158,19 @@ class VideoGenerator:
             image = prepare_first_image(first_image, sampling.height // 16 * 16, sampling.width // 16 * 16)
         result = {}
         if self.runtime.local:
-            from .text_encoders.caption import CaptionEncoder
-
             device = self._encoder_device()
-            encoder = CaptionEncoder.from_pretrained(self.root, device=device)
+            self.placement.enter("encode", self.dit)
+            encoder = self._caption_encoder()
             result["embeds"] = encoder.embedding(prompts)
             del encoder
-            _free(device)
+            self.placement.release("encode", "text_encoders")
             if needs_image:
                 vae = self._local_vae()
+                self.placement.prepare_vae(vae, "encode")
                 result["condition"] = encode_image(vae, image, sampling.seed).cpu()
                 del vae
                 _free(device)
+                self.placement.release("encode", "vae")
         else:
             result["embeds"] = self.pipeline.caption_encoder.embedding(prompts)
             if needs_image:
@@ -146,6 +181,13 @@ class VideoGenerator:
         from .models.vae import AutoencoderKL
 
         return AutoencoderKL.from_pretrained(self.root / layout.VAE_DIR, device=self._encoder_device())
+
+    def _decode_vae(self):
+        """The local VAE for the final decode, after the memory profile moved the DiT away."""
+        self.placement.enter("decode", self.dit)
+        vae = self._local_vae()
+        self.placement.prepare_vae(vae, "decode")
+        return vae
 
     # ------------------------------------------------------------------------------------
     def generate(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, first_image=None,
@@ -166,8 +208,9 @@ class VideoGenerator:
             raise GenerationError(f"rank 0 failed to prepare the inputs: {inputs['error']}")
 
         pipe = self.pipeline
+        self.placement.enter("denoise", self.dit)
         if self.state.is_main and self.runtime.local:
-            pipe.vae = _LazyVAE(self._local_vae)
+            pipe.vae = _LazyVAE(self._decode_vae)
         failure = None
         try:
             result = pipe(prompt=prompt, height=sampling.height, width=sampling.width, num_frames=sampling.num_frames,
@@ -184,6 +227,7 @@ class VideoGenerator:
         if self.runtime.local and self.state.is_main:
             pipe.vae = None
             _free(self._encoder_device())
+            self.placement.release("decode", "vae")
         self.state.barrier()
         if failure is not None:
             raise failure
