@@ -55,9 +55,10 @@ TEMP_BYTES_PER_ELEMENT = 5          # fp32 copy (4) + fp8 copy (1) of each activ
 
 def chunk_rows(rows: int, in_features: int, out_features: int, limit: int = CHUNK_TEMP_BYTES) -> int:
     """Rows quantized per chunk: temporaries ``rows * in * 5`` bytes stay under ``limit`` and under
-    ``in * out`` bytes (what the fp8 weight saves against bf16), so the fp8 layer's peak never
-    exceeds the bf16 layer's. At least one row."""
-    budget = min(limit, in_features * out_features)
+    half of the ``in * out`` bytes the fp8 weight saves against bf16 (the other half covers the
+    weight scales and the per-row activation scales), so the fp8 layer's peak never exceeds the
+    bf16 layer's. At least one row."""
+    budget = min(limit, in_features * out_features // 2)
     return max(1, min(rows, budget // (TEMP_BYTES_PER_ELEMENT * in_features)))
 
 

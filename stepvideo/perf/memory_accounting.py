@@ -100,8 +100,18 @@ def fake_mode() -> Iterator[None]:
     """Shape-only tensors on CPU, inference mode; ops without a shape implementation raise."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_fallback_kernels=False), _ShapeOnlyScaledMM(), torch.no_grad():
-        yield
+    from ..models import rope
+
+    # rope keeps a module-level cache of small index tensors: give the trace its own (fake)
+    # entries and put the real ones back afterwards, so no fake tensor leaks into real runs
+    saved = dict(rope._PARTNERS)
+    rope._PARTNERS.clear()
+    try:
+        with FakeTensorMode(allow_fallback_kernels=False), _ShapeOnlyScaledMM(), torch.no_grad():
+            yield
+    finally:
+        rope._PARTNERS.clear()
+        rope._PARTNERS.update(saved)
 
 
 @contextlib.contextmanager
@@ -320,8 +330,14 @@ class StepMeasurement:
 
 
 def measure_step(video: VideoShape = VideoShape(), layout: DiTLayout = DiTLayout(), *, fp8: bool = False,
-                 ti2v: bool = False, layers: int = 48, text_tokens: int = T2V_TEXT_TOKENS) -> StepMeasurement:
-    """Trace one CFG denoising step of the real DiT: latents, CFG input, forward, guidance, Euler."""
+                 ti2v: bool = False, layers: int = 1, total_layers: int = 48,
+                 text_tokens: int = T2V_TEXT_TOKENS) -> StepMeasurement:
+    """Trace one CFG denoising step of the real DiT: latents, CFG input, forward, guidance, Euler.
+
+    ``layers`` blocks are traced; the other ``total_layers - layers`` are added as weights. That
+    is exact: all blocks are alive the whole step, each block's activations die before the next
+    block's peak, and the blocks are identical (checked in tests/test_memory_accounting.py).
+    The text is the longest possible (77 CLIP + 320 LLM tokens, no mask: the mask is bytes)."""
     if 48 % (layout.sp * layout.tp):
         raise ValueError(f"48 heads are not divisible by SP {layout.sp} x TP {layout.tp}")
     f, h, w = video.latent
@@ -333,7 +349,6 @@ def measure_step(video: VideoShape = VideoShape(), layout: DiTLayout = DiTLayout
         latents = torch.empty(1, f, 64, h, w, dtype=torch.bfloat16)
         y = torch.empty(b, text_tokens, 6144, dtype=torch.bfloat16)
         clip = torch.empty(b, CLIP_TOKENS, 1024, dtype=torch.bfloat16)
-        mask = torch.ones(b, CLIP_TOKENS + text_tokens, dtype=torch.bfloat16)
         condition = torch.empty(b, f, 64, h, w, dtype=torch.bfloat16) if ti2v else None
 
         def step():
@@ -350,10 +365,12 @@ def measure_step(video: VideoShape = VideoShape(), layout: DiTLayout = DiTLayout
             del out, cond, uncond
             return latents.float() + 0.01 * guided.float()       # the Euler update in fp32
 
-        trace, _ = trace_peak(step, model, latents, y, clip, mask, condition)
-        weights = module_bytes(model)
+        trace, _ = trace_peak(step, model, latents, y, clip, condition)
         one_block = block_bytes(model)
-    return StepMeasurement(weights=weights, block=one_block, peak=trace.peak, attention=attention_kernels(trace))
+        extra = one_block * (total_layers - layers)          # untraced blocks: weights only
+        weights = module_bytes(model) + extra
+    return StepMeasurement(weights=weights, block=one_block, peak=trace.peak + extra,
+                           attention=attention_kernels(trace))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,13 +398,18 @@ def measure_encode(prompts: int = 2, text_tokens: int = T2V_TEXT_TOKENS) -> Enco
 
     from ..text_encoders.step_llm import Step1Config, Step1Model
 
+    config = Step1Config()
     with fake_mode():
+        # one layer traced, the other 47 added as weights: every layer has the same lifetime
+        # structure and only its output survives it (exact; see tests/test_memory_accounting.py)
         with default_dtype(torch.bfloat16):
-            llm = Step1Model(Step1Config()).eval()
+            llm = Step1Model(Step1Config(**{**config.to_dict(), "num_layers": 1})).eval()
         ids = torch.zeros(prompts, text_tokens, dtype=torch.int64)
         llm_trace, _ = trace_peak(lambda: llm(ids), llm, ids)
-        llm_weights, layer = module_bytes(llm), module_bytes(llm.transformer.layers[0])
-        other = llm_weights - layer * len(llm.transformer.layers)
+        layer = module_bytes(llm.transformer.layers[0])
+        other = module_bytes(llm) - layer
+        llm_weights = other + layer * config.num_layers
+        llm_peak = llm_trace.peak + layer * (config.num_layers - 1)
         del llm
         with default_dtype(torch.float32):
             # pad_token_id=None and eager attention skip two data-dependent mask checks that fake
@@ -400,7 +422,7 @@ def measure_encode(prompts: int = 2, text_tokens: int = T2V_TEXT_TOKENS) -> Enco
         clip_trace, _ = trace_peak(lambda: bert(clip_ids).last_hidden_state, bert, clip_ids)
         clip_weights = module_bytes(bert)
     return EncodeMeasurement(llm_weights=llm_weights, llm_layer=layer, llm_other=other, clip_weights=clip_weights,
-                             llm_peak=llm_trace.peak, clip_peak=clip_trace.peak)
+                             llm_peak=llm_peak, clip_peak=clip_trace.peak)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,9 +462,9 @@ def measure_decode(video: VideoShape = VideoShape(), *, tile: Optional[int] = No
     return DecodeMeasurement(weights=weights, peak=trace.peak + max(0, full_out - output), output=full_out, tile=tile)
 
 
-def measure_encode_video(video: VideoShape = VideoShape(height=544, width=992, num_frames=17),
+def measure_encode_video(video: VideoShape = VideoShape(height=544, width=992, num_frames=1),
                          dtype: torch.dtype = torch.bfloat16) -> int:
-    """Peak of ``AutoencoderKL.encode`` (TI2V image condition: one 17-frame chunk), weights included."""
+    """Peak of ``AutoencoderKL.encode`` (default: the TI2V first image, one frame), weights included."""
     from ..models.vae import AutoencoderKL
 
     with fake_mode():
