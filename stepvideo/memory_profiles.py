@@ -153,6 +153,8 @@ class Placement:
         else:
             streamer = getattr(dit, "_block_streamer", None)
             skip = set() if streamer is None else {id(b) for b in streamer.blocks}
+            if streamer is not None:
+                streamer.release_all()          # also the block prefetched for the next step
             from .perf.offload import _move_except
             _move_except(dit, torch.device("cpu"), skip)
             _free(self.device)

@@ -50,7 +50,10 @@ def test_generator_follows_the_profile_order(tiny_model_dir, tmp_path, profile, 
     generator.generate("a cat", sampling, out, progress=False)
     assert generator.placement.events == expected
     assert (tmp_path / f"{profile}.mp4").is_file()
-    assert getattr(generator.dit, "_block_streamer", None) is not None          # both stream DiT blocks
+    streamer = getattr(generator.dit, "_block_streamer", None)
+    assert streamer is not None and streamer.loads > 0                        # both stream DiT blocks
+    if profile == "80g":
+        assert streamer.device_blocks() == 0            # the DiT left the device for the decode, prefetch too
     if profile == "24g":
         from stepvideo.perf.fp8 import FP8Linear
         assert any(isinstance(m, FP8Linear) for m in generator.dit.modules())

@@ -92,6 +92,11 @@ class BlockStreamer:
             t.data = cpu
         self._loaded.pop(index, None)
 
+    def release_all(self) -> None:
+        """Drop every device copy, the prefetched one included (the model leaves the device)."""
+        for index in list(self._loaded):
+            self.release(index)
+
     def device_blocks(self) -> int:
         return len(self._loaded)
 
