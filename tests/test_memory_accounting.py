@@ -120,7 +120,7 @@ def test_ulysses_holds_no_stacked_qkv():
     (the old code also kept a stacked [3, ...] copy: 12 q-sizes instead of 9)."""
     b, length, heads, dh = 2, 512, 8, 64
     with acc.fake_mode():
-        sequence = acc.AccountingSequence(2, 0)
+        sequence = acc.accounting_sequence(2, 0)
         sequence._lengths = [length, length]
         q, k, v = (torch.empty(b, length, heads, dh, dtype=torch.bfloat16) for _ in range(3))
         size = q.numel() * 2

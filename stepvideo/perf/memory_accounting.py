@@ -16,7 +16,7 @@ What the CPU trace does and does not contain, and how each part is accounted
       checks that no math-path softmax ran. The memory-efficient kernel's (padded) log-sum-exp is
       within 0.01% of it.
     * Sequence parallelism: the real :class:`~stepvideo.parallel.ulysses.UlyssesSequence` code runs
-      with its two collectives replaced by no-ops (:class:`AccountingSequence`), so its send /
+      with its two collectives replaced by no-ops (:func:`accounting_sequence`), so its send /
       receive buffers are traced exactly; rank 0 holds the largest token chunk.
     * Tensor parallelism: the block linears get their shard shapes (:func:`shard_blocks`); the
       row-parallel all-reduce is in place on NCCL and adds nothing.
@@ -245,27 +245,26 @@ class DiTLayout:
         return f"SP{self.sp} TP{self.tp}" + (" CFG2" if self.cfg_parallel else "")
 
 
-class AccountingSequence:
-    """:class:`UlyssesSequence` for one rank of ``world_size`` without a process group: the real
-    split / attention / gather code, collectives replaced by no-ops (buffers are still allocated)."""
+def accounting_sequence(world_size: int, rank: int = 0):
+    """A :class:`UlyssesSequence` for rank ``rank`` of ``world_size`` without a process group: the
+    real split / attention / gather code, collectives replaced by no-ops (the buffers are still
+    allocated, so their lifetimes are traced)."""
+    from ..parallel.ulysses import UlyssesSequence
 
-    def __new__(cls, world_size: int, rank: int = 0):
-        from ..parallel.ulysses import UlyssesSequence
+    class AccountingSequence(UlyssesSequence):
+        def __init__(self):                                   # no process group needed
+            self.group = None
+            self.world_size = world_size
+            self.rank = rank
+            self._lengths = None
 
-        class _Accounting(UlyssesSequence):
-            def __init__(self, world_size: int, rank: int):       # no process group needed
-                self.group = None
-                self.world_size = world_size
-                self.rank = rank
-                self._lengths = None
+        def _all_to_all(self, recv, send, *, output_split_sizes, input_split_sizes) -> None:
+            return None
 
-            def _all_to_all(self, recv, send, *, output_split_sizes, input_split_sizes) -> None:
-                return None
+        def _all_gather(self, parts, x) -> None:
+            return None
 
-            def _all_gather(self, parts, x) -> None:
-                return None
-
-        return _Accounting(world_size, rank)
+    return AccountingSequence()
 
 
 def shard_blocks(model: nn.Module, tp: int) -> None:
@@ -345,7 +344,7 @@ def measure_step(video: VideoShape = VideoShape(), layout: DiTLayout = DiTLayout
     with fake_mode():
         model = build_dit(layers, ti2v=ti2v, tp=layout.tp, fp8=fp8)
         if layout.sp > 1:
-            model.set_sequence_parallel(AccountingSequence(layout.sp, 0))
+            model.set_sequence_parallel(accounting_sequence(layout.sp, 0))
         latents = torch.empty(1, f, 64, h, w, dtype=torch.bfloat16)
         y = torch.empty(b, text_tokens, 6144, dtype=torch.bfloat16)
         clip = torch.empty(b, CLIP_TOKENS, 1024, dtype=torch.bfloat16)
