@@ -52,6 +52,7 @@ class RuntimeConfig:
     decode_retries: int = 2                  # extra decode/write attempts before the latents are saved
     decode_backoff: float = 2.0              # seconds before the first retry (doubles each time)
     service_wait: float = 540.0              # pre-flight: seconds to wait for a service still loading
+    memory_profile: str = "auto"             # one-GPU placement (stepvideo.memory_profiles): auto/141g/80g/48g/24g/none
 
 
 class GenerationError(RuntimeError):
@@ -108,16 +109,20 @@ class VideoGenerator:
         self.transformer_config = config
         from .parallel import load_parallel_dit
 
+        self.placement = self._memory_placement(runtime, state)
         # each rank materialises only its tensor-parallel shard, then SP hooks / CFG wrapper;
         # a bad shard on any rank stops every rank with the same line
+        load_device = "cpu" if runtime.cpu_offload else self.placement.dit_load_device()
         self.model = on_all(state, lambda: load_parallel_dit(
-            transformer_dir, state, torch_dtype=runtime.dtype, device="cpu" if runtime.cpu_offload else state.device,
+            transformer_dir, state, torch_dtype=runtime.dtype, device=load_device,
             attention_backend=runtime.attention_backend))
-        dit = getattr(self.model, "module", self.model)          # inside a CFG-parallel wrapper
-        if runtime.fp8:
+        dit = self.dit
+        if runtime.fp8 and not self.placement.profile.dit_fp8:
             from .perf.fp8 import quantize_blocks
             quantize_blocks(dit)
-        if runtime.cpu_offload:
+        self.placement.prepare_dit(dit)
+        self._encoders = None                     # kept between generations when the profile says so
+        if runtime.cpu_offload and not self.placement.profile.dit_streamed_blocks:
             from .perf.offload import enable_block_offload
             enable_block_offload(dit, state.device)
         if runtime.compile:
@@ -132,6 +137,37 @@ class VideoGenerator:
             self.pipeline.setup_api(runtime.vae_url, runtime.caption_url)   # token: flag, else the env var
 
     # ------------------------------------------------------------------------------------
+    @staticmethod
+    def _memory_placement(runtime: RuntimeConfig, state):
+        """The memory profile's placement (``auto`` applies to one-GPU ``--no_service`` runs only)."""
+        from .memory_profiles import Placement, resolve_profile
+
+        name = runtime.memory_profile
+        if name == "auto" and not (runtime.local and state.world_size == 1):
+            name = "none"
+        profile = resolve_profile(name, state.device)
+        logger.info("memory profile: %s", profile.name)
+        return Placement(profile, state.device)
+
+    @property
+    def dit(self):
+        """The ``StepVideoModel`` (inside a CFG-parallel wrapper when there is one)."""
+        return getattr(self.model, "module", self.model)
+
+    def _caption_encoder(self):
+        """Local text encoders placed by the memory profile (cached when it keeps them)."""
+        from .text_encoders.caption import CaptionEncoder
+
+        if self._encoders is not None:
+            return self._encoders
+        device = torch.device(self.runtime.encoder_device) if self.runtime.encoder_device \
+            else self.placement.encoder_load_device()
+        encoder = CaptionEncoder.from_pretrained(self.root, device=device)
+        self.placement.prepare_caption_encoder(encoder)
+        if self.placement.profile.encoders_stay:
+            self._encoders = encoder
+        return encoder
+
     def _encoder_device(self) -> torch.device:
         return torch.device(self.runtime.encoder_device) if self.runtime.encoder_device else self.state.device
 
@@ -153,18 +189,19 @@ class VideoGenerator:
             image = prepare_first_image(first_image, round_size(sampling.height), round_size(sampling.width))
         result = {}
         if self.runtime.local:
-            from .text_encoders.caption import CaptionEncoder
-
             device = self._encoder_device()
-            encoder = CaptionEncoder.from_pretrained(self.root, device=device)
+            self.placement.enter("encode", self.dit)
+            encoder = self._caption_encoder()
             result["embeds"] = encoder.embedding(prompts)
             del encoder
-            _free(device)
+            self.placement.release("encode", "text_encoders")
             if needs_image:
                 vae = self._local_vae()
+                self.placement.prepare_vae(vae, "encode")
                 result["condition"] = encode_image(vae, image, sampling.seed).cpu()
                 del vae
                 _free(device)
+                self.placement.release("encode", "vae")
         else:
             result["embeds"] = self.pipeline.caption_encoder.embedding(prompts)
             if needs_image:
@@ -175,6 +212,13 @@ class VideoGenerator:
         from .models.vae import AutoencoderKL
 
         return AutoencoderKL.from_pretrained(self.root / layout.VAE_DIR, device=self._encoder_device())
+
+    def _decode_vae(self):
+        """The local VAE for the final decode, after the memory profile moved the DiT away."""
+        self.placement.enter("decode", self.dit)
+        vae = self._local_vae()
+        self.placement.prepare_vae(vae, "decode")
+        return vae
 
     # ------------------------------------------------------------------------------------
     def generate(self, prompt: str, sampling: SamplingConfig, output: OutputConfig, first_image=None,
@@ -197,8 +241,9 @@ class VideoGenerator:
         timer.begin("encoding")
         inputs = on_main(self.state, lambda: self._encode_inputs(prompt, sampling, first_image))
         pipe = self.pipeline
+        self.placement.enter("denoise", self.dit)
         if self.state.is_main and self.runtime.local:
-            pipe.vae = _LazyVAE(self._local_vae)
+            pipe.vae = _LazyVAE(self._decode_vae)
         timer.begin("denoising", total_steps=sampling.num_inference_steps)
 
         def after_step(i, t, latents):
@@ -225,6 +270,7 @@ class VideoGenerator:
             if self.runtime.local and self.state.is_main:
                 pipe.vae = None
                 _free(self._encoder_device())
+                self.placement.release("decode", "vae")
         timer.finish()
         result = finished.get("result") if self.state.is_main else None
         if result is not None:

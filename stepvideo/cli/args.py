@@ -38,6 +38,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile every DiT block (stepvideo.perf.compile.compile_blocks); the first step "
                         "is slower while it compiles")
+    g.add_argument("--memory_profile", default="auto", choices=["auto", "141g", "80g", "48g", "24g", "none"],
+                   help="one-GPU placement by card size (docs/performance.md): 141g everything resident; 80g "
+                        "encoders before the DiT, DiT off the device while the VAE decodes; 48g fp8 DiT + 80g; "
+                        "24g fp8 DiT blocks streamed with prefetch, tiled VAE decode; none: keep everything as "
+                        "loaded; auto (default): by the device's memory for one-GPU --no_service runs, else none")
     g.add_argument("--vae_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
     g.add_argument("--caption_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
     g.add_argument("--service_token", default=None,
@@ -189,7 +194,7 @@ def runtime_config(args: argparse.Namespace):
                          attention_backend=args.attention_backend, local=args.local, vae_url=args.vae_url,
                          caption_url=args.caption_url, service_token=args.service_token, fp8=args.fp8,
                          cpu_offload=args.use_cpu_offload, compile=args.compile,
-                         decode_retries=args.decode_retries,
+                         decode_retries=args.decode_retries, memory_profile=args.memory_profile,
                          # the other ranks wait in a collective meanwhile: stay inside --dist_timeout
                          service_wait=min(540.0, 0.9 * getattr(args, "dist_timeout", 600.0)))
 

@@ -58,7 +58,7 @@ class UlyssesSequence:
             pad = x.new_zeros((x.shape[0], longest - x.shape[1], *x.shape[2:]))
             x = torch.cat([x, pad], dim=1)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        self._all_gather(parts, x.contiguous())
         return torch.cat([p[:, :n] for p, n in zip(parts, lengths)], dim=1)
 
     # ---- attention ----------------------------------------------------------------------
@@ -75,24 +75,41 @@ class UlyssesSequence:
         if heads % w:
             raise ValueError(f"attention heads on this rank ({heads}) must be divisible by the sequence-parallel "
                              f"degree ({w})")
-        # 1. sequence -> heads: send head group j of my tokens to rank j
-        qkv = torch.stack([q, k, v])                                        # [3, B, l, N, Dh]
-        qkv = qkv.view(3, b, local, w, heads // w, head_dim)
-        send = qkv.permute(3, 2, 0, 1, 4, 5).reshape(w * local, 3, b, heads // w, head_dim)
-        recv = send.new_empty((sum(lengths), 3, b, heads // w, head_dim))  # [L, 3, B, N/W, Dh]
-        dist.all_to_all_single(recv, send, output_split_sizes=lengths, input_split_sizes=[local] * w,
-                               group=self.group)
+        # 1. sequence -> heads: send head group j of my tokens to rank j. q, k, v are copied
+        #    straight into the send buffer (no stacked [3, ...] copy next to it), and every buffer
+        #    is dropped as soon as the exchange that needed it is done: the peak inside this call
+        #    is send + recv (3 x this rank's q size each), then recv + fn's output.
+        group_heads = heads // w
+        send = q.new_empty((w, local, 3, b, group_heads, head_dim))        # [W, l, 3, B, N/W, Dh]
+        for index, part in enumerate((q, k, v)):
+            send[:, :, index].copy_(part.unflatten(2, (w, group_heads)).permute(2, 1, 0, 3, 4))
+        send = send.view(w * local, 3, b, group_heads, head_dim)
+        recv = send.new_empty((sum(lengths), 3, b, group_heads, head_dim))  # [L, 3, B, N/W, Dh]
+        self._all_to_all(recv, send, output_split_sizes=lengths, input_split_sizes=[local] * w)
+        del send
         q_full, k_full, v_full = recv.permute(1, 2, 0, 3, 4).unbind(0)    # [B, L, N/W, Dh] each
+        del recv
 
         out = fn(q_full, k_full, v_full)                                    # [B, L, N/W, Dh]
+        del q_full, k_full, v_full                                          # frees the received q/k/v
 
         # 2. heads -> sequence: return every rank's tokens of my heads
         send = out.permute(1, 0, 2, 3).contiguous()                         # [L, B, N/W, Dh]
-        recv = send.new_empty((w * local, b, heads // w, head_dim))
-        dist.all_to_all_single(recv, send, output_split_sizes=[local] * w, input_split_sizes=lengths,
-                               group=self.group)
-        out = recv.view(w, local, b, heads // w, head_dim).permute(2, 1, 0, 3, 4)   # [B, l, W, N/W, Dh]
+        del out
+        recv = send.new_empty((w * local, b, group_heads, head_dim))
+        self._all_to_all(recv, send, output_split_sizes=[local] * w, input_split_sizes=lengths)
+        del send
+        out = recv.view(w, local, b, group_heads, head_dim).permute(2, 1, 0, 3, 4)   # [B, l, W, N/W, Dh]
         return out.reshape(b, local, heads, head_dim)
+
+    # ---- collectives (one place, so a subclass can account memory without a process group) --
+    def _all_to_all(self, recv: torch.Tensor, send: torch.Tensor, *, output_split_sizes: List[int],
+                    input_split_sizes: List[int]) -> None:
+        dist.all_to_all_single(recv, send, output_split_sizes=output_split_sizes,
+                               input_split_sizes=input_split_sizes, group=self.group)
+
+    def _all_gather(self, parts: List[torch.Tensor], x: torch.Tensor) -> None:
+        dist.all_gather(parts, x, group=self.group)
 
     # ---- helpers ------------------------------------------------------------------------
     def _chunk_lengths(self, length: int) -> List[int]:

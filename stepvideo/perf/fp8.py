@@ -8,6 +8,12 @@ Forward
     * CUDA with compute capability >= 8.9 (Hopper sm_90, Ada), bf16/fp16 input, sizes multiple
       of 16: activations are quantized per token (row-wise dynamic scale) and multiplied with
       ``torch._scaled_mm`` (row-wise scales, fp32 accumulation, output in the input dtype).
+      Quantisation and matmul run in token chunks written into one preallocated output, so the
+      temporaries (fp32 copy, fp8 copy) are bounded by :func:`chunk_rows` instead of being 4x
+      the input: the layer peaks no higher than its bf16 ``F.linear`` (input + output + a bf16
+      weight twice the fp8 one). Rows are quantized independently, so chunking does not change
+      a number. ``FP8Linear.scaled_mm = True`` forces this path where ``torch._scaled_mm``
+      exists (CPU too: used by the memory accounting and the tests).
     * Elsewhere (CPU, older GPUs, odd sizes): weights are dequantized to the input dtype and a
       normal matmul runs (weight-only quantization; the CPU tests use this path).
 The two paths differ by the activation rounding of the first one.
@@ -41,6 +47,29 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
     return (q.float() * scale[:, None]).to(dtype)
 
 
+# Bytes of chunk temporaries (fp32 + fp8 copy of a row chunk) allowed per call, at most; the
+# actual bound is also capped by the bytes the fp8 weight saves over bf16 (see ``chunk_rows``).
+CHUNK_TEMP_BYTES = 64 * 2 ** 20
+TEMP_BYTES_PER_ELEMENT = 5          # fp32 copy (4) + fp8 copy (1) of each activation element
+
+
+def chunk_rows(rows: int, in_features: int, out_features: int, limit: int = CHUNK_TEMP_BYTES) -> int:
+    """Rows quantized per chunk: temporaries ``rows * in * 5`` bytes stay under ``limit`` and under
+    half of the ``in * out`` bytes the fp8 weight saves against bf16 (the other half covers the
+    weight scales and the per-row activation scales), so the fp8 layer's peak never exceeds the
+    bf16 layer's. At least one row."""
+    budget = min(limit, in_features * out_features // 2)
+    return max(1, min(rows, budget // (TEMP_BYTES_PER_ELEMENT * in_features)))
+
+
+def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` -> (fp8 ``[M, K]``, fp32 per-row scales ``[M, 1]``), ``x ~= q * scale``."""
+    scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)   # [M, 1]
+    xf = x.float()
+    xf.div_(scale).clamp_(-FP8_MAX, FP8_MAX)          # in place: one fp32 temporary, same numbers
+    return xf.to(FP8), scale
+
+
 def scaled_mm_supported(x: torch.Tensor, q: torch.Tensor) -> bool:
     if not (x.is_cuda and hasattr(torch, "_scaled_mm") and x.dtype in (torch.bfloat16, torch.float16)):
         return False
@@ -50,7 +79,14 @@ def scaled_mm_supported(x: torch.Tensor, q: torch.Tensor) -> bool:
 
 
 class FP8Linear(nn.Module):
-    """A bias-optional Linear with fp8 weights and per-output-channel scales."""
+    """A bias-optional Linear with fp8 weights and per-output-channel scales.
+
+    ``scaled_mm``: None (default) picks the scaled-matmul path by :func:`scaled_mm_supported`;
+    True forces it (any device where ``torch._scaled_mm`` runs, e.g. CPU); False forces the
+    dequantizing fallback.
+    """
+
+    scaled_mm = None
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -65,18 +101,28 @@ class FP8Linear(nn.Module):
         return cls(q, scale, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if scaled_mm_supported(x, self.weight):
+        use = self.scaled_mm if self.scaled_mm is not None else scaled_mm_supported(x, self.weight)
+        if use:
             return self._scaled_mm(x)
         w = dequantize_weight(self.weight, self.weight_scale, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K]`` -> ``[..., N]``: per-token fp8 quantisation and ``_scaled_mm`` in row chunks."""
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)   # [M, 1]
-        xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
-                               bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype)
+        x2 = x.reshape(-1, shape[-1])                                                      # [M, K]
+        rows = x2.shape[0]
+        out = x2.new_empty((rows, self.out_features))                                      # [M, N]
+        weight_t = self.weight.t()
+        scale_b = self.weight_scale[None, :]
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        step = chunk_rows(rows, self.in_features, self.out_features)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            xq, x_scale = quantize_rows(x2[start:stop])
+            torch._scaled_mm(xq, weight_t, scale_a=x_scale, scale_b=scale_b, bias=bias, out_dtype=x.dtype,
+                             out=out[start:stop])
+            del xq, x_scale
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -25,7 +25,16 @@ Attention workspace (self-attention over the full sequence, ``N / (sp * tp)`` he
     the math backend materialises scores and probabilities: ``2 * B * heads * L^2 * bytes``.
 
 A fixed ``overhead`` (CUDA context, allocator slack, cuBLAS workspace; default 2 GiB) is added
-to the totals. These are estimates for planning; measure with ``benchmark/bench_dit.py``.
+to the totals. "fits" compares against the usable memory of the cards (79 GiB of an 80 GB H100,
+139 GiB of an H200), not their marketing size.
+
+This is the quick analytic estimate. The measured numbers come from tracing the real modules at
+full size (``benchmark/bench_memory.py``, :mod:`stepvideo.perf.memory_accounting`). Checked
+against them at 544x992x204 (CFG batch 2, all SP x TP x CFG layouts of up to 8 GPUs):
+``weights + activations + attention_fused`` is within 5.2% of the traced allocated peak in bf16
+and within 8.8% with ``fp8=True`` (largest gaps at SP 2, where the model over-counts the
+all-to-all buffers); the activation term alone differs by up to 30% there, so plan with the
+bench_memory numbers, which docs/performance.md lists.
 """
 from __future__ import annotations
 
@@ -127,7 +136,7 @@ def table(tokens: int, sps: Sequence[int] = (1, 2, 4, 8), tps: Sequence[int] = (
     return rows
 
 
-def format_table(rows: Iterable[dict], gpu_gib: Sequence[float] = (80, 141)) -> str:
+def format_table(rows: Iterable[dict], gpu_gib: Sequence[float] = (79, 139)) -> str:
     rows = list(rows)
     if rows and max(r["total_fused"] - r["overhead"] for r in rows) < 0.1 * GIB:   # tiny configs: MiB
         return format_table_mib(rows)
@@ -153,7 +162,8 @@ def format_table_mib(rows: Iterable[dict]) -> str:
 
 def main() -> None:   # python -m stepvideo.perf.memory_model
     print(f"DiT parameters: {total_params(ModelDims()) / 1e9:.2f} B")
-    print("bf16, 204x544x992 (75,888 tokens), CFG batch 2:")
+    print("bf16, 204x544x992 (75,888 tokens), CFG batch 2 (analytic estimate; measured numbers: "
+          "python benchmark/bench_memory.py --profile 80g --layouts):")
     print(format_table(table(75888)))
 
 

@@ -1,67 +1,156 @@
-"""Block-wise CPU offload of the DiT for GPUs that cannot hold all 48 blocks.
+"""Block-wise offload for GPUs that cannot hold every block: stream blocks from host memory,
+prefetching the next one on a side stream while the current one computes.
 
-``enable_block_offload(model, device)`` puts everything outside ``model.transformer_blocks`` on
-``device`` and keeps each block's parameters on the CPU (pinned when CUDA is available). A
-forward pre-hook copies a block's tensors to ``device`` just before it runs (non-blocking from
-pinned memory) and a forward hook drops the device copies right after, so at most one block's
-weights (about 1.2 GB in bf16 for the real model) are resident at a time. The weights are
-never modified, so outputs equal those of the fully resident model. ``device='cpu'`` is the
-no-op-equivalent path the CPU tests exercise. ``disable_block_offload`` undoes it.
+``enable_block_offload(model, device)`` puts everything outside the block list on ``device``
+and keeps the streamed blocks' tensors on the host (pinned when CUDA is available). A forward
+pre-hook makes sure a block's weights are on the device before it runs and starts copying the
+NEXT streamed block (wrapping around to the first one for the next forward); a forward hook
+drops the device copies right after the block. At most two streamed blocks (the running one and
+the prefetched one) are on the device at any time.
 
-Cost: every step streams all block weights over PCIe (~55 GiB in bf16, ~2 s at 25 GB/s per
-step), small next to a ~30+ s step at 75k tokens.
+* ``blocks``: the ``nn.ModuleList`` to stream (default ``model.transformer_blocks``; the Step-LLM
+  passes ``model.transformer.layers``).
+* ``resident``: the first ``resident`` blocks stay on the device for good (partial offload:
+  stream only what does not fit).
+* On CUDA the copies run on a side stream (``torch.cuda.Stream``) from pinned memory and the
+  compute stream waits on an event per block; the device copies are marked with
+  ``record_stream`` so the caching allocator never reuses them while a kernel still reads them.
+  Elsewhere (``device='cpu'``, the path the CPU tests run) the same bookkeeping runs with plain
+  synchronous copies.
+
+The weights are never modified, so outputs equal those of the fully resident model.
+``disable_block_offload`` undoes it. ``streamed_bytes(model)`` is what one forward moves.
+
+Cost: every forward copies each streamed block once: 1.125 GiB per bf16 DiT block, 0.56 GiB
+per fp8 block (see docs/performance.md for the per-profile totals and PCIe times).
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 
-def _tensors(block: nn.Module):
-    yield from block.named_parameters(recurse=True)
-    yield from block.named_buffers(recurse=True)
+def _tensors(block: nn.Module) -> List[torch.Tensor]:
+    return [t for _, t in block.named_parameters(recurse=True)] + [t for _, t in block.named_buffers(recurse=True)]
 
 
-def enable_block_offload(model: nn.Module, device, pin_memory: bool | None = None) -> nn.Module:
+class BlockStreamer:
+    """Holds the host copies of the streamed blocks and moves them to ``device`` on demand."""
+
+    def __init__(self, blocks: List[nn.Module], device: torch.device, pin_memory: bool):
+        self.blocks = blocks
+        self.device = device
+        self.tensors = [_tensors(b) for b in blocks]
+        self.host: List[List[torch.Tensor]] = []
+        for tensors in self.tensors:
+            copies = []
+            for t in tensors:
+                cpu = t.data.to("cpu")
+                if pin_memory:
+                    cpu = cpu.pin_memory()
+                t.data = cpu
+                copies.append(cpu)
+            self.host.append(copies)
+        self.use_streams = self.device.type == "cuda" and torch.cuda.is_available()
+        self.side_stream = torch.cuda.Stream(self.device) if self.use_streams else None
+        self._loaded: Dict[int, tuple] = {}          # index -> (device copies, ready event or None)
+        self.loads = 0                               # blocks copied so far (tests, benchmarks)
+
+    def _load(self, index: int) -> None:
+        if index in self._loaded:
+            return
+        if self.use_streams:
+            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.side_stream):
+                copies = [cpu.to(self.device, non_blocking=True) for cpu in self.host[index]]
+                event = torch.cuda.Event()
+                event.record(self.side_stream)
+        else:
+            copies = [cpu.to(self.device) for cpu in self.host[index]]
+            event = None
+        self._loaded[index] = (copies, event)
+        self.loads += 1
+
+    def activate(self, index: int) -> None:
+        """Block ``index`` is about to run: its weights on the device, then prefetch the next."""
+        self._load(index)
+        copies, event = self._loaded[index]
+        if event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for c in copies:
+                c.record_stream(stream)
+        for t, c in zip(self.tensors[index], copies):
+            t.data = c
+        self._load((index + 1) % len(self.blocks))          # overlaps with this block's compute
+
+    def release(self, index: int) -> None:
+        """Block ``index`` finished: point its tensors back at the host copies, drop the device ones."""
+        for t, cpu in zip(self.tensors[index], self.host[index]):
+            t.data = cpu
+        self._loaded.pop(index, None)
+
+    def release_all(self) -> None:
+        """Drop every device copy, the prefetched one included (the model leaves the device)."""
+        for index in list(self._loaded):
+            self.release(index)
+
+    def device_blocks(self) -> int:
+        return len(self._loaded)
+
+
+def streamed_bytes(model: nn.Module) -> int:
+    """Bytes one forward copies to the device (0 without offload)."""
+    streamer = getattr(model, "_block_streamer", None)
+    if streamer is None:
+        return 0
+    return sum(t.numel() * t.element_size() for copies in streamer.host for t in copies)
+
+
+def enable_block_offload(model: nn.Module, device, pin_memory: Optional[bool] = None, *,
+                         blocks: Optional[nn.ModuleList] = None, resident: int = 0) -> nn.Module:
+    """Stream ``blocks[resident:]`` from host memory; everything else goes to ``device``."""
     device = torch.device(device)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    blocks = model.transformer_blocks
-    for name, child in model.named_children():
-        if name != "transformer_blocks":
-            child.to(device)
-    for name, p in list(model.named_parameters(recurse=False)):
-        p.data = p.data.to(device)
+    blocks = model.transformer_blocks if blocks is None else blocks
+    if not 0 <= resident <= len(blocks):
+        raise ValueError(f"resident blocks must be in [0, {len(blocks)}], got {resident}")
+    streamed = list(blocks)[resident:]
+    streamed_ids = {id(b) for b in streamed}
+    for b in list(blocks)[:resident]:
+        b.to(device)
+    _move_except(model, device, streamed_ids)
     handles: List = []
-    for block in blocks:
-        tensors = [t for _, t in _tensors(block)]
-        host = []                                   # the CPU (pinned) copies, kept for the run
-        for t in tensors:
-            cpu = t.data.to("cpu")
-            if pin_memory:
-                cpu = cpu.pin_memory()
-            t.data = cpu
-            host.append(cpu)
-
-        def pre_hook(module, args, tensors=tensors, host=host):
-            for t, cpu in zip(tensors, host):
-                t.data = cpu.to(device, non_blocking=True)
-
-        def post_hook(module, args, output, tensors=tensors, host=host):
-            for t, cpu in zip(tensors, host):
-                t.data = cpu                        # drop the device copy; weights never change
-            return output
-
-        handles.append(block.register_forward_pre_hook(pre_hook))
-        handles.append(block.register_forward_hook(post_hook))
+    if streamed:
+        streamer = BlockStreamer(streamed, device, pin_memory)
+        for index, block in enumerate(streamed):
+            handles.append(block.register_forward_pre_hook(
+                lambda module, args, index=index: streamer.activate(index)))
+            handles.append(block.register_forward_hook(
+                lambda module, args, output, index=index: (streamer.release(index), output)[1]))
+        model._block_streamer = streamer
     model._offload_handles = handles
     return model
+
+
+def _move_except(module: nn.Module, device: torch.device, skip: set) -> None:
+    """Move every parameter / buffer of ``module`` to ``device`` except inside the ``skip`` modules."""
+    if id(module) in skip:
+        return
+    for name, p in list(module.named_parameters(recurse=False)):
+        p.data = p.data.to(device)
+    for name, b in list(module.named_buffers(recurse=False)):
+        b.data = b.data.to(device)
+    for child in module.children():
+        _move_except(child, device, skip)
 
 
 def disable_block_offload(model: nn.Module, device) -> nn.Module:
     for h in getattr(model, "_offload_handles", []):
         h.remove()
     model._offload_handles = []
+    model._block_streamer = None
     return model.to(device)

@@ -1,0 +1,108 @@
+"""Peak device memory of full-size generation, measured on CPU without allocating it.
+
+    python benchmark/bench_memory.py --profile 80g                       # 544x992x204 T2V
+    python benchmark/bench_memory.py --profile 24g --mode ti2v --num_frames 102
+    python benchmark/bench_memory.py --profile 48g --json out.json
+    python benchmark/bench_memory.py --layouts                          # SP x TP x CFG table (minutes)
+    python benchmark/bench_memory.py --service                          # caption/VAE service peak
+
+Each stage (encode, step, decode, write) is traced with the real modules at the real widths
+under FakeTensorMode + MemTracker (stepvideo/perf/memory_accounting.py) and placed by the
+memory profile (stepvideo/memory_profiles.py); the CUDA context, workspaces and allocator
+reserve are added as stated constants. One line per stage; the last line is
+``peak_gib=<x> budget_gib=<y> fits=<yes|no>`` (fits: at least 3% under the budget).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stepvideo.memory_profiles import PROFILES  # noqa: E402
+from stepvideo.perf import memory_accounting as acc  # noqa: E402
+from stepvideo.perf import memory_report as report  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--profile", default="80g", choices=[n for n in PROFILES if n != "none"] + ["none"],
+                   help="memory profile (budget and placement)")
+    p.add_argument("--mode", default="t2v", choices=["t2v", "ti2v"], help="T2V or TI2V checkpoint")
+    p.add_argument("--height", type=int, default=544)
+    p.add_argument("--width", type=int, default=992)
+    p.add_argument("--num_frames", type=int, default=None, help="default 204 (t2v) / 102 (ti2v)")
+    p.add_argument("--json", default=None, help="write the numbers to this file")
+    p.add_argument("--layouts", action="store_true", help="also print the per-layout step table")
+    p.add_argument("--service", action="store_true", help="also print the caption/VAE service's peak")
+    args = p.parse_args(argv)
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value < 16 or value % 16:
+            p.error(f"--{name} must be a positive multiple of 16, got {value}")
+    if args.num_frames is None:
+        args.num_frames = 102 if args.mode == "ti2v" else 204
+    if args.num_frames < 17:
+        p.error(f"--num_frames must be at least 17, got {args.num_frames}")
+    return args
+
+
+def service_lines(video: acc.VideoShape, encode: acc.EncodeMeasurement, decode: acc.DecodeMeasurement):
+    """The service holds Step-LLM + CLIP + VAE; its peak is the larger of a caption and a decode request."""
+    weights = encode.llm_weights + encode.clip_weights + decode.weights
+    caption = weights + (encode.llm_peak - encode.llm_weights) + max(0, encode.clip_peak - encode.clip_weights)
+    dec = weights + (decode.peak - decode.weights)
+    peak = max(caption, dec)
+    total = peak + acc.overhead_bytes(peak)
+    return [f"service: weights {acc.gib(weights):.2f} GiB; caption request (2 x 320 tokens) "
+            f"{acc.gib(caption):.2f} GiB; decode request ({video}, untiled) {acc.gib(dec):.2f} GiB; "
+            f"device peak with constants {acc.gib(total):.2f} GiB"], total
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    profile = PROFILES[args.profile]
+    video = acc.VideoShape(args.height, args.width, args.num_frames)
+    ti2v = args.mode == "ti2v"
+    start = time.perf_counter()
+    print(f"# {args.mode} {video} ({video.tokens} tokens/sample), profile {profile.name}: "
+          f"{profile}")
+    print(f"# constants: CUDA context {acc.gib(acc.CUDA_CONTEXT_BYTES):.2f} GiB, workspaces "
+          f"{acc.gib(acc.CUDA_WORKSPACE_BYTES):.2f} GiB, allocator reserve {acc.ALLOCATOR_RESERVE:.0%}")
+    encode = acc.measure_encode()
+    decode = acc.measure_decode(video, tile=profile.vae_tile, chunks=1)
+    result = report.profile_report(profile, video, ti2v=ti2v, encode=encode, decode=decode)
+    data = {"profile": profile.name, "mode": args.mode, "video": str(video), "tokens": video.tokens,
+            "stages": {s.stage: {"allocated_gib": acc.gib(s.allocated), "device_gib": acc.gib(s.total),
+                                 "parts": s.parts} for s in result.stages},
+            "moved_per_step_gib": acc.gib(result.moved_per_step),
+            "moved_per_video_gib": acc.gib(result.moved_per_video)}
+    if args.layouts:
+        rows = report.layout_rows(video, ti2v=ti2v)
+        print(f"{'layout':<14}{'bf16':>8}{'fp8':>8}{'bf16+offl':>11}{'fp8+offl':>10}   (GiB per GPU, with constants)")
+        for r in rows:
+            t = r["total"]
+            print(f"{r['layout']:<14}{acc.gib(t['bf16']):8.1f}{acc.gib(t['fp8']):8.1f}"
+                  f"{acc.gib(t['bf16_offload']):11.1f}{acc.gib(t['fp8_offload']):10.1f}")
+        data["layouts"] = [{"layout": r["layout"], **{k: acc.gib(v) for k, v in r["total"].items()}} for r in rows]
+    if args.service:
+        full_decode = acc.measure_decode(video, chunks=1) if profile.vae_tile else decode
+        lines, total = service_lines(video, encode, full_decode)
+        print("\n".join(lines))
+        data["service_gib"] = acc.gib(total)
+    for line in report.format_profile(result):
+        print(line)
+    fits = "yes" if result.fits else "no"
+    data.update(peak_gib=acc.gib(result.peak), budget_gib=profile.budget_gib, fits=fits,
+                seconds=time.perf_counter() - start)
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=2))
+    print(f"peak_gib={acc.gib(result.peak):.2f} budget_gib={profile.budget_gib:g} fits={fits}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Memory profiles: resolution, the placement order the generator follows, block streaming."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stepvideo.memory_profiles import PROFILES, Placement, resolve_profile
+from stepvideo.perf.offload import disable_block_offload, enable_block_offload, streamed_bytes
+
+
+def test_resolve_profile_names_and_auto_on_cpu():
+    assert resolve_profile("auto", "cpu").name == "none"
+    for name in ("141g", "80g", "48g", "24g", "none"):
+        assert resolve_profile(name, "cpu").name == name
+    with pytest.raises(ValueError, match="--memory_profile"):
+        resolve_profile("12g", "cpu")
+
+
+def test_memory_profile_flag_reaches_runtime_config():
+    import argparse
+
+    from stepvideo import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_model_args(parser)
+    args = parser.parse_args(["--memory_profile", "48g"])
+    assert cli.runtime_config(args).memory_profile == "48g"
+    assert cli.runtime_config(parser.parse_args([])).memory_profile == "auto"
+
+
+@pytest.mark.parametrize("profile,expected", [
+    ("80g", [("load", "dit", "host"), ("encode", "step_llm", "device"), ("encode", "clip", "device"),
+             ("encode", "text_encoders", "released"), ("denoise", "dit", "device"), ("decode", "dit", "host"),
+             ("decode", "vae", "device"), ("decode", "vae", "released")]),
+    ("24g", [("load", "dit", "device"), ("encode", "step_llm", "streamed"), ("encode", "clip", "device"),
+             ("encode", "text_encoders", "released"), ("decode", "vae", "device, tiles 16"),
+             ("decode", "vae", "released")]),
+])
+def test_generator_follows_the_profile_order(tiny_model_dir, tmp_path, profile, expected):
+    """The generator on CPU (the 'device' is the CPU too) logs every placement step in order, and
+    the profile's DiT (streamed blocks, fp8) still produces the video."""
+    from stepvideo.config import OutputConfig, get_preset
+    from stepvideo.parallel.state import ParallelState
+    from stepvideo.runtime import RuntimeConfig, VideoGenerator
+
+    runtime = RuntimeConfig(model_dir=str(tiny_model_dir), dtype="fp32", local=True, memory_profile=profile)
+    generator = VideoGenerator(runtime, ParallelState.single(device="cpu"))
+    sampling = get_preset("t2v").with_overrides(num_frames=17, height=64, width=64, num_inference_steps=1)
+    out = OutputConfig(save_path=str(tmp_path), output_path=str(tmp_path / f"{profile}.mp4"))
+    generator.generate("a cat", sampling, out, progress=False)
+    assert generator.placement.events == expected
+    assert (tmp_path / f"{profile}.mp4").is_file()
+    streamer = getattr(generator.dit, "_block_streamer", None)
+    assert streamer is not None and streamer.loads > 0                        # both stream DiT blocks
+    if profile == "80g":
+        assert streamer.device_blocks() == 0            # the DiT left the device for the decode, prefetch too
+    if profile == "24g":
+        from stepvideo.perf.fp8 import FP8Linear
+        assert any(isinstance(m, FP8Linear) for m in generator.dit.modules())
+
+
+def _stack(layers=4, width=32):
+    model = torch.nn.Module()
+    model.transformer_blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+    model.head = torch.nn.Linear(width, 3)
+    return model
+
+
+def _run(model, x):
+    for block in model.transformer_blocks:
+        x = torch.tanh(block(x))
+    return model.head(x)
+
+
+def test_block_streaming_with_prefetch_is_exact_and_bounded():
+    torch.manual_seed(0)
+    model = _stack()
+    x = torch.randn(5, 32)
+    ref = _run(model, x)
+    enable_block_offload(model, "cpu", pin_memory=False, resident=1)
+    streamer = model._block_streamer
+    seen = []
+    for block in model.transformer_blocks:
+        block.register_forward_hook(lambda m, a, o: seen.append(streamer.device_blocks()))
+    assert torch.equal(_run(model, x), ref)
+    assert torch.equal(_run(model, x), ref)
+    # 3 streamed blocks, each copied once per forward, plus the first one prefetched for the next forward
+    assert streamer.loads == 2 * 3 + 1                      # the wrap-around prefetch of the first one
+    assert max(seen) <= 2                                  # running block + the prefetched one
+    assert streamed_bytes(model) == 3 * (32 * 32 + 32) * 4
+    disable_block_offload(model, "cpu")
+    assert torch.equal(_run(model, x), ref)
+
+
+def test_placement_without_moves_for_none():
+    placement = Placement(PROFILES["none"], "cpu")
+    assert placement.dit_load_device() == torch.device("cpu")
+    assert not PROFILES["none"].moves_dit and PROFILES["80g"].moves_dit
