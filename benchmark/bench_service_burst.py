@@ -65,11 +65,13 @@ def main(argv: List[str] | None = None) -> int:
         start = time.monotonic()
         for t in threads:
             t.start()
-        latencies = []
+        latencies, slow = [], []
         while any(t.is_alive() for t in threads):
             t0 = time.perf_counter()
             requests.get(url + "/health", timeout=600).raise_for_status()
             latencies.append(time.perf_counter() - t0)
+            if latencies[-1] > 0.1:
+                slow.append(f"{1000 * latencies[-1]:.0f} ms at {time.monotonic() - start:.1f} s")
             time.sleep(0.05)
         for t in threads:
             t.join()
@@ -80,6 +82,7 @@ def main(argv: List[str] | None = None) -> int:
         ms = sorted(1000 * x for x in latencies)
         print(f"health: n={len(ms)} p50={statistics.median(ms):.1f} ms "
               f"p95={ms[int(0.95 * (len(ms) - 1))]:.1f} ms max={ms[-1]:.1f} ms")
+        print(f"health over 100 ms: {len(slow)} ({', '.join(slow[:8])})")
     finally:
         proc.kill()
         proc.wait()

@@ -168,7 +168,6 @@ def test_wrong_token(server):
 START_FAILURES = [
     (["--model_dir", "/nonexistent/model"], "model dir not found"),
     (["--model_dir", "/nonexistent/model"], "model dir not found"),     # the old race: about one start in five
-    (["--model_dir", "/nonexistent/model"], "model dir not found"),
     (["--model_dir", "{tiny}", "--vae_dir", "no_such_vae"], "no_such_vae"),
     (["--model_dir", "{tiny}", "--port", "{busy}"], "cannot listen"),
 ]

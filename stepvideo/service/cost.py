@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from functools import lru_cache
@@ -75,6 +76,7 @@ class LiveBytesTracker(TorchDispatchMode):
         self._seen: Dict[int, weakref.ref] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        time.sleep(0)   # a trace is pure Python: let the server's other threads (/health) in at every op
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):

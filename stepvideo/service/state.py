@@ -75,9 +75,11 @@ class ServiceState:
                       ([comps.caption_device] if comps.caption is not None else [])
             self.budget_bytes, self.budget_source = default_budget(devices or ["cpu"])
         logger.info("memory budget per request: %.2f GiB (%s)", self.budget_bytes / (1 << 30), self.budget_source)
-        self.vae_cost = cost_model_for(comps.vae)
-        if self.vae_cost is not None:
-            threading.Thread(target=self._warm_up, name="stepvideo-cost-warm-up", daemon=True).start()
+        self.vae_cost = comps.vae_cost
+        if self.vae_cost is None:
+            self.vae_cost = cost_model_for(comps.vae)
+            if self.vae_cost is not None:
+                threading.Thread(target=self._warm_up, name="stepvideo-cost-warm-up", daemon=True).start()
 
     def _warm_up(self) -> None:
         try:
