@@ -12,6 +12,11 @@ For each latent shape, a fresh subprocess loads the VAE, then runs what ``POST /
     decode [1, 3, 8, 16, 16] bf16->float  predicted 0.62 GiB  measured 0.60 GiB  error +3.1%
 
 ``--predict_only`` prints predictions alone (safe for shapes that would not fit this machine).
+``--serve GIB`` instead starts the service (``api/call_remote_server.py --max_memory_gb GIB``),
+sends each shape to ``/vae-api`` and prints the answer, its time and the server's peak RSS::
+
+    python benchmark/bench_service_memory.py --model_dir DIR --serve 1.5 --shapes 1,2,8,64,64 1,3,8,4,4
+
 Linux only (reads /proc).
 """
 from __future__ import annotations
@@ -66,6 +71,45 @@ def predict(model_dir: str, shape: Sequence[int], dtype: str, output: str) -> in
     return VAECostModel(vae).decode_bytes(shape, torch.float32, output)
 
 
+def serve(args) -> int:
+    """Start the service with ``--max_memory_gb args.serve`` and send every shape to it."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from stepvideo.service.client import RemoteVAE, ServiceError, wait_ready
+
+    launcher = Path(__file__).resolve().parents[1] / "api" / "call_remote_server.py"
+    proc = subprocess.Popen([sys.executable, str(launcher), "--model_dir", args.model_dir, "--port", "0", "--device",
+                             "cpu", "--no_caption", "--dtype", args.dtype, "--max_memory_gb", str(args.serve),
+                             "--log_level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def peak_rss() -> float:
+        with open(f"/proc/{proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / (1 << 20)
+
+    try:
+        url = proc.stdout.readline().split("listening on ", 1)[1].split()[0].rstrip(",")
+        wait_ready(url, timeout=300)
+        print(f"ready: peak RSS {peak_rss():.3f} GiB, budget {args.serve:g} GiB per request")
+        vae = RemoteVAE(url, retries=0)
+        for text in args.shapes:
+            shape = [int(x) for x in text.split(",")]
+            start = time.monotonic()
+            try:
+                video = vae.decode(torch.randn(*shape), output=args.output)
+                answer = f"200 video {list(video.shape)}"
+            except ServiceError as err:
+                answer = f"{err.status}: {str(err).split(': ', 1)[1][:160]}"
+            print(f"decode {shape}: {time.monotonic() - start:.2f} s, {answer}; server peak RSS {peak_rss():.3f} GiB",
+                  flush=True)
+    finally:
+        proc.kill()
+        proc.wait()
+    return 0
+
+
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_dir", required=True)
@@ -73,8 +117,11 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--output", default="float", choices=["float", "uint8"])
     p.add_argument("--predict_only", action="store_true", help="print predictions without running the decodes")
+    p.add_argument("--serve", type=float, metavar="GIB", help="send the shapes to a service with this budget")
     p.add_argument("--_measure", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve:
+        return serve(args)
     if args._measure:
         print(json.dumps(measure(args.model_dir, [int(x) for x in args._measure.split(",")], args.dtype, args.output)))
         return 0

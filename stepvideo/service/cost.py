@@ -27,7 +27,6 @@ import math
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
