@@ -1,18 +1,18 @@
 """Command line of the caption/VAE service (``python api/call_remote_server.py``).
 
-The port is bound first and the models load in a background thread, so a busy port fails at
-once, ``GET /health`` answers during a long load and ``GET /ready`` turns 200 when the models
-are in. A failed load stops the process with exit code 1.
+The port is bound first and served from a background thread while the main thread loads the
+models, so a busy port fails at once, ``GET /health`` answers during a long load and
+``GET /ready`` turns 200 when the models are in. Every start-up failure (busy port, bad model
+dir, failed load) prints one ``error: ...`` line and exits 1.
 """
 from __future__ import annotations
 
-import _thread
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
-import threading
 from concurrent.futures import Future
 from typing import List, Optional, Sequence
 
@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"shared token clients must send as 'Authorization: Bearer ...' (default ${TOKEN_ENV}; "
                           "prefer the environment variable: command lines are visible to other users)")
     net.add_argument("--dev_server", action="store_true", help="use Flask's development server instead of waitress")
-    net.add_argument("--threads", type=int, default=16, help="HTTP worker threads (default %(default)s)")
+    net.add_argument("--threads", type=int, default=16,
+                     help="model requests held at once, running or queued; one more gets 503 + Retry-After at once "
+                          "(default %(default)s; a few extra HTTP threads always serve /health and /ready)")
 
     lim = p.add_argument_group("limits")
     lim.add_argument("--max_body_mb", type=float, default=512, help="largest request body in MiB (default %(default)s)")
@@ -62,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests that may wait for a busy device before 503 (default %(default)s)")
     lim.add_argument("--queue_timeout", type=float, default=900.0,
                      help="seconds a request waits for its device before 503 (default %(default)s)")
+    lim.add_argument("--max_memory_gb", type=float, default=None,
+                     help="most memory one model call may use beyond the weights, predicted from the request's "
+                          "shape before it runs; 413 above (default: half the device's free memory after loading)")
+    lim.add_argument("--max_json_depth", type=int, default=32, help="deepest JSON nesting accepted (default %(default)s)")
+    lim.add_argument("--test_delay", type=float, default=0.0,
+                     help="testing only: seconds each model call sleeps while holding its device (default 0)")
 
     misc = p.add_argument_group("process")
     misc.add_argument("--torch_threads", type=int, default=None, help="torch.set_num_threads (CPU inference)")
@@ -79,6 +87,8 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
         host=args.host, port=args.port, token=token, dev_server=args.dev_server, threads=args.threads,
         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_prompts=args.max_prompts,
         max_prompt_chars=args.max_prompt_chars, queue_size=args.queue_size, queue_timeout=args.queue_timeout,
+        max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * (1 << 30)),
+        max_json_depth=args.max_json_depth, test_delay=args.test_delay,
         model_dir=args.model_dir, llm_dir=args.llm_dir, clip_dir=args.clip_dir, vae_dir=args.vae_dir,
         caption_device=args.caption_device or device, vae_device=args.vae_device or device,
         dtype=_DTYPE_ALIASES[args.dtype], load_caption=not args.no_caption, load_vae=not args.no_vae)
@@ -101,6 +111,9 @@ def advertised_urls(host: str, port: int) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Bind, load, serve. Exit codes: 0 after Ctrl-C / SIGTERM, 1 for any start-up failure (busy
+    port, bad model dir, failed load; one ``error: ...`` line on stderr, no traceback unless
+    ``--log_level DEBUG``), 2 for bad arguments, 130 for Ctrl-C during loading."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -112,8 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
         torch.set_num_threads(args.torch_threads)
 
-    from .components import load_components
-    from .server import ServiceServer, create_app
+    from .host import ServiceServer
+    from .server import create_app
 
     if config.exposed and config.token is None:
         logger.warning("binding %s without a token: anyone who can reach this port can use the models. "
@@ -124,31 +137,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         server = ServiceServer(app, config)
     except OSError as err:
         print(f"error: cannot listen on {config.host}:{config.port}: {err}", file=sys.stderr)
-        return 2
+        return 1
     urls = advertised_urls(config.host, server.port)
     print(f"stepvideo service listening on {', '.join(urls)} (models loading; GET /ready answers 200 when done)",
           flush=True)
 
-    def load() -> None:
-        try:
-            components = load_components(config, progress=True)
-        except BaseException as err:  # noqa: BLE001 - reported, then the process stops
-            future.set_exception(err)
-            logger.error("loading the models failed: %s: %s", type(err).__name__, err)
-            _thread.interrupt_main()
-            return
-        future.set_result(components)
-        flags = (" --caption_url {0} --vae_url {0}" if config.load_caption and config.load_vae else
-                 " --caption_url {0}" if config.load_caption else " --vae_url {0}")
-        print(f"stepvideo service ready: caption on {components.caption_device if components.caption else '-'}, "
-              f"VAE on {components.vae_device if components.vae else '-'}.\n"
-              f"  pass to run_parallel.py:{flags.format(urls[0])}", flush=True)
-
-    threading.Thread(target=load, name="stepvideo-load", daemon=True).start()
+    # Serve from a background thread and load here, in the main thread: the only
+    # KeyboardInterrupt this thread can see is a real Ctrl-C (or SIGTERM, mapped below).
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    server.start()
     try:
-        server.run()
+        return _load_then_serve(config, future, server, urls[0], debug=args.log_level == "DEBUG")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _load_then_serve(config: ServiceConfig, future: Future, server, url: str, debug: bool) -> int:
+    from .components import load_components
+
+    try:
+        components = load_components(config, progress=True)
+    except KeyboardInterrupt:
+        future.set_exception(RuntimeError("interrupted while loading"))
+        print("error: interrupted while loading the models", file=sys.stderr, flush=True)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line, then exit 1
+        future.set_exception(err)
+        if debug:
+            logger.exception("loading the models failed")
+        print(f"error: loading the models failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
+    future.set_result(components)
+    flags = (" --caption_url {0} --vae_url {0}" if config.load_caption and config.load_vae else
+             " --caption_url {0}" if config.load_caption else " --vae_url {0}")
+    print(f"stepvideo service ready: caption on {components.caption_device if components.caption else '-'}, "
+          f"VAE on {components.vae_device if components.vae else '-'}.\n"
+          f"  pass to run_parallel.py:{flags.format(url)}", flush=True)
+    try:
+        server.wait()
     except KeyboardInterrupt:
         pass
-    if future.done() and future.exception() is not None:
-        return 1
     return 0

@@ -222,7 +222,7 @@ class ServiceClient:
                 continue
             if resp.status_code != 200:
                 message = _error_message(data, resp.headers.get("Content-Type", ""))
-                if resp.status_code == 413 and body is not None:
+                if resp.status_code == 413 and body is not None and "--max_memory_gb" not in message:
                     message += (f" (this request body: {len(body)} bytes; the server's limit is set with "
                                 "--max_body_mb and reported by GET /ready)")
                 raise ServiceError(f"{self.name} at {url} answered HTTP {resp.status_code}: {message}",

@@ -28,6 +28,8 @@ class ServiceComponents:
         caption_device, vae_device: where each runs; model calls on the same device are
             serialised.
         info: extra facts reported by ``/ready`` (dtypes, load times, model dir).
+        vae_cost: the VAE's :class:`~stepvideo.service.cost.VAECostModel`, warmed up by
+            :func:`load_components`; None: the app builds one and warms it in the background.
     """
 
     caption: Optional[Any] = None
@@ -35,6 +37,7 @@ class ServiceComponents:
     caption_device: str = "cpu"
     vae_device: str = "cpu"
     info: Dict[str, Any] = field(default_factory=dict)
+    vae_cost: Optional[Any] = None
 
 
 def default_device() -> str:
@@ -85,6 +88,14 @@ def load_components(config: ServiceConfig, progress: bool = False) -> ServiceCom
         out.vae_device = device
         out.info["vae"] = {"dtype": dtype_name(dtype), "load_seconds": round(time.perf_counter() - start, 2)}
         logger.info("VAE loaded on %s (%s) in %.1f s", device, dtype_name(dtype), out.info["vae"]["load_seconds"])
+        # the cost model's first use builds a fake copy of the VAE (seconds of pure Python that
+        # would slow /health down if it ran while serving): do it now, before /ready says 200
+        from .cost import VAECostModel
+
+        start = time.perf_counter()
+        out.vae_cost = VAECostModel(out.vae)
+        out.vae_cost.warm_up()
+        out.info["vae"]["cost_model_seconds"] = round(time.perf_counter() - start, 2)
 
     if config.load_caption:
         from ..text_encoders.caption import CaptionEncoder

@@ -10,6 +10,8 @@ from ..loading import layout
 DEFAULT_PORT = 8080                 # the reference's port; also what a bare --vae_url host means
 TOKEN_ENV = "STEPVIDEO_SERVICE_TOKEN"
 MiB = 1 << 20
+GiB = 1 << 30
+STATUS_THREADS = 4                  # HTTP threads kept for /health, /ready and quick refusals
 
 
 @dataclass(frozen=True)
@@ -21,14 +23,22 @@ class ServiceConfig:
         port: TCP port (0 = any free port, handy in tests).
         token: shared secret; when set every request must send ``Authorization: Bearer <token>``.
         dev_server: run Flask's development server instead of waitress.
-        threads: waitress worker threads (concurrent HTTP requests; model calls are still
-            serialised per device).
+        threads: model requests (caption, decode, encode) admitted at once, running or waiting
+            for their device; one more gets 503 + Retry-After at once. The HTTP host runs
+            ``threads`` + :data:`STATUS_THREADS` worker threads, so ``/health`` and ``/ready``
+            always find a free thread.
 
     Limits (bad input gets a 4xx JSON error):
         max_body_bytes: largest request body accepted (413 above).
         max_prompts, max_prompt_chars: bounds on a caption request.
         queue_size: requests that may wait for a busy device (503 + Retry-After when full).
         queue_timeout: seconds a request waits for its device before 503.
+        max_memory_bytes: the most memory one model call may use beyond the loaded weights
+            (predicted from the request's shape before it runs; 413 above). None: a fraction of
+            the device's free memory once the models are loaded (see :mod:`.cost`).
+        max_json_depth: deepest JSON nesting accepted in a body or a tensor header (400 above).
+        test_delay: testing only: seconds every model call sleeps while it holds its device
+            (makes overload tests cheap on the tiny model). 0 in production.
 
     Models:
         model_dir: checkpoint folder or Hub repo id; llm_dir, clip_dir, vae_dir: its sub-folders.
@@ -47,6 +57,9 @@ class ServiceConfig:
     max_prompt_chars: int = 8192
     queue_size: int = 16
     queue_timeout: float = 900.0
+    max_memory_bytes: Optional[int] = None
+    max_json_depth: int = 32
+    test_delay: float = 0.0
     model_dir: Optional[str] = None
     llm_dir: str = layout.LLM_DIR
     clip_dir: str = layout.CLIP_DIR
@@ -76,6 +89,12 @@ class ServiceConfig:
             raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
         if self.queue_timeout <= 0:
             raise ValueError(f"queue_timeout must be > 0 seconds, got {self.queue_timeout}")
+        if self.max_memory_bytes is not None and self.max_memory_bytes < MiB:
+            raise ValueError(f"max_memory_bytes must be >= 1 MiB (or None for the default), got {self.max_memory_bytes}")
+        if self.max_json_depth < 2:
+            raise ValueError(f"max_json_depth must be >= 2, got {self.max_json_depth}")
+        if self.test_delay < 0:
+            raise ValueError(f"test_delay must be >= 0 seconds, got {self.test_delay}")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if not (self.load_caption or self.load_vae):

@@ -43,7 +43,9 @@ class DeviceGate:
     def waiting(self) -> int:
         return self._waiting
 
-    def _retry_after(self) -> int:
+    def retry_after(self) -> int:
+        """Seconds until a new request could expect the device: the last call's duration times
+        the calls ahead of it (at least 1)."""
         return max(1, int(self._last_seconds * (self._waiting + 1) + 0.999))
 
     @contextmanager
@@ -54,7 +56,7 @@ class DeviceGate:
                 if self._waiting >= self.queue_size:
                     raise DeviceBusy(f"device {self.device} is busy and its wait queue is full "
                                      f"({self._waiting} waiting, queue_size {self.queue_size}); retry later",
-                                     self._retry_after())
+                                     self.retry_after())
                 self._waiting += 1
             try:
                 acquired = self._run.acquire(timeout=self.timeout)
@@ -63,7 +65,7 @@ class DeviceGate:
                     self._waiting -= 1
             if not acquired:
                 raise DeviceBusy(f"waited {self.timeout:g} s for device {self.device} without getting it "
-                                 "(queue_timeout); retry later", self._retry_after())
+                                 "(queue_timeout); retry later", self.retry_after())
         start = time.perf_counter()
         try:
             yield

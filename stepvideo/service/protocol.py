@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
@@ -39,6 +40,7 @@ PROTOCOL_HEADER = "X-Stepvideo-Protocol"      # sent with every server response
 VERSION_KEY = "stepvideo_protocol"            # safetensors __metadata__ keys
 OPTIONS_KEY = "options"
 MAX_HEADER_BYTES = 1 << 20                    # our headers are < 1 KiB; anything near 1 MiB is hostile
+MAX_JSON_DEPTH = 32                           # our messages nest 2 deep; json.loads recurses per level
 
 # safetensors dtype codes <-> torch dtypes that may travel (others are refused)
 WIRE_DTYPES: Dict[str, torch.dtype] = {
@@ -50,7 +52,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 __all__ = [
     "PROTOCOL_VERSION", "TENSOR_CONTENT_TYPE", "JSON_CONTENT_TYPE", "PROTOCOL_HEADER", "FLOAT_DTYPES",
     "ProtocolError", "TensorSpec", "TensorMessage", "encode_tensors", "read_header", "decode_tensors",
-    "encode_json", "decode_json", "check_tensor", "dtype_name", "media_type",
+    "encode_json", "decode_json", "loads_bounded", "check_tensor", "check_text", "dtype_name", "media_type",
 ]
 
 
@@ -114,7 +116,8 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], options: Optional[Mappin
     return save(cpu, metadata=metadata)
 
 
-def read_header(body: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Tuple[Dict[str, TensorSpec], Dict[str, Any]]:
+def read_header(body: bytes, max_header_bytes: int = MAX_HEADER_BYTES,
+                max_depth: int = MAX_JSON_DEPTH) -> Tuple[Dict[str, TensorSpec], Dict[str, Any]]:
     """Parse and check the header of a tensor body without touching its data.
 
     Returns ``(specs by name, options)``. Raises :class:`ProtocolError` for bodies that are not
@@ -130,7 +133,9 @@ def read_header(body: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Tuple[
         raise ProtocolError(f"{not_ours}: its first 8 bytes announce a {header_len}-byte header "
                             f"(limit {max_header_bytes}, body {size} bytes)")
     try:
-        header = json.loads(bytes(body[8:8 + header_len]).decode("utf-8"))
+        header = loads_bounded(bytes(body[8:8 + header_len]).decode("utf-8"), max_depth, "tensor header")
+    except ProtocolError:
+        raise
     except (UnicodeDecodeError, ValueError) as err:
         raise ProtocolError(f"{not_ours}: unreadable JSON header ({err})") from None
     if not isinstance(header, dict):
@@ -146,7 +151,9 @@ def read_header(body: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Tuple[
         raise ProtocolError(f"protocol version {version!r} is not supported: this side speaks version "
                             f"{PROTOCOL_VERSION}; use the same stepvideo version on client and server")
     try:
-        options = json.loads(metadata.get(OPTIONS_KEY) or "{}")
+        options = loads_bounded(metadata.get(OPTIONS_KEY) or "{}", max_depth, "tensor header options")
+    except ProtocolError:
+        raise
     except (TypeError, ValueError) as err:
         raise ProtocolError(f"tensor header options are not valid JSON ({err})") from None
     if not isinstance(options, dict):
@@ -177,13 +184,13 @@ def read_header(body: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> Tuple[
 
 
 def decode_tensors(body: bytes, expected_names: Optional[Iterable[str]] = None,
-                   max_header_bytes: int = MAX_HEADER_BYTES) -> TensorMessage:
+                   max_header_bytes: int = MAX_HEADER_BYTES, max_depth: int = MAX_JSON_DEPTH) -> TensorMessage:
     """Decode a tensor body (see :func:`read_header` for the checks).
 
     ``expected_names``: the exact set of tensor names the message must hold (None: any).
     Tensors come back on CPU, writable, in their wire dtype.
     """
-    specs, options = read_header(body, max_header_bytes)
+    specs, options = read_header(body, max_header_bytes, max_depth)
     if expected_names is not None:
         want, got = sorted(expected_names), sorted(specs)
         if want != got:
@@ -235,13 +242,56 @@ def encode_json(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode("utf-8")
 
 
-def decode_json(body: bytes) -> Dict[str, Any]:
-    """Parse a JSON object body; :class:`ProtocolError` for anything else, naming the problem.
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """Deepest ``[``/``{`` nesting of JSON ``text`` (brackets inside strings do not count), found
+    without parsing, so a hostile body cannot make the parser recurse."""
+    depth = deepest = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        if match.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def loads_bounded(text: str, max_depth: int = MAX_JSON_DEPTH, what: str = "JSON body") -> Any:
+    """``json.loads`` that refuses nesting deeper than ``max_depth`` with a :class:`ProtocolError`
+    (``json.loads`` itself recurses per level and fails with RecursionError, not ValueError)."""
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise ProtocolError(f"{what} nests {depth} levels deep; this service accepts at most {max_depth}")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ProtocolError(f"{what} nests too deeply to parse (limit {max_depth})") from None
+
+
+def check_text(name: str, text: str) -> str:
+    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates such as ``"\\ud800"``,
+    which JSON escapes can carry), naming ``name`` and the position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ProtocolError(f"{name} holds an invalid Unicode character {text[err.start]!r} at position "
+                            f"{err.start} (a lone surrogate; send valid UTF-8 text)") from None
+    return text
+
+
+def decode_json(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> Dict[str, Any]:
+    """Parse a JSON object body; :class:`ProtocolError` for anything else, naming the problem
+    (invalid UTF-8, nesting deeper than ``max_depth``, not an object).
     A ``"protocol"`` field, when present, must equal :data:`PROTOCOL_VERSION`."""
     try:
-        obj = json.loads(bytes(body).decode("utf-8"))
+        obj = loads_bounded(bytes(body).decode("utf-8"), max_depth)
     except UnicodeDecodeError as err:
         raise ProtocolError(f"JSON body is not valid UTF-8 ({err})") from None
+    except ProtocolError:
+        raise
     except ValueError as err:
         raise ProtocolError(f"body is not valid JSON ({err})") from None
     if not isinstance(obj, dict):

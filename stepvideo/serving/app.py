@@ -28,7 +28,9 @@ from typing import Any, Dict, Optional
 from flask import Flask, Response, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from ..service.server import _error, _json_response, token_error
+from ..service.handlers import error_response as _error
+from ..service.handlers import json_response as _json_response
+from ..service.server import token_error
 from . import jobs as js
 from .config import TOKEN_ENV, ServerConfig
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE

@@ -174,8 +174,7 @@ def _start_http(config: ServerConfig, runtime, options: dict, holder: dict) -> N
     except OSError as err:
         raise ValueError(f"cannot listen on {config.host}:{config.port}: {err}") from None
     holder.update(ctx=ctx, server=server, url=advertised_urls(config.host, server.port)[0])
-    thread = threading.Thread(target=server.run, name="stepvideo-http", daemon=True)
-    thread.start()
+    server.start()
     print(f"stepvideo generation server listening on {holder['url']} (loading the model; GET /ready answers "
           "200 when jobs run)", flush=True)
 
