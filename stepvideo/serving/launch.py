@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from typing import Optional
 
 from .config import DEFAULT_MAX_TOKENS, DEFAULT_PORT, TOKEN_ENV, ServerConfig
