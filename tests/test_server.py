@@ -142,7 +142,7 @@ def test_token_health_and_invalid_requests(env):
         ({"json": {"prompt": ""}}, 400, "prompt"),
         ({"json": {"prompt": "x", "colour": "red"}}, 400, "colour"),
         ({"json": {"prompt": "x", "num_inference_steps": "2"}}, 400, "num_inference_steps"),
-        ({"json": {"prompt": "x", "cfg_scale": 0.5}}, 422, "cfg_scale"),
+        ({"json": {"prompt": "x", "cfg_scale": -1}}, 422, "cfg_scale"),
         ({"json": {"prompt": "x", "num_inference_steps": 1000}}, 422, "num_inference_steps"),
         ({"json": {"prompt": "x", "height": 8}}, 422, "height"),
         ({"json": {"prompt": "x", "preset": "fast"}}, 422, "preset"),
