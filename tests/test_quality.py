@@ -13,12 +13,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from stepvideo.demo import TINY_ARGS
+from stepvideo.cli.demo import TINY_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -227,28 +226,19 @@ def test_vae_cli_round_trip(tiny_model_dir, runs, tmp_path, capsys):
     assert frames_to_video(np.full((1, 16, 16, 3), 255, np.uint8)).max() == 1.0
 
 
-def test_vae_cli_through_the_service(tiny_model_dir, runs, tmp_path):
+def test_vae_cli_through_the_service(tiny_model_dir, tiny_service, runs, tmp_path):
     """The same commands with --vae_url: chunked requests give the local numbers."""
-    from stepvideo.demo import free_port, stop, wait_ready
     from stepvideo.io.video import read_mp4
     from stepvideo.vae.latents_file import load_latents
 
+    url, token = tiny_service
     source = runs["a"] / _records(runs["a"])["002"]["path"]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "api" / "call_remote_server.py"), "--model_dir",
-                             str(tiny_model_dir), "--port", str(port), "--device", "cpu"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(url, proc, timeout=180)
-        for where, flag in (("remote", ["--vae_url", url]), ("local", ["--model_dir", tiny_model_dir])):
-            assert _vae_cli("encode", source, "-o", tmp_path / f"{where}.safetensors", *flag) == 0
-            # both decode the runner's latents of item 002
-            assert _vae_cli("decode", runs["a"] / _records(runs["a"])["002"]["latents"], "-o",
-                            tmp_path / f"{where}.mp4", *flag) == 0
-    finally:
-        stop(proc)
+    for where, flag in (("remote", ["--vae_url", url, "--service_token", token]),
+                        ("local", ["--model_dir", tiny_model_dir])):
+        assert _vae_cli("encode", source, "-o", tmp_path / f"{where}.safetensors", *flag) == 0
+        # both decode the runner's latents of item 002
+        assert _vae_cli("decode", runs["a"] / _records(runs["a"])["002"]["latents"], "-o",
+                        tmp_path / f"{where}.mp4", *flag) == 0
     from stepvideo.quality.metrics import compare_videos, relative_l2
 
     # bf16 convolutions may block differently in the service process (threads): rounding-level differences
