@@ -30,7 +30,7 @@ def alibi_slopes(num_heads: int) -> List[float]:
     With ``P = 2**floor(log2(n))``: ``m_h = (2**(-8/P))**(h+1)`` for ``h < P``; the remaining
     ``n - P`` heads take the odd powers ``(2**(-4/P))**1, **3, **5, ...`` in order.
     For ``n = 48``: ``P = 32``, heads 0..31 get ``2**(-(h+1)/4)`` and heads 32..47 get
-    ``2**(-(2i+1)/8)``, ``i = 0..15`` (spec Appendix A).
+    ``2**(-(2i+1)/8)``, ``i = 0..15`` (`../shared/spec/STEP_VIDEO_SPEC.md`, Appendix A).
     """
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
