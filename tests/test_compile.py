@@ -52,7 +52,7 @@ class _Lines(logging.Handler):
 def _worker(cache_dir):
     from torch._dynamo.utils import counters
 
-    from stepvideo.parallel.runtime import parallelize_dit
+    from stepvideo.parallel.parallelize import parallelize_dit
     from stepvideo.parallel.state import ParallelConfig, ParallelState
     from stepvideo.perf.compile import compile_blocks
 

@@ -8,6 +8,9 @@ to a temporary folder, ``t2v-eval`` becomes a one-prompt file, GPUs become the C
 sampling flags are appended. Identical commands after the rewrite run once. Then:
 
 - a service command starts the service and waits for ``GET /ready``;
+- a ``run_parallel.py --serve`` command starts the generation server in the background; the
+  commands that talk to it (``127.0.0.1:8000``: curl, the client) then run in order in one bash
+  session against its real address, and must succeed;
 - generation, evaluation and decode commands must exit 0 and write what they promise;
 - other ``python`` scripts and modules must answer ``--help`` and know every flag the docs use;
 - ``pip`` (network), ``bash scripts/test.sh`` (this suite), ``bash scripts/demo.sh``
@@ -133,6 +136,8 @@ class Rewriter:
                 out += [arg, "cpu"]
             elif arg == "--port":
                 out += [arg, "0"]
+            elif arg == "--state_dir":
+                out += [arg, str(self.tmp / "server-state")]
             elif arg == "--save_path":
                 out += [arg, str(self.tmp / "results")]
             elif arg == "--output_path":
@@ -182,6 +187,31 @@ def _start_service(cmd: List[str], env, token: str) -> None:
         stop(proc)
 
 
+SERVER_ADDRESS = "127.0.0.1:8000"      # the generation server's address in docs/server.md
+
+
+def _start_server(cmd: List[str], env) -> Tuple[subprocess.Popen, str]:
+    """Start ``run_parallel.py --serve`` in the background; ``(process, host:port)`` once it listens."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        match = re.search(r"listening on http://(127\.0\.0\.1:\d+)", line)
+        if match:
+            return proc, match.group(1)
+    proc.wait()
+    raise AssertionError("the generation server did not start:\n" + "".join(seen[-40:]))
+
+
+def _run_against_server(lines: List[str], address: str, tmp: Path, env) -> None:
+    """The documented server commands, in order, in one bash session (``$ID`` carries over)."""
+    script = "\n".join(["set -euo pipefail"] + [line.replace(SERVER_ADDRESS, address).replace("/tmp/", f"{tmp}/")
+                                                 for line in lines])
+    res = subprocess.run(["bash", "-c", script], env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, f"documented server commands failed:\n{script}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+
+
 def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_service, tmp_path):
     import torch
     from PIL import Image
@@ -208,49 +238,67 @@ def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_servi
     assert any("--no_service" in c for _, c in commands), "the README's one-GPU command is not in a bash block"
     seen, ran, skipped, unknown = set(), [], [], []
     helped: Dict[str, str] = {}
-    for source, command in commands:
-        argv = shlex.split(command, comments=True)
-        argv = [a for a in argv if a != "&"]          # a background service runs in the foreground here
-        while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
-            argv = argv[1:]                     # CUDA_VISIBLE_DEVICES=... and the like
-        reason = next((why for prefix, why in SKIPPED.items() if tuple(argv[:len(prefix)]) == prefix), None)
-        if reason:
-            skipped.append((command, reason))
-            continue
-        kind, head, flags, nproc = rewriter.entry(argv)
-        if kind == "unknown":
-            unknown.append(f"{source}: {command}")
-            continue
-        flags = rewriter.flags(kind, flags, nproc)
-        cmd = head + flags
-        key = (kind, head[-1], tuple(sorted(flags)))      # the same command after the rewrite runs once
-        if key in seen:
-            continue
-        seen.add(key)
-        if kind == "python":
-            script = head[-1]
-            if script not in helped:
-                res = _run(head + ["--help"], env, timeout=120)
-                assert res.returncode == 0, f"{source}: `{command}` --help failed:\n{res.stderr[-2000:]}"
-                helped[script] = res.stdout
-            for flag in (a for a in flags if a.startswith("--")):
-                assert flag in helped[script], f"{source}: `{command}`: {flag} is not an option of {script}"
+    server, server_lines = None, []          # (process, host:port); commands that talk to it
+    try:
+        for source, command in commands:
+            if SERVER_ADDRESS in command:
+                server_lines.append(command)
+                continue
+            argv = shlex.split(command, comments=True)
+            argv = [a for a in argv if a != "&"]          # a background service runs in the foreground here
+            while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
+                argv = argv[1:]                     # CUDA_VISIBLE_DEVICES=... and the like
+            reason = next((why for prefix, why in SKIPPED.items() if tuple(argv[:len(prefix)]) == prefix), None)
+            if reason:
+                skipped.append((command, reason))
+                continue
+            kind, head, flags, nproc = rewriter.entry(argv)
+            if kind == "unknown":
+                unknown.append(f"{source}: {command}")
+                continue
+            flags = rewriter.flags(kind, flags, nproc)
+            cmd = head + flags
+            key = (kind, head[-1], tuple(sorted(flags)))      # the same command after the rewrite runs once
+            if key in seen:
+                continue
+            seen.add(key)
+            if kind == "python":
+                script = head[-1]
+                if script not in helped:
+                    res = _run(head + ["--help"], env, timeout=120)
+                    assert res.returncode == 0, f"{source}: `{command}` --help failed:\n{res.stderr[-2000:]}"
+                    helped[script] = res.stdout
+                for flag in (a for a in flags if a.startswith("--")):
+                    assert flag in helped[script], f"{source}: `{command}`: {flag} is not an option of {script}"
+                ran.append(command)
+                continue
+            if kind == "service":
+                _start_service(cmd, env, token)
+                ran.append(command)
+                continue
+            if kind == "generate" and "--serve" in cmd:
+                assert server is None, f"{source}: a second generation server"
+                server = _start_server(cmd, env)
+                ran.append(command)
+                continue
+            res = _run(cmd, env)
+            assert res.returncode == 0, f"{source}: `{command}`\nrewritten: {shlex.join(cmd)}\n{res.stderr[-3000:]}"
+            last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+            if kind == "generate" or kind == "decode":
+                assert last.endswith(".mp4") and Path(last).is_file(), f"{source}: `{command}`\n{res.stdout[-1000:]}"
+            elif "--gallery_only" in cmd:
+                assert Path(last).name == "index.html" and Path(last).is_file(), res.stdout[-1000:]
+            else:
+                assert re.match(r"evaluation: \d+ done", last), res.stdout[-1000:]
             ran.append(command)
-            continue
-        if kind == "service":
-            _start_service(cmd, env, token)
-            ran.append(command)
-            continue
-        res = _run(cmd, env)
-        assert res.returncode == 0, f"{source}: `{command}`\nrewritten: {shlex.join(cmd)}\n{res.stderr[-3000:]}"
-        last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
-        if kind == "generate" or kind == "decode":
-            assert last.endswith(".mp4") and Path(last).is_file(), f"{source}: `{command}`\n{res.stdout[-1000:]}"
-        elif "--gallery_only" in cmd:
-            assert Path(last).name == "index.html" and Path(last).is_file(), res.stdout[-1000:]
-        else:
-            assert re.match(r"evaluation: \d+ done", last), res.stdout[-1000:]
-        ran.append(command)
+        if server_lines:
+            assert server is not None, f"commands talk to {SERVER_ADDRESS}, but no documented --serve command started it"
+            _run_against_server(server_lines, server[1], tmp_path, env)
+            ran += server_lines
+    finally:
+        if server is not None:
+            server[0].terminate()
+            server[0].wait(timeout=120)
     assert not unknown, "documented commands without a rule in this test:\n" + "\n".join(unknown)
     assert len(ran) >= 6, ran
     assert {why for _, why in skipped} <= set(SKIPPED.values())

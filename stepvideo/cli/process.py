@@ -34,8 +34,15 @@ def report(exc: BaseException, debug: bool = False) -> int:
     line = f"error: {one_line(exc)}"
     if not user and not debug:
         line += f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
-    print(line, file=sys.stderr, flush=True)
+    _print_line(line)
     return EXIT_USER_ERROR if user else EXIT_FAILURE
+
+
+def _print_line(line: str) -> None:
+    """One write per line: ranks share the launcher's stderr, and ``print`` writes the text and
+    the newline separately, so two ranks' lines could interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def run_main(body: Callable[[], int], debug: bool = False) -> int:
@@ -81,8 +88,7 @@ def watch_launcher(interval: float = 1.0, on_exit: Optional[Callable[[], None]] 
             time.sleep(interval)
             if os.getppid() != parent:
                 rank = os.environ.get("RANK", "?")
-                print(f"error: rank {rank}: the torchrun launcher (pid {parent}) is gone; stopping this worker",
-                      file=sys.stderr, flush=True)
+                _print_line(f"error: rank {rank}: the torchrun launcher (pid {parent}) is gone; stopping this worker")
                 if on_exit is not None:
                     on_exit()
                 exit_now(EXIT_FAILURE)
