@@ -17,12 +17,10 @@ def test_resolve_profile_names_and_auto_on_cpu():
 
 
 def test_memory_profile_flag_reaches_runtime_config():
-    import argparse
-
     from stepvideo import cli
+    from stepvideo.cli.generate import build_parser
 
-    parser = argparse.ArgumentParser()
-    cli.add_model_args(parser)
+    parser = build_parser()                  # the generate entry point's flags (runtime_config reads several groups)
     args = parser.parse_args(["--memory_profile", "48g"])
     assert cli.runtime_config(args).memory_profile == "48g"
     assert cli.runtime_config(parser.parse_args([])).memory_profile == "auto"
@@ -41,7 +39,7 @@ def test_generator_follows_the_profile_order(tiny_model_dir, tmp_path, profile, 
     the profile's DiT (streamed blocks, fp8) still produces the video."""
     from stepvideo.config import OutputConfig, get_preset
     from stepvideo.parallel.state import ParallelState
-    from stepvideo.runtime import RuntimeConfig, VideoGenerator
+    from stepvideo.generator import RuntimeConfig, VideoGenerator
 
     runtime = RuntimeConfig(model_dir=str(tiny_model_dir), dtype="fp32", local=True, memory_profile=profile)
     generator = VideoGenerator(runtime, ParallelState.single(device="cpu"))
