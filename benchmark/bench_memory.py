@@ -62,6 +62,20 @@ def service_lines(video: acc.VideoShape, encode: acc.EncodeMeasurement, decode: 
             f"device peak with constants {acc.gib(total):.2f} GiB"], total
 
 
+def model_errors(row: dict, video: acc.VideoShape, ti2v: bool) -> dict:
+    """Relative error of the analytic estimate (weights + activations + fused attention) against
+    one layout row's traced allocated peak, bf16 and fp8."""
+    from stepvideo.perf import memory_model
+
+    sp, tp, cfg = row["sp"], row["tp"], row["cfg"]
+    dims = memory_model.ModelDims(motion=ti2v)
+    errors = {}
+    for key, fp8 in (("bf16", False), ("fp8", True)):
+        e = memory_model.estimate(video.tokens, sp=sp, tp=tp, batch=1 if cfg else 2, dims=dims, fp8=fp8)
+        errors[key] = (e["weights"] + e["activations"] + e["attention_fused"]) / row[key] - 1
+    return errors
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     profile = PROFILES[args.profile]
@@ -82,12 +96,18 @@ def main(argv=None) -> int:
             "moved_per_video_gib": acc.gib(result.moved_per_video)}
     if args.layouts:
         rows = report.layout_rows(video, ti2v=ti2v)
-        print(f"{'layout':<14}{'bf16':>8}{'fp8':>8}{'bf16+offl':>11}{'fp8+offl':>10}   (GiB per GPU, with constants)")
+        print(f"{'layout':<14}{'bf16':>8}{'fp8':>8}{'bf16+offl':>11}{'fp8+offl':>10}"
+              f"{'model err bf16/fp8':>20}   (GiB per GPU, with constants; model: memory_model.estimate "
+              f"vs the traced allocated peak)")
         for r in rows:
             t = r["total"]
+            errors = model_errors(r, video, ti2v)
             print(f"{r['layout']:<14}{acc.gib(t['bf16']):8.1f}{acc.gib(t['fp8']):8.1f}"
-                  f"{acc.gib(t['bf16_offload']):11.1f}{acc.gib(t['fp8_offload']):10.1f}")
-        data["layouts"] = [{"layout": r["layout"], **{k: acc.gib(v) for k, v in r["total"].items()}} for r in rows]
+                  f"{acc.gib(t['bf16_offload']):11.1f}{acc.gib(t['fp8_offload']):10.1f}"
+                  f"{100 * errors['bf16']:+10.1f}%/{100 * errors['fp8']:+.1f}%")
+            r["model_error"] = errors
+        data["layouts"] = [{"layout": r["layout"], **{k: acc.gib(v) for k, v in r["total"].items()},
+                            "model_error": r["model_error"]} for r in rows]
     if args.service:
         full_decode = acc.measure_decode(video, chunks=1) if profile.vae_tile else decode
         lines, total = service_lines(video, encode, full_decode)
