@@ -9,10 +9,11 @@ on the device. :class:`Placement` carries it out for the generator and keeps an 
 profile     budget      placement (DiT = 48 blocks of 1.125 GiB bf16 / 0.56 GiB fp8 + 0.7 GiB other)
 ==========  ==========  =============================================================================
 ``141g``    139 GiB     bf16; DiT, Step-LLM, CLIP and VAE all stay on the device
-``80g``     79 GiB      bf16; encoders run (then leave) before the DiT comes to the device; 4 blocks
-                        stream (prefetched); the DiT leaves the device while the VAE decodes
-``48g``     44.5 GiB    fp8 DiT weights + the 80g placement, 14 blocks stream
-``24g``     23.5 GiB    fp8 DiT, every block streams with prefetch; Step-LLM layers stream the same
+``80g``     79 GiB      bf16; encoders run (then leave) before the DiT comes to the device; all 48
+                        blocks resident (nothing streams per step); the DiT leaves the device while
+                        the VAE decodes
+``48g``     44.5 GiB    fp8 DiT weights + the 80g placement, 4 blocks stream (prefetched)
+``24g``     23.5 GiB    bf16 DiT, every block streams with prefetch; Step-LLM layers stream the same
                         way; the VAE decodes in 16 x 16 latent tiles
 ``none``    -           today's behaviour: the DiT is loaded on the device when the generator is
                         built and stays there; encoders and VAE come and go around it
@@ -60,11 +61,10 @@ class MemoryProfile:
 
 PROFILES = {
     "141g": MemoryProfile("141g", 139.0, encoders_stay=True),
-    "80g": MemoryProfile("80g", 79.0, dit_streamed_blocks=4, dit_on_device_for_encode=False,
+    "80g": MemoryProfile("80g", 79.0, dit_on_device_for_encode=False, dit_on_device_for_decode=False),
+    "48g": MemoryProfile("48g", 44.5, dit_fp8=True, dit_streamed_blocks=4, dit_on_device_for_encode=False,
                          dit_on_device_for_decode=False),
-    "48g": MemoryProfile("48g", 44.5, dit_fp8=True, dit_streamed_blocks=14, dit_on_device_for_encode=False,
-                         dit_on_device_for_decode=False),
-    "24g": MemoryProfile("24g", 23.5, dit_fp8=True, dit_streamed_blocks=48, llm_streamed=True, vae_tile=16),
+    "24g": MemoryProfile("24g", 23.5, dit_streamed_blocks=48, llm_streamed=True, vae_tile=16),
     "none": MemoryProfile("none", 0.0),
 }
 
