@@ -5,6 +5,7 @@
     python benchmark/bench_memory.py --profile 48g --json out.json
     python benchmark/bench_memory.py --layouts                          # SP x TP x CFG table (minutes)
     python benchmark/bench_memory.py --service                          # caption/VAE service peak
+    python benchmark/bench_memory.py --spikes                           # FP8 layer and Ulysses peaks
 
 Each stage (encode, step, decode, write) is traced with the real modules at the real widths
 under FakeTensorMode + MemTracker (stepvideo/perf/memory_accounting.py) and placed by the
@@ -38,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write the numbers to this file")
     p.add_argument("--layouts", action="store_true", help="also print the per-layout step table")
     p.add_argument("--service", action="store_true", help="also print the caption/VAE service's peak")
+    p.add_argument("--spikes", action="store_true",
+                   help="also print the FP8 layer peaks (SP 1) and the Ulysses attention-call peaks (SP 2/4/8)")
     args = p.parse_args(argv)
     for name in ("height", "width"):
         value = getattr(args, name)
@@ -60,6 +63,39 @@ def service_lines(video: acc.VideoShape, encode: acc.EncodeMeasurement, decode: 
     return [f"service: weights {acc.gib(weights):.2f} GiB; caption request (2 x 320 tokens) "
             f"{acc.gib(caption):.2f} GiB; decode request ({video}, untiled) {acc.gib(dec):.2f} GiB; "
             f"device peak with constants {acc.gib(total):.2f} GiB"], total
+
+
+def spike_lines(video: acc.VideoShape):
+    """Peaks of the two fixed spikes at the full token count (GiB, inputs and weights included):
+    one block linear in bf16 vs fp8 (2 x tokens, SP 1), and one Ulysses attention call on rank 0
+    (the caller's q, k, v, the send and receive buffers, the attention output)."""
+    import torch
+
+    from stepvideo.perf import fp8
+
+    lines = []
+    for name, k, n in (("FFN up", 6144, 24576), ("FFN down", 24576, 6144), ("attn1 wqkv", 6144, 18432)):
+        with acc.fake_mode():
+            x = torch.empty(2, video.tokens, k, dtype=torch.bfloat16)
+            with acc.default_dtype(torch.bfloat16):
+                linear = torch.nn.Linear(k, n, bias=False)
+            q = fp8.FP8Linear(torch.empty(n, k, dtype=fp8.FP8), torch.empty(n))
+            q.scaled_mm = True
+            bf16, _ = acc.trace_peak(lambda: linear(x), linear, x)
+            f8, _ = acc.trace_peak(lambda: q(x), q, x)
+        lines.append(f"spike: {name} {k}->{n}: input {acc.gib(x.numel() * 2):.2f} GiB, bf16 F.linear "
+                     f"{acc.gib(bf16.peak):.2f} GiB, fp8 {acc.gib(f8.peak):.2f} GiB")
+    for sp in (2, 4, 8):
+        length = -(-video.tokens // sp)
+        with acc.fake_mode():
+            sequence = acc.accounting_sequence(sp, 0)
+            sequence._lengths = [length] * sp
+            q, k, v = (torch.empty(2, length, 48, 128, dtype=torch.bfloat16) for _ in range(3))
+            trace, _ = acc.trace_peak(lambda: sequence.attention(q, k, v, lambda a, b, c: torch.empty_like(a)),
+                                      q, k, v)
+        lines.append(f"spike: Ulysses SP {sp}: q+k+v {acc.gib(3 * q.numel() * 2):.2f} GiB, "
+                     f"attention call peak {acc.gib(trace.peak):.2f} GiB")
+    return lines
 
 
 def model_errors(row: dict, video: acc.VideoShape, ti2v: bool) -> dict:
@@ -113,6 +149,10 @@ def main(argv=None) -> int:
         lines, total = service_lines(video, encode, full_decode)
         print("\n".join(lines))
         data["service_gib"] = acc.gib(total)
+    if args.spikes:
+        lines = spike_lines(video)
+        print("\n".join(lines))
+        data["spikes"] = lines
     for line in report.format_profile(result):
         print(line)
     fits = "yes" if result.fits else "no"
