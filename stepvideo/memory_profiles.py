@@ -148,10 +148,16 @@ class Placement:
     def dit_to(self, dit, stage: str, where: str) -> None:
         if where == self._dit_where:
             return
+        streamer = getattr(dit, "_block_streamer", None)
         if where == "device":
-            self._stream_dit(dit) if self.profile.dit_streamed_blocks else dit.to(self.device)
+            if streamer is not None:            # streamed (by the profile or --use-cpu-offload): the rest moves
+                from .perf.offload import _move_except
+                _move_except(dit, self.device, {id(b) for b in streamer.blocks})
+            elif self.profile.dit_streamed_blocks:
+                self._stream_dit(dit)
+            else:
+                dit.to(self.device)
         else:
-            streamer = getattr(dit, "_block_streamer", None)
             skip = set() if streamer is None else {id(b) for b in streamer.blocks}
             if streamer is not None:
                 streamer.release_all()          # also the block prefetched for the next step
