@@ -5,6 +5,7 @@
     python benchmark/bench_memory.py --profile 48g --json out.json
     python benchmark/bench_memory.py --layouts                          # SP x TP x CFG table (minutes)
     python benchmark/bench_memory.py --service                          # caption/VAE service peak
+    python benchmark/bench_memory.py --spikes                           # FP8 layer and Ulysses peaks
 
 Each stage (encode, step, decode, write) is traced with the real modules at the real widths
 under FakeTensorMode + MemTracker (stepvideo/perf/memory_accounting.py) and placed by the
@@ -38,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write the numbers to this file")
     p.add_argument("--layouts", action="store_true", help="also print the per-layout step table")
     p.add_argument("--service", action="store_true", help="also print the caption/VAE service's peak")
+    p.add_argument("--spikes", action="store_true",
+                   help="also print the FP8 layer peaks (SP 1) and the Ulysses attention-call peaks (SP 2/4/8)")
     args = p.parse_args(argv)
     for name in ("height", "width"):
         value = getattr(args, name)
@@ -62,6 +65,53 @@ def service_lines(video: acc.VideoShape, encode: acc.EncodeMeasurement, decode: 
             f"device peak with constants {acc.gib(total):.2f} GiB"], total
 
 
+def spike_lines(video: acc.VideoShape):
+    """Peaks of the two fixed spikes at the full token count (GiB, inputs and weights included):
+    one block linear in bf16 vs fp8 (2 x tokens, SP 1), and one Ulysses attention call on rank 0
+    (the caller's q, k, v, the send and receive buffers, the attention output)."""
+    import torch
+
+    from stepvideo.perf import fp8
+
+    lines = []
+    for name, k, n in (("FFN up", 6144, 24576), ("FFN down", 24576, 6144), ("attn1 wqkv", 6144, 18432)):
+        with acc.fake_mode():
+            x = torch.empty(2, video.tokens, k, dtype=torch.bfloat16)
+            with acc.default_dtype(torch.bfloat16):
+                linear = torch.nn.Linear(k, n, bias=False)
+            q = fp8.FP8Linear(torch.empty(n, k, dtype=fp8.FP8), torch.empty(n))
+            q.scaled_mm = True
+            bf16, _ = acc.trace_peak(lambda: linear(x), linear, x)
+            f8, _ = acc.trace_peak(lambda: q(x), q, x)
+        lines.append(f"spike: {name} {k}->{n}: input {acc.gib(x.numel() * 2):.2f} GiB, bf16 F.linear "
+                     f"{acc.gib(bf16.peak):.2f} GiB, fp8 {acc.gib(f8.peak):.2f} GiB")
+    for sp in (2, 4, 8):
+        length = -(-video.tokens // sp)
+        with acc.fake_mode():
+            sequence = acc.accounting_sequence(sp, 0)
+            sequence._lengths = [length] * sp
+            q, k, v = (torch.empty(2, length, 48, 128, dtype=torch.bfloat16) for _ in range(3))
+            trace, _ = acc.trace_peak(lambda: sequence.attention(q, k, v, lambda a, b, c: torch.empty_like(a)),
+                                      q, k, v)
+        lines.append(f"spike: Ulysses SP {sp}: q+k+v {acc.gib(3 * q.numel() * 2):.2f} GiB, "
+                     f"attention call peak {acc.gib(trace.peak):.2f} GiB")
+    return lines
+
+
+def model_errors(row: dict, video: acc.VideoShape, ti2v: bool) -> dict:
+    """Relative error of the analytic estimate (weights + activations + fused attention) against
+    one layout row's traced allocated peak, bf16 and fp8."""
+    from stepvideo.perf import memory_model
+
+    sp, tp, cfg = row["sp"], row["tp"], row["cfg"]
+    dims = memory_model.ModelDims(motion=ti2v)
+    errors = {}
+    for key, fp8 in (("bf16", False), ("fp8", True)):
+        e = memory_model.estimate(video.tokens, sp=sp, tp=tp, batch=1 if cfg else 2, dims=dims, fp8=fp8)
+        errors[key] = (e["weights"] + e["activations"] + e["attention_fused"]) / row[key] - 1
+    return errors
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     profile = PROFILES[args.profile]
@@ -82,17 +132,27 @@ def main(argv=None) -> int:
             "moved_per_video_gib": acc.gib(result.moved_per_video)}
     if args.layouts:
         rows = report.layout_rows(video, ti2v=ti2v)
-        print(f"{'layout':<14}{'bf16':>8}{'fp8':>8}{'bf16+offl':>11}{'fp8+offl':>10}   (GiB per GPU, with constants)")
+        print(f"{'layout':<14}{'bf16':>8}{'fp8':>8}{'bf16+offl':>11}{'fp8+offl':>10}"
+              f"{'model err bf16/fp8':>20}   (GiB per GPU, with constants; model: memory_model.estimate "
+              f"vs the traced allocated peak)")
         for r in rows:
             t = r["total"]
+            errors = model_errors(r, video, ti2v)
             print(f"{r['layout']:<14}{acc.gib(t['bf16']):8.1f}{acc.gib(t['fp8']):8.1f}"
-                  f"{acc.gib(t['bf16_offload']):11.1f}{acc.gib(t['fp8_offload']):10.1f}")
-        data["layouts"] = [{"layout": r["layout"], **{k: acc.gib(v) for k, v in r["total"].items()}} for r in rows]
+                  f"{acc.gib(t['bf16_offload']):11.1f}{acc.gib(t['fp8_offload']):10.1f}"
+                  f"{100 * errors['bf16']:+10.1f}%/{100 * errors['fp8']:+.1f}%")
+            r["model_error"] = errors
+        data["layouts"] = [{"layout": r["layout"], **{k: acc.gib(v) for k, v in r["total"].items()},
+                            "model_error": r["model_error"]} for r in rows]
     if args.service:
         full_decode = acc.measure_decode(video, chunks=1) if profile.vae_tile else decode
         lines, total = service_lines(video, encode, full_decode)
         print("\n".join(lines))
         data["service_gib"] = acc.gib(total)
+    if args.spikes:
+        lines = spike_lines(video)
+        print("\n".join(lines))
+        data["spikes"] = lines
     for line in report.format_profile(result):
         print(line)
     fits = "yes" if result.fits else "no"

@@ -9,10 +9,11 @@ on the device. :class:`Placement` carries it out for the generator and keeps an 
 profile     budget      placement (DiT = 48 blocks of 1.125 GiB bf16 / 0.56 GiB fp8 + 0.7 GiB other)
 ==========  ==========  =============================================================================
 ``141g``    139 GiB     bf16; DiT, Step-LLM, CLIP and VAE all stay on the device
-``80g``     79 GiB      bf16; encoders run (then leave) before the DiT comes to the device; 4 blocks
-                        stream (prefetched); the DiT leaves the device while the VAE decodes
-``48g``     44.5 GiB    fp8 DiT weights + the 80g placement, 14 blocks stream
-``24g``     23.5 GiB    fp8 DiT, every block streams with prefetch; Step-LLM layers stream the same
+``80g``     79 GiB      bf16; encoders run (then leave) before the DiT comes to the device; all 48
+                        blocks resident (nothing streams per step); the DiT leaves the device while
+                        the VAE decodes
+``48g``     44.5 GiB    fp8 DiT weights + the 80g placement, 4 blocks stream (prefetched)
+``24g``     23.5 GiB    bf16 DiT, every block streams with prefetch; Step-LLM layers stream the same
                         way; the VAE decodes in 16 x 16 latent tiles
 ``none``    -           today's behaviour: the DiT is loaded on the device when the generator is
                         built and stays there; encoders and VAE come and go around it
@@ -60,11 +61,10 @@ class MemoryProfile:
 
 PROFILES = {
     "141g": MemoryProfile("141g", 139.0, encoders_stay=True),
-    "80g": MemoryProfile("80g", 79.0, dit_streamed_blocks=4, dit_on_device_for_encode=False,
+    "80g": MemoryProfile("80g", 79.0, dit_on_device_for_encode=False, dit_on_device_for_decode=False),
+    "48g": MemoryProfile("48g", 44.5, dit_fp8=True, dit_streamed_blocks=4, dit_on_device_for_encode=False,
                          dit_on_device_for_decode=False),
-    "48g": MemoryProfile("48g", 44.5, dit_fp8=True, dit_streamed_blocks=14, dit_on_device_for_encode=False,
-                         dit_on_device_for_decode=False),
-    "24g": MemoryProfile("24g", 23.5, dit_fp8=True, dit_streamed_blocks=48, llm_streamed=True, vae_tile=16),
+    "24g": MemoryProfile("24g", 23.5, dit_streamed_blocks=48, llm_streamed=True, vae_tile=16),
     "none": MemoryProfile("none", 0.0),
 }
 
@@ -148,10 +148,16 @@ class Placement:
     def dit_to(self, dit, stage: str, where: str) -> None:
         if where == self._dit_where:
             return
+        streamer = getattr(dit, "_block_streamer", None)
         if where == "device":
-            self._stream_dit(dit) if self.profile.dit_streamed_blocks else dit.to(self.device)
+            if streamer is not None:            # streamed (by the profile or --use-cpu-offload): the rest moves
+                from .perf.offload import _move_except
+                _move_except(dit, self.device, {id(b) for b in streamer.blocks})
+            elif self.profile.dit_streamed_blocks:
+                self._stream_dit(dit)
+            else:
+                dit.to(self.device)
         else:
-            streamer = getattr(dit, "_block_streamer", None)
             skip = set() if streamer is None else {id(b) for b in streamer.blocks}
             if streamer is not None:
                 streamer.release_all()          # also the block prefetched for the next step

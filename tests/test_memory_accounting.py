@@ -129,3 +129,17 @@ def test_ulysses_holds_no_stacked_qkv():
     assert out.shape == (b, length, heads, dh)
     assert trace.peak <= 3 * size + 6 * size, trace.peak / size     # inputs + send + recv (3 each)
     assert trace.peak >= 9 * size                                   # the buffers are really traced
+
+
+def test_tensor_parallel_shards_follow_the_model_plan():
+    """The accounted TP shard (rank 0 of 2) halves exactly the linears of StepVideoModel._tp_plan."""
+    from torch import nn
+
+    def linear_weights(model):
+        return sum(m.weight.numel() for m in model.transformer_blocks[0].modules() if isinstance(m, nn.Linear))
+
+    with acc.fake_mode():
+        full, half = acc.build_dit(1), acc.build_dit(1, tp=2)
+    assert 2 * linear_weights(half) == linear_weights(full)
+    assert half.transformer_blocks[0].attn1.wqkv.out_features == 3 * 6144 // 2          # colwise
+    assert half.transformer_blocks[0].ff.net[2].in_features == 4 * 6144 // 2            # rowwise

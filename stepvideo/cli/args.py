@@ -41,7 +41,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memory_profile", default="auto", choices=["auto", "141g", "80g", "48g", "24g", "none"],
                    help="one-GPU placement by card size (docs/performance.md): 141g everything resident; 80g "
                         "encoders before the DiT, DiT off the device while the VAE decodes; 48g fp8 DiT + 80g; "
-                        "24g fp8 DiT blocks streamed with prefetch, tiled VAE decode; none: keep everything as "
+                        "24g DiT blocks and Step-LLM layers streamed with prefetch, tiled VAE decode; none: keep everything as "
                         "loaded; auto (default): by the device's memory for one-GPU --no_service runs, else none")
     g.add_argument("--vae_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
     g.add_argument("--caption_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")

@@ -271,19 +271,20 @@ def shard_blocks(model: nn.Module, tp: int) -> None:
     """Give every block linear its tensor-parallel shard shape (rank 0 of ``tp``)."""
     if tp == 1:
         return
-    from ..parallel.tensor import COLUMN_PARALLEL, ROW_PARALLEL
+    from ..parallel.tensor import TensorParallelPlan
 
-    for block in model.transformer_blocks:
-        for name in COLUMN_PARALLEL + ROW_PARALLEL:
-            parent_name, _, child = name.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            old = getattr(parent, child)
-            out_f, in_f = old.out_features, old.in_features
-            if name in COLUMN_PARALLEL:
-                out_f //= tp
-            else:
-                in_f //= tp
-            setattr(parent, child, nn.Linear(in_f, out_f, bias=old.bias is not None))
+    plan = TensorParallelPlan.of(model)                 # the model class's _tp_plan
+    for name, old in list(model.named_modules()):
+        style = plan.style(name)
+        if style is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        out_f, in_f = old.out_features, old.in_features
+        if style == "colwise":
+            out_f //= tp
+        else:
+            in_f //= tp
+        setattr(model.get_submodule(parent_name), child, nn.Linear(in_f, out_f, bias=old.bias is not None))
 
 
 def fp8_blocks(model: nn.Module) -> None:

@@ -12,13 +12,15 @@ Weights (exact parameter count of the block layout)
     output channel).
 
 Activations (inference, no autograd; ``Ll = ceil(L / sp)`` local tokens)
-    The largest live set inside a block is during self-attention:
-    residual ``x`` and modulated ``h`` (``2 D`` per token), ``qkv`` (``3 D/tp``), normalised and
-    rotated ``q, k`` with their RoPE / fp32-statistics temporaries (about ``6 D/tp``), and, when
-    ``sp > 1``, the all-to-all send / receive buffers of ``q, k, v`` (``6 D/tp``):
-    ``B * Ll * (2 D + (9 + 6 [sp>1]) D/tp) * bytes``. The FFN peak ``B * Ll * (2 D + 8 D/tp)``
-    is lower for tp=1. After the gather, the output head holds the full sequence on every rank:
-    ``3 * B * L * D * bytes`` (gathered ``x``, its LayerNorm, the modulated copy).
+    The eager block works in place on tensors it made itself (RoPE, QK-norm, modulation,
+    residuals, GELU), so two live sets compete. Self-attention: the block input ``x`` and the
+    modulated ``h`` (``2 D`` per token), ``qkv`` (``3 D/tp``) and, when ``sp > 1``, the
+    all-to-all send and receive buffers of ``q, k, v`` (``6 D/tp``):
+    ``B * Ll * (2 D + (3 + 6 [sp>1]) D/tp) * bytes``. The FFN: the block input, the residual
+    stream, ``h`` and the FFN output (``4 D``) beside the hidden units (``4 D/tp``):
+    ``B * Ll * (4 D + 4 D/tp) * bytes``, the larger at SP 1. After the gather, the output head
+    holds the full sequence on every rank: ``3 * B * L * D * bytes`` (gathered ``x``, its
+    LayerNorm, the modulated copy).
 
 Attention workspace (self-attention over the full sequence, ``N / (sp * tp)`` heads per rank)
     fused kernels (flash / cuDNN / memory-efficient): fp32 log-sum-exp, ``B * heads * L * 4``;
@@ -30,11 +32,12 @@ to the totals. "fits" compares against the usable memory of the cards (79 GiB of
 
 This is the quick analytic estimate. The measured numbers come from tracing the real modules at
 full size (``benchmark/bench_memory.py``, :mod:`stepvideo.perf.memory_accounting`). Checked
-against them at 544x992x204 (CFG batch 2, all SP x TP x CFG layouts of up to 8 GPUs):
-``weights + activations + attention_fused`` is within 5.2% of the traced allocated peak in bf16
-and within 8.8% with ``fp8=True`` (largest gaps at SP 2, where the model over-counts the
-all-to-all buffers); the activation term alone differs by up to 30% there, so plan with the
-bench_memory numbers, which docs/performance.md lists.
+against them at 544x992x204 (CFG batch 2, or 1 per rank with CFG parallelism; all SP x TP x CFG layouts of up to 8 GPUs, after the
+leaner eager block of issue 16): ``weights + activations + attention_fused`` is within 1.5% of
+the traced allocated peak in bf16 and within 2.6% with ``fp8=True``. The activation term alone
+is within 1.5% without CFG parallelism and up to 16% low with CFG parallelism and SP > 1 (about
+0.5 GiB the formulas leave out); ``bench_memory.py --layouts`` prints the comparison. Plan with the bench_memory numbers, which
+docs/performance.md lists.
 """
 from __future__ import annotations
 
@@ -111,8 +114,8 @@ def estimate(tokens: int, *, sp: int = 1, tp: int = 1, batch: int = 2, dims: Mod
     replicated = dims.layers * block_other_params(dims) + outer_params(dims)
     weights = linear_bytes + replicated * bytes_per_el
     local = math.ceil(L / sp)
-    attn_peak = B * local * (2 * D + (9 + (6 if sp > 1 else 0)) * D / tp)
-    ffn_peak = B * local * (2 * D + 8 * D / tp)
+    attn_peak = B * local * (2 * D + (3 + (6 if sp > 1 else 0)) * D / tp)
+    ffn_peak = B * local * (4 * D + 4 * D / tp)
     persistent = B * text_tokens * D * 3 + 2 * L * dims.head_dim    # context, cross K/V, RoPE tables
     block = (max(attn_peak, ffn_peak) + persistent) * bytes_per_el
     head = 3 * B * L * D * bytes_per_el

@@ -136,7 +136,8 @@ def layout_rows(video: acc.VideoShape = acc.VideoShape(), layouts=None, *, ti2v:
     for layout in layouts:
         bf16 = acc.measure_step(video, layout, ti2v=ti2v)
         fp8 = acc.measure_step(video, layout, fp8=True, ti2v=ti2v)
-        row = {"layout": str(layout), "world": layout.world_size}
+        row = {"layout": str(layout), "world": layout.world_size, "sp": layout.sp, "tp": layout.tp,
+               "cfg": layout.batch == 1}
         for name, m in (("bf16", bf16), ("fp8", fp8)):
             row[name] = m.peak
             row[name + "_weights"] = m.weights
