@@ -210,6 +210,10 @@ def _run_against_server(lines: List[str], address: str, tmp: Path, env) -> None:
     res = subprocess.run(["bash", "-c", script], env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, f"documented server commands failed:\n{script}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    from stepvideo.io.video import read_mp4
+
+    for written in set(re.findall(r"-o (/tmp/\S+\.mp4)", "\n".join(lines))):     # the downloads are real mp4s
+        assert len(read_mp4(tmp / Path(written).name)[0]) > 0, written
 
 
 def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_service, tmp_path):
