@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from stepvideo.demo import TINY_ARGS
+from stepvideo.cli.demo import TINY_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -229,7 +229,9 @@ def test_vae_cli_round_trip(tiny_model_dir, runs, tmp_path, capsys):
 
 def test_vae_cli_through_the_service(tiny_model_dir, runs, tmp_path):
     """The same commands with --vae_url: chunked requests give the local numbers."""
-    from stepvideo.demo import free_port, stop, wait_ready
+    from stepvideo.cli.demo import stop
+    from stepvideo.parallel.launch import free_port
+    from stepvideo.service.client import wait_ready
     from stepvideo.io.video import read_mp4
     from stepvideo.vae.latents_file import load_latents
 
