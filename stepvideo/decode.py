@@ -112,11 +112,11 @@ def _decode(args: argparse.Namespace) -> int:
     from .io.video import output_video_path
     from .preflight import check_output, check_services
     from .vae.codec import latents_to_mp4
-    from .vae.latents_file import SUFFIX, load_latents
+    from .vae.latents_file import load_latents, video_path_for
 
     latents, metadata = load_latents(args.latents)
     settings = metadata.get("output") if isinstance(metadata.get("output"), dict) else {}
-    out_path = Path(args.output or metadata.get("video_path") or str(args.latents)[: -len(SUFFIX)] + ".mp4")
+    out_path = Path(args.output or metadata.get("video_path") or video_path_for(args.latents))
     output = replace(OutputConfig(), output_path=str(out_path),
                      **{k: v for k, v in settings.items() if k in asdict(OutputConfig())})
     check_output(output)

@@ -40,6 +40,14 @@ def latents_path(video: Union[str, os.PathLike]) -> Path:
     return video.with_name(video.stem + SUFFIX)
 
 
+def video_path_for(latents: Union[str, os.PathLike]) -> Path:
+    """The inverse of :func:`latents_path`: ``dir/x.latents.safetensors`` -> ``dir/x.mp4``
+    (another name: its stem + ``.mp4``)."""
+    latents = Path(latents)
+    stem = latents.name[:-len(SUFFIX)] if latents.name.endswith(SUFFIX) else latents.stem
+    return latents.with_name(stem + ".mp4")
+
+
 def run_metadata(prompt: str, sampling, output=None, **extra) -> dict:
     """The metadata of latents made by a generation: the prompt, ``sampling`` (a ``SamplingConfig``),
     the output settings of ``output`` (an ``OutputConfig`` or anything with ``fps``, ``crop_540p``,
