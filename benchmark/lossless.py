@@ -55,7 +55,8 @@ def _lossless(args) -> int:
     print("\n".join(table_lines(rows)))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"setup": {"model_dir": runtime.model_dir, "dtype": runtime.dtype, "sampling": sampling.to_dict()},
+            json.dump({"setup": {"model_dir": runtime.model_dir, "dtype": runtime.dtype,
+                                 "sampling": sampling.to_dict()},
                        "rows": [r.to_dict() for r in rows]}, f, indent=1, allow_nan=True, ensure_ascii=False)
     return 1 if any(r.note.startswith("failed") for r in rows) else 0
 

@@ -220,8 +220,9 @@ class LosslessRunner:
         else:
             from ..service.client import RemoteCaptionEncoder, RemoteVAE
 
-            self.embeds = RemoteCaptionEncoder(setup.runtime.caption_url, token=setup.runtime.service_token).embedding(prompts)
-            self.vae = RemoteVAE(setup.runtime.vae_url, token=setup.runtime.service_token, output="float")
+            runtime = setup.runtime
+            self.embeds = RemoteCaptionEncoder(runtime.caption_url, token=runtime.service_token).embedding(prompts)
+            self.vae = RemoteVAE(runtime.vae_url, token=runtime.service_token, output="float")
         self.baseline: Optional[OptionResult] = None
 
     def _frames(self, latents: torch.Tensor, tiling: bool):
