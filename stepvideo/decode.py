@@ -69,19 +69,15 @@ def remote_decoder(url: str, token: Optional[str] = None) -> Callable[[torch.Ten
 
 
 def local_decoder(model_dir, device: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A local VAE from ``model_dir/vae``, as ``--no_service`` runs use it."""
+    """The decode of a local VAE from ``model_dir/vae``, as ``--no_service`` runs use it (float
+    video on CPU; the VAE casts the latents to its device and dtype)."""
+    from .components import LocalVAE
     from .loading import layout
     from .loading.hub import resolve_model_dir
     from .models.vae import AutoencoderKL
 
     root = resolve_model_dir(model_dir, allow_patterns=layout.SERVICE_PATTERNS)
-    vae = AutoencoderKL.from_pretrained(root / layout.VAE_DIR, device=device)
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        param = next(vae.parameters())
-        return vae.decode(latents.to(param.device, param.dtype)).cpu()
-
-    return decode
+    return LocalVAE(AutoencoderKL.from_pretrained(root / layout.VAE_DIR, device=device), output="float").decode
 
 
 def build_parser() -> argparse.ArgumentParser:
