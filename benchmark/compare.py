@@ -13,46 +13,42 @@ See docs/quality.md.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Optional, Sequence
 
+from stepvideo.tool import add_debug_flag, run_tool, tool_parser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("run_a", help="reference run folder (A)")
     parser.add_argument("run_b", help="run folder measured against A (B)")
     parser.add_argument("--out", default=None, help="report folder (default: RUN_B/compare)")
     parser.add_argument("--worst", type=int, default=8, help="heat maps for this many lowest-PSNR items")
     parser.add_argument("--device", default=None, help="where the metrics run (default: cuda if available, else cpu)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug_flag(parser)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_tool(build_parser().parse_args(argv), _compare, (FileNotFoundError, ValueError))
+
+
+def _compare(args) -> int:
     from pathlib import Path
+
+    import torch
 
     from stepvideo.quality.compare import compare_runs, summary_lines, write_report_json
     from stepvideo.quality.report_html import build_compare_page
 
     if args.worst < 0:
-        print(f"error: --worst must be >= 0, got {args.worst}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--worst must be >= 0, got {args.worst}")
     out = Path(args.out) if args.out else Path(args.run_b) / "compare"
-    try:
-        import torch
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        comparison = compare_runs(args.run_a, args.run_b, progress=True, device=device)
-        page = build_compare_page(comparison, out, worst=args.worst)
-        report = write_report_json(comparison, out)
-    except (FileNotFoundError, ValueError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    comparison = compare_runs(args.run_a, args.run_b, progress=True, device=device)
+    page = build_compare_page(comparison, out, worst=args.worst)
+    report = write_report_json(comparison, out)
     print("\n".join(summary_lines(comparison)))
     if comparison.only_in_a or comparison.only_in_b:
         print(f"not in both runs: A only {len(comparison.only_in_a)}, B only {len(comparison.only_in_b)}")

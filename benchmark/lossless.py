@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from typing import Optional, Sequence
 
 from stepvideo import cli
+from stepvideo.tool import add_debug_flag, run_tool, tool_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     cli.add_model_args(parser)
     cli.add_sampling_args(parser, with_prompt=True)
     g = parser.add_argument_group("lossless")
@@ -31,34 +30,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these options (default: every one that applies here), e.g. fp8 offload sp2")
     g.add_argument("--max_ranks", type=int, default=2, help="CPU: largest layout (spawned gloo ranks)")
     g.add_argument("--json", default=None, help="also write the table as JSON to this file")
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug_flag(g)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_tool(build_parser().parse_args(argv), _lossless,
+                    (ValueError, FileNotFoundError, RuntimeError, NotADirectoryError))
+
+
+def _lossless(args) -> int:
+    from stepvideo.generator import RuntimeConfig
     from stepvideo.quality.lossless import DEFAULT_PROMPT, LosslessSetup, run_table, table_lines
 
-    try:
-        if args.max_ranks < 1:
-            raise ValueError(f"--max_ranks must be >= 1, got {args.max_ranks}")
-        sampling = cli.sampling_config(args, has_image=False)
-        setup = LosslessSetup(model_dir=args.model_dir or "./ckpts", sampling=sampling,
-                              prompt=args.prompt or DEFAULT_PROMPT, dtype=args.dtype,
-                              attention_backend=args.attention_backend, local=args.local, vae_url=args.vae_url,
-                              caption_url=args.caption_url, service_token=args.service_token,
-                              max_ranks=args.max_ranks)
-        rows = run_table(setup, args.options)
-    except (ValueError, FileNotFoundError, RuntimeError, NotADirectoryError) as err:
-        if args.debug or os.environ.get("STEPVIDEO_DEBUG") == "1":
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.max_ranks < 1:
+        raise ValueError(f"--max_ranks must be >= 1, got {args.max_ranks}")
+    sampling = cli.sampling_config(args, has_image=False)
+    runtime = RuntimeConfig(model_dir=args.model_dir or "./ckpts", dtype=args.dtype,
+                            attention_backend=args.attention_backend, local=args.local, vae_url=args.vae_url,
+                            caption_url=args.caption_url, service_token=args.service_token)
+    setup = LosslessSetup(runtime=runtime, sampling=sampling, prompt=args.prompt or DEFAULT_PROMPT,
+                          max_ranks=args.max_ranks)
+    rows = run_table(setup, args.options)
     print("\n".join(table_lines(rows)))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"setup": {"model_dir": setup.model_dir, "dtype": setup.dtype, "sampling": sampling.to_dict()},
+            json.dump({"setup": {"model_dir": runtime.model_dir, "dtype": runtime.dtype,
+                                 "sampling": sampling.to_dict()},
                        "rows": [r.to_dict() for r in rows]}, f, indent=1, allow_nan=True, ensure_ascii=False)
     return 1 if any(r.note.startswith("failed") for r in rows) else 0
 

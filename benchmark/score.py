@@ -11,16 +11,16 @@ per category. Rebuild the gallery afterwards (``benchmark/evaluation.py --save_p
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from typing import Optional, Sequence
+
+from stepvideo.tool import add_debug_flag, run_tool, tool_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     from stepvideo.quality.scores import DEFAULT_CLIP, METRICS
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("run", help="evaluation output folder")
     parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=list(METRICS))
     parser.add_argument("--clip_model", default=DEFAULT_CLIP,
@@ -28,23 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--ids", nargs="+", default=None, help="only these item ids")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug_flag(parser)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_tool(build_parser().parse_args(argv), _score, (FileNotFoundError, ValueError, NotADirectoryError))
+
+
+def _score(args) -> int:
     from stepvideo.quality.scores import score_run, summary_lines
 
-    try:
-        summary = score_run(args.run, args.metrics, checkpoint=args.clip_model, device=args.device,
-                            dtype=args.dtype, ids=args.ids, progress=True)
-    except (FileNotFoundError, ValueError, NotADirectoryError) as err:
-        if args.debug or os.environ.get("STEPVIDEO_DEBUG") == "1":
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = score_run(args.run, args.metrics, checkpoint=args.clip_model, device=args.device,
+                        dtype=args.dtype, ids=args.ids, progress=True)
     print("\n".join(summary_lines(summary)))
     return 0
 

@@ -9,12 +9,12 @@ full), the generator saves the final latents ``[B, F, C, h, w]`` next to the int
 output settings in its metadata. This command decodes them with the service (``--vae_url``,
 uint8 frames converted on the server, as the generator does) or a local VAE
 (``--model_dir``), applies the same post-processing and writes the mp4 (default: the path the
-run intended).
+run intended). The file format is :mod:`stepvideo.vae.latents_file`; the decode and write are
+:func:`stepvideo.vae.codec.latents_to_mp4`, shared with ``python -m stepvideo.vae decode``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import asdict, replace
@@ -25,51 +25,26 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "stepvideo.latents/1"
-SUFFIX = ".latents.safetensors"
-
-
-def save_latents(path, latents: torch.Tensor, *, prompt: str, sampling, output, video_path, remote: bool,
-                 model_dir: Optional[str] = None) -> Path:
-    """Write ``latents`` and the settings that made them to ``path`` atomically; return ``path``."""
-    from safetensors.torch import save
-
-    from .io.atomic import atomic_write_bytes
-
-    output_settings = {"fps": output.fps, "crop_540p": output.crop_540p, "denoise_filter": output.denoise_filter}
-    metadata = {"format": FORMAT, "prompt": prompt, "sampling": json.dumps(sampling.to_dict(), ensure_ascii=False),
-                "output": json.dumps(output_settings), "video_path": str(video_path),
-                "decoder": "service-uint8" if remote else "local", "model_dir": model_dir or ""}
-    data = save({"latents": latents.detach().float().cpu().contiguous()}, metadata=metadata)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-    logger.warning("saved the denoised latents in %s", path)
-    return path
-
-
-def latents_path(video_path) -> Path:
-    """Where the latents of ``video_path`` are kept when decoding or writing fails."""
-    video_path = Path(video_path)
-    return video_path.with_name(video_path.stem + SUFFIX)
-
 
 def decode_or_keep_latents(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, path, output, *,
                            prompt: str, sampling, remote: bool, model_dir: Optional[str], decode_flag: str,
                            retries: int = 2, backoff: float = 2.0, timings: Optional[Dict[str, float]] = None,
                            on_stage: Optional[Callable[[str], None]] = None):
-    """:func:`write_video`, retried ``retries`` times with exponential backoff; when every attempt
+    """:func:`~stepvideo.vae.codec.latents_to_mp4` with ``decode``, retried ``retries`` times with
+    exponential backoff; returns the ``uint8 [T, H, W, 3]`` frames written. When every attempt
     failed, save the latents next to ``path`` and raise ``GenerationError`` saying where and how
     to make the video from them (``decode_flag``: ``--vae_url URL`` or ``--model_dir DIR``)."""
     import time
 
     from .errors import one_line
     from .generator import GenerationError
+    from .vae.codec import latents_to_mp4
+    from .vae.latents_file import latents_path, run_metadata, save_latents
 
     attempts = max(0, retries) + 1
     for attempt in range(attempts):
         try:
-            return write_video(decode, latents, path, output, timings=timings, on_stage=on_stage)
+            return latents_to_mp4(decode, latents, path, output, timings=timings, on_stage=on_stage)[1]
         except Exception as exc:         # retried, then the latents are kept
             failure = exc
             if attempt + 1 < attempts:
@@ -77,57 +52,12 @@ def decode_or_keep_latents(decode: Callable[[torch.Tensor], torch.Tensor], laten
                 logger.warning("decoding/writing %s failed (%s: %s); retry %d of %d in %.0f s", path,
                                type(exc).__name__, exc, attempt + 1, attempts - 1, delay)
                 time.sleep(delay)
-    saved = save_latents(latents_path(path), latents, prompt=prompt, sampling=sampling, output=output,
-                         video_path=path, remote=remote, model_dir=model_dir)
+    metadata = run_metadata(prompt, sampling, output, video_path=str(path),
+                            decoder="service-uint8" if remote else "local", model_dir=model_dir or "")
+    saved = save_latents(latents_path(path), latents.detach().float(), metadata)
+    logger.warning("saved the denoised latents in %s", saved)
     raise GenerationError(f"{one_line(failure)}; the denoised latents are saved in {saved}: make the video with "
                           f"`python -m stepvideo.decode {saved} {decode_flag}`") from failure
-
-
-def load_latents(path):
-    """``(latents, metadata)`` of a file written by :func:`save_latents`."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"latents file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            latents = f.get_tensor("latents")
-    except Exception as err:           # safetensors raises its own error types
-        raise ValueError(f"{path} is not a stepvideo latents file ({type(err).__name__}: {err})") from None
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a stepvideo latents file (format {metadata.get('format')!r}, "
-                         f"expected {FORMAT!r})")
-    return latents, metadata
-
-
-def write_video(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, path, output,
-                timings: Optional[Dict[str, float]] = None, on_stage: Optional[Callable[[str], None]] = None):
-    """Decode ``latents`` with ``decode``, post-process as the pipeline does, write the mp4 atomically.
-    ``on_stage`` is called with ``"decoding"`` and ``"writing"`` as those stages start.
-
-    Returns the ``uint8 [T, H, W, 3]`` frames written.
-    """
-    import time
-
-    from .io.video import write_mp4
-    from .pipelines.postprocess import decoded_to_frames
-
-    timings = timings if timings is not None else {}
-    if on_stage is not None:
-        on_stage("decoding")
-    start = time.perf_counter()
-    video = decode(latents)
-    timings["decode_s"] = time.perf_counter() - start
-    frames = decoded_to_frames(video, crop_540p=output.crop_540p)
-    if on_stage is not None:
-        on_stage("writing")
-    start = time.perf_counter()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(path, frames, fps=output.fps, denoise=output.denoise_filter)
-    timings["write_s"] = time.perf_counter() - start
-    return frames
 
 
 def remote_decoder(url: str, token: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -139,19 +69,15 @@ def remote_decoder(url: str, token: Optional[str] = None) -> Callable[[torch.Ten
 
 
 def local_decoder(model_dir, device: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A local VAE from ``model_dir/vae``, as ``--no_service`` runs use it."""
+    """The decode of a local VAE from ``model_dir/vae``, as ``--no_service`` runs use it (float
+    video on CPU; the VAE casts the latents to its device and dtype)."""
+    from .components import LocalVAE
     from .loading import layout
     from .loading.hub import resolve_model_dir
     from .models.vae import AutoencoderKL
 
     root = resolve_model_dir(model_dir, allow_patterns=layout.SERVICE_PATTERNS)
-    vae = AutoencoderKL.from_pretrained(root / layout.VAE_DIR, device=device)
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        param = next(vae.parameters())
-        return vae.decode(latents.to(param.device, param.dtype)).cpu()
-
-    return decode
+    return LocalVAE(AutoencoderKL.from_pretrained(root / layout.VAE_DIR, device=device), output="float").decode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,10 +107,12 @@ def _decode(args: argparse.Namespace) -> int:
     from .config import OutputConfig
     from .io.video import output_video_path
     from .preflight import check_output, check_services
+    from .vae.codec import latents_to_mp4
+    from .vae.latents_file import load_latents, video_path_for
 
     latents, metadata = load_latents(args.latents)
-    settings = json.loads(metadata.get("output") or "{}")
-    out_path = Path(args.output or metadata.get("video_path") or str(args.latents)[: -len(SUFFIX)] + ".mp4")
+    settings = metadata.get("output") if isinstance(metadata.get("output"), dict) else {}
+    out_path = Path(args.output or metadata.get("video_path") or video_path_for(args.latents))
     output = replace(OutputConfig(), output_path=str(out_path),
                      **{k: v for k, v in settings.items() if k in asdict(OutputConfig())})
     check_output(output)
@@ -197,7 +125,7 @@ def _decode(args: argparse.Namespace) -> int:
     else:
         decode = local_decoder(args.model_dir, args.device)
     out_path = output_video_path(output.save_path, "video", output_path=out_path)
-    write_video(decode, latents, out_path, output)
+    latents_to_mp4(decode, latents, out_path, output)
     print(out_path)
     return 0
 

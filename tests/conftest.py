@@ -111,7 +111,6 @@ def tiny_service(tiny_model_dir):
     """One caption/VAE service for the session (``python -m stepvideo.cli.service`` on the tiny
     T2V dir, CPU, token ``tiny-token``): ``(url, token)``. Its parts equal the TI2V dir's."""
     import subprocess
-    import sys
 
     from stepvideo.cli.demo import process_exited, service_command, stop
     from stepvideo.parallel.launch import free_port

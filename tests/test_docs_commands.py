@@ -221,7 +221,7 @@ def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_servi
     from PIL import Image
 
     from stepvideo.config import OutputConfig, get_preset
-    from stepvideo.decode import save_latents
+    from stepvideo.vae.latents_file import run_metadata, save_latents
 
     url, token = tiny_service
     image = tmp_path / "demo.png"
@@ -232,9 +232,9 @@ def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_servi
     from stepvideo.testing.tiny import TINY as DIMS
 
     noise = torch.randn(1, 3, DIMS.z_channels, 4, 4, generator=torch.Generator().manual_seed(0))
-    save_latents(latents, noise, prompt="x",
-                 sampling=get_preset("t2v"), output=OutputConfig(), video_path=tmp_path / "saved" / "video.mp4",
-                 remote=True)
+    save_latents(latents, noise, run_metadata("x", get_preset("t2v"), OutputConfig(),
+                                              video_path=str(tmp_path / "saved" / "video.mp4"),
+                                              decoder="service-uint8", model_dir=""))
     rewriter = Rewriter(tmp_path, tiny_model_dir, tiny_ti2v_model_dir, url, latents, image, prompts)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "STEPVIDEO_SERVICE_TOKEN": token}
 

@@ -247,3 +247,34 @@ def test_vae_cli_through_the_service(tiny_model_dir, tiny_service, runs, tmp_pat
     assert z_remote.shape == z_local.shape and relative_l2(z_remote, z_local) < 0.05
     result = compare_videos(read_mp4(tmp_path / "remote.mp4")[0], read_mp4(tmp_path / "local.mp4")[0])
     assert result.psnr > 30, result.psnr
+
+
+def test_latents_file_reads_every_layout_written(tmp_path):
+    """One format: files of the current layout, the generator's former flat layout and the VAE
+    tool's former layout all load with the prompt, sampling and output settings as objects."""
+    import torch
+    from safetensors.torch import save_file
+
+    from stepvideo.config import OutputConfig, get_preset
+    from stepvideo.vae.latents_file import (FORMAT, latents_path, load_latents, run_metadata, save_latents,
+                                            video_path_for)
+
+    z = torch.randn(1, 3, 8, 4, 4)
+    sampling = get_preset("t2v")
+    target = latents_path(tmp_path / "run" / "猫.mp4")
+    assert target.name == "猫.latents.safetensors" and video_path_for(target) == tmp_path / "run" / "猫.mp4"
+    save_latents(target, z, run_metadata("123", sampling, OutputConfig(), video_path="v.mp4"))
+    flat = tmp_path / "flat.latents.safetensors"
+    save_file({"latents": z}, str(flat), metadata={
+        "format": FORMAT, "prompt": "123", "sampling": json.dumps(sampling.to_dict()),
+        "output": json.dumps({"fps": 25, "crop_540p": True, "denoise_filter": True}), "video_path": "v.mp4",
+        "decoder": "local", "model_dir": ""})
+    nested = tmp_path / "nested.safetensors"
+    save_file({"latents": z}, str(nested), metadata={"stepvideo": json.dumps({"prompt": "123",
+                                                                               "sampling": sampling.to_dict()})})
+    for path in (target, flat, nested):
+        latents, meta = load_latents(path)
+        assert torch.equal(latents, z), path
+        assert meta["prompt"] == "123" and meta["sampling"] == sampling.to_dict(), (path, meta)
+    for path in (target, flat):
+        assert load_latents(path)[1]["output"] == {"fps": 25, "crop_540p": True, "denoise_filter": True}

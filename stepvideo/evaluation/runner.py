@@ -199,16 +199,15 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
 
 def _save_item_latents(root: Path, rel: str, result, item: EvalItem, params: SamplingConfig) -> Optional[str]:
     """Write the item's final latents beside its video; their relative path, or None (logged) on failure."""
-    from ..vae.latents_file import latents_path_for, save_latents
+    from ..vae.latents_file import latents_path, run_metadata, save_latents
 
     latents = getattr(result, "latents", None)
     if latents is None:
         logger.warning("item %s: the pipeline returned no latents; none saved", item.id)
         return None
-    target = latents_path_for(root / rel)
+    target = latents_path(root / rel)
     try:
-        save_latents(target, latents, {"id": item.id, "prompt": item.prompt, "sampling": params.to_dict(),
-                                       "video": Path(rel).name})
+        save_latents(target, latents, run_metadata(item.prompt, params, id=item.id, video=Path(rel).name))
     except OSError as err:            # the video is done; a missing latents file must not fail the item
         logger.warning("item %s: latents not saved to %s: %s", item.id, target, err)
         return None

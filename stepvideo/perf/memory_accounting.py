@@ -37,9 +37,10 @@ Everything returns bytes; :data:`GIB` converts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -405,7 +406,7 @@ def measure_encode(prompts: int = 2, text_tokens: int = T2V_TEXT_TOKENS) -> Enco
         with default_dtype(torch.bfloat16):
             llm = Step1Model(Step1Config(**{**config.to_dict(), "num_layers": 1})).eval()
         ids = torch.zeros(prompts, text_tokens, dtype=torch.int64)
-        llm_trace, _ = trace_peak(lambda: llm(ids), llm, ids)
+        llm_trace, _ = trace_peak(functools.partial(llm, ids), llm, ids)   # bound now: `llm` is deleted below
         layer = module_bytes(llm.transformer.layers[0])
         other = module_bytes(llm) - layer
         llm_weights = other + layer * config.num_layers

@@ -27,12 +27,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 
 from ..config import SamplingConfig
 from .metrics import compare_videos, relative_l2
+
+if TYPE_CHECKING:
+    from ..generator import RuntimeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +65,16 @@ class SpeedOption:
 
 @dataclass(frozen=True)
 class LosslessSetup:
-    """Model, sampling and where the parts run (built by the entry point from its flags)."""
+    """Model, sampling and where the parts run (built by the entry point from its flags).
 
-    model_dir: str
+    ``runtime``: the baseline's model dir, ``dtype``, ``attention_backend`` and where the text
+    encoders and the VAE run (``local``, ``vae_url``, ``caption_url``, ``service_token``); its
+    speed options are not read (the table measures each option on its own).
+    """
+
+    runtime: RuntimeConfig
     sampling: SamplingConfig
     prompt: str = DEFAULT_PROMPT
-    dtype: str = "bf16"
-    attention_backend: str = "auto"
-    local: bool = True
-    vae_url: str = "127.0.0.1"
-    caption_url: str = "127.0.0.1"
-    service_token: Optional[str] = None
     max_ranks: int = 2
 
 
@@ -164,8 +166,8 @@ def _load_dit(setup: LosslessSetup, root, state, option: SpeedOption):
     from ..loading import layout
     from ..parallel import load_parallel_dit
 
-    backend = option.attention_backend or setup.attention_backend
-    dit = load_parallel_dit(root / layout.TRANSFORMER_DIR, state, torch_dtype=setup.dtype,
+    backend = option.attention_backend or setup.runtime.attention_backend
+    dit = load_parallel_dit(root / layout.TRANSFORMER_DIR, state, torch_dtype=setup.runtime.dtype,
                             device="cpu" if option.offload else state.device, attention_backend=backend)
     inner = getattr(dit, "module", dit)
     if option.fp8:
@@ -200,13 +202,13 @@ class LosslessRunner:
         from ..parallel.state import ParallelConfig, ParallelState
 
         self.setup = setup
-        patterns = layout.DIT_PATTERNS + (layout.SERVICE_PATTERNS if setup.local else [])
-        self.root = resolve_model_dir(setup.model_dir, allow_patterns=patterns)
+        patterns = layout.DIT_PATTERNS + (layout.SERVICE_PATTERNS if setup.runtime.local else [])
+        self.root = resolve_model_dir(setup.runtime.model_dir, allow_patterns=patterns)
         self.state = ParallelState.from_env(ParallelConfig())
         self.device = self.state.device
         sampling = setup.sampling
         prompts = [setup.prompt + sampling.pos_magic, sampling.neg_magic]
-        if setup.local:
+        if setup.runtime.local:
             from ..models.vae import AutoencoderKL
             from ..text_encoders.caption import CaptionEncoder
 
@@ -218,8 +220,9 @@ class LosslessRunner:
         else:
             from ..service.client import RemoteCaptionEncoder, RemoteVAE
 
-            self.embeds = RemoteCaptionEncoder(setup.caption_url, token=setup.service_token).embedding(prompts)
-            self.vae = RemoteVAE(setup.vae_url, token=setup.service_token, output="float")
+            runtime = setup.runtime
+            self.embeds = RemoteCaptionEncoder(runtime.caption_url, token=runtime.service_token).embedding(prompts)
+            self.vae = RemoteVAE(runtime.vae_url, token=runtime.service_token, output="float")
         self.baseline: Optional[OptionResult] = None
 
     def _frames(self, latents: torch.Tensor, tiling: bool):
@@ -288,8 +291,8 @@ def run_table(setup: LosslessSetup, names: Optional[Sequence[str]] = None, progr
     runner = LosslessRunner(setup)
     from ..models.attention import resolve_backend
 
-    baseline_backend = resolve_backend(setup.attention_backend)       # "auto" -> what it picks here
-    options = select_options(applicable_options(runner.device, setup.max_ranks, local_vae=setup.local,
+    baseline_backend = resolve_backend(setup.runtime.attention_backend)       # "auto" -> what it picks here
+    options = select_options(applicable_options(runner.device, setup.max_ranks, local_vae=setup.runtime.local,
                                                 baseline_backend=baseline_backend), names)
     rows = [runner.run_baseline()]
     for option in options:

@@ -1,11 +1,11 @@
 """``ServiceConfig``: everything the caption/VAE service needs besides the models themselves."""
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Optional
 
 from ..loading import layout
+from .address import check_listen, is_exposed
 
 DEFAULT_PORT = 8080                 # the reference's port; also what a bare --vae_url host means
 TOKEN_ENV = "STEPVIDEO_SERVICE_TOKEN"
@@ -71,12 +71,7 @@ class ServiceConfig:
     load_vae: bool = True
 
     def __post_init__(self):
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if not self.host:
-            raise ValueError("host must be an interface address such as 127.0.0.1 or 0.0.0.0, got ''")
-        if self.token is not None and not self.token.strip():
-            raise ValueError("token must be a non-empty string (or None for no token)")
+        check_listen(self.host, self.port, self.token)
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.max_body_bytes < 1024:
@@ -103,7 +98,4 @@ class ServiceConfig:
     @property
     def exposed(self) -> bool:
         """True when the bind address is reachable from other hosts."""
-        try:
-            return not ipaddress.ip_address(self.host).is_loopback
-        except ValueError:        # a host name
-            return self.host != "localhost"
+        return is_exposed(self.host)

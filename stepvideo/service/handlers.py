@@ -15,7 +15,7 @@ import io
 import platform
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from flask import Request, Response
@@ -154,6 +154,22 @@ def caption(call: Call) -> Response:
     return tensor_response(call, {k: out[k] for k in ("y", "y_mask", "clip_embedding")})
 
 
+def _bounded_vae_input(call: Call, body: bytes, specs, name: str, channels: int, what: str,
+                       cost_bytes: Callable[[Any, Tuple[int, ...], torch.dtype], int], **check) -> torch.Tensor:
+    """The 5-D tensor ``name`` of a VAE request (``channels`` on dim 2), its cost bounded from the
+    declared header ``specs`` before the payload is read: ``cost_bytes(cost, shape, dtype)``
+    refuses a shape the service does not take and returns the bytes the request needs, checked
+    against the memory budget (``what`` names the request in the refusal). ``check``: more
+    :func:`check_tensor` arguments (``layout``, ``dtypes``)."""
+    spec = specs.get(name)
+    cost = call.state.vae_cost
+    if cost is not None and spec is not None and len(spec.shape) == 5 and spec.shape[2] == channels \
+            and spec.dtype in FLOAT_DTYPES and spec.numel:
+        check_budget(what, spec.shape, cost_bytes(cost, spec.shape, spec.dtype), call.state.budget_bytes)
+    msg = decode_tensors(body, expected_names=[name], max_depth=call.config.max_json_depth)
+    return check_tensor(name, msg.tensors[name], ndim=5, sizes={2: channels}, **check)
+
+
 def vae_decode(call: Call) -> Response:
     """``POST /vae-api``: tensors ``samples [B, F, z, h, w]`` -> ``video [B, T, 3, H, W]``."""
     device = model_device(call, "vae")
@@ -163,16 +179,13 @@ def vae_decode(call: Call) -> Response:
     output = check_options(options, {"output": "float"})["output"]
     if output not in DECODE_OUTPUTS:
         raise ProtocolError(f"option 'output' must be one of {DECODE_OUTPUTS}, got {output!r}")
-    spec = specs.get("samples")
-    cost = call.state.vae_cost
-    if cost is not None and spec is not None and len(spec.shape) == 5 and spec.shape[2] == vae.z_channels \
-            and spec.dtype in FLOAT_DTYPES and spec.numel:
-        cost.check_decode_shape(spec.shape)
-        check_budget("decode (/vae-api)", spec.shape, cost.decode_bytes(spec.shape, spec.dtype, output),
-                     call.state.budget_bytes)
-    msg = decode_tensors(body, expected_names=["samples"], max_depth=call.config.max_json_depth)
-    samples = check_tensor("samples", msg.tensors["samples"], ndim=5, sizes={2: vae.z_channels},
-                           layout="[B, F, C, h, w]")
+
+    def decode_cost(cost, shape, dtype) -> int:
+        cost.check_decode_shape(shape)
+        return cost.decode_bytes(shape, dtype, output)
+
+    samples = _bounded_vae_input(call, body, specs, "samples", vae.z_channels, "decode (/vae-api)", decode_cost,
+                                 layout="[B, F, C, h, w]")
 
     def decode(z):
         video = vae.decode(z)
@@ -193,16 +206,13 @@ def vae_encode(call: Call) -> Response:
         raise ProtocolError(f"option 'mode' must be one of {ENCODE_MODES}, got {mode!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
         raise ProtocolError(f"option 'seed' must be null or an integer in [0, 2**63), got {seed!r}")
-    spec = specs.get("videos")
-    cost = call.state.vae_cost
-    if cost is not None and spec is not None and len(spec.shape) == 5 and spec.shape[2] == vae.in_channels \
-            and spec.dtype in FLOAT_DTYPES and spec.numel:
-        cost.check_encode_shape(spec.shape)
-        check_budget("encode (/vae-encode-api)", spec.shape, cost.encode_bytes(spec.shape, spec.dtype),
-                     call.state.budget_bytes)
-    msg = decode_tensors(body, expected_names=["videos"], max_depth=call.config.max_json_depth)
-    videos = check_tensor("videos", msg.tensors["videos"], ndim=5, sizes={2: vae.in_channels},
-                          dtypes=FLOAT_DTYPES, layout="[B, T, C, H, W]")
+
+    def encode_cost(cost, shape, dtype) -> int:
+        cost.check_encode_shape(shape)
+        return cost.encode_bytes(shape, dtype)
+
+    videos = _bounded_vae_input(call, body, specs, "videos", vae.in_channels, "encode (/vae-encode-api)",
+                                encode_cost, dtypes=FLOAT_DTYPES, layout="[B, T, C, H, W]")
     # a CPU generator makes seeded samples identical whatever device the VAE runs on
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     latents = run_model(call, device, lambda x: vae.encode(x, generator=generator, mode=mode).cpu(), videos)

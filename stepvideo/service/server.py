@@ -148,18 +148,24 @@ def _stamp(resp: Response) -> Response:
     return resp
 
 
-def _http_error(err: HTTPException, config: ServiceConfig) -> Response:
-    if err.code == 404:
-        message = f"unknown route {request.path!r}; routes: {route_list()}"
-    elif err.code == 405:
-        route = ROUTES_BY_PATH.get(request.path)
-        message = f"method {request.method} is not allowed on {request.path}; use {route.method if route else '?'}"
-    elif err.code == 413:
-        message = (f"request body is larger than this service accepts ({config.max_body_bytes} bytes; "
-                   "raise it with --max_body_mb)")
-    else:
-        message = f"{err.name}: {err.description}"
+def http_error_json(err: HTTPException, *, routes: str, max_body_bytes: int, server: str = "service",
+                    message: Optional[str] = None) -> Response:
+    """``err`` (werkzeug's 404, 405, 413, ...) answered as ``{"error": message}`` with its status and
+    headers (such as Allow); also used by ``stepvideo.serving``. Without ``message``: a 404 lists
+    ``routes``, a 413 names the limit ``max_body_bytes`` and ``--max_body_mb``."""
+    if message is None:
+        message = {404: f"unknown route {request.path!r}; routes: {routes}",
+                   413: f"request body is larger than this {server} accepts ({max_body_bytes} bytes; "
+                        "raise it with --max_body_mb)"}.get(err.code, f"{err.name}: {err.description}")
     resp = err.get_response()     # keeps headers such as Allow
     resp.set_data(encode_json({"error": message}))
     resp.mimetype = JSON_CONTENT_TYPE
     return resp
+
+
+def _http_error(err: HTTPException, config: ServiceConfig) -> Response:
+    message = None
+    if err.code == 405:
+        route = ROUTES_BY_PATH.get(request.path)
+        message = f"method {request.method} is not allowed on {request.path}; use {route.method if route else '?'}"
+    return http_error_json(err, routes=route_list(), max_body_bytes=config.max_body_bytes, message=message)

@@ -30,7 +30,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..service.handlers import error_response as _error
 from ..service.handlers import json_response as _json_response
-from ..service.server import token_error
+from ..service.server import http_error_json, token_error
 from . import jobs as js
 from .config import TOKEN_ENV, ServerConfig
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -132,17 +132,8 @@ def create_app(ctx: ServingContext) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException) -> Response:
-        if err.code == 404:
-            message = f"unknown route {request.path!r}; routes: {', '.join(_ROUTES)}"
-        elif err.code == 413:
-            message = (f"request body is larger than this server accepts ({config.max_body_bytes} bytes; "
-                       "raise it with --max_body_mb)")
-        else:
-            message = f"{err.name}: {err.description}"
-        resp = err.get_response()
-        resp.set_data(json.dumps({"error": message}))
-        resp.mimetype = "application/json"
-        return resp
+        return http_error_json(err, routes=", ".join(_ROUTES), max_body_bytes=config.max_body_bytes,
+                               server="server")
 
     @app.errorhandler(Exception)
     def _internal(err: Exception) -> Response:   # the server answers every request

@@ -1,9 +1,10 @@
 """``ServerConfig``: network, security and limits of the generation server."""
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Optional
+
+from ..service.address import check_listen, is_exposed
 
 TOKEN_ENV = "STEPVIDEO_SERVER_TOKEN"
 DEFAULT_PORT = 8000
@@ -39,12 +40,7 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096
 
     def __post_init__(self):
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
-        if not self.host:
-            raise ValueError("--host must be an interface address such as 127.0.0.1 or 0.0.0.0, got ''")
-        if self.token is not None and not self.token.strip():
-            raise ValueError("--token must be a non-empty string (or unset for no token)")
+        check_listen(self.host, self.port, self.token, flag="--", no_token="unset")
         for name in ("max_queue", "threads", "max_steps", "max_tokens", "max_prompt_chars", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -56,7 +52,4 @@ class ServerConfig:
     @property
     def exposed(self) -> bool:
         """True when the bind address is reachable from other hosts."""
-        try:
-            return not ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return self.host != "localhost"
+        return is_exposed(self.host)

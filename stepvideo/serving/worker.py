@@ -160,12 +160,13 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
     if state.is_main:
         store = ctx.store
 
-        def listener(stage: str, done: int, total: int) -> None:   # live progress, stage and timings so far
+        def record_progress(stage: str, done: int, total: int) -> None:   # live progress, stage and timings so far
             try:
                 store.set_progress(job_id, *_progress(stage, done, total), timings=timer.as_dict())
             except Exception as err:  # noqa: BLE001 - rank 0 alone must never leave the loop mid-step
                 logger.warning("job %s: progress not recorded (%s: %s)", job_id, type(err).__name__, err)
 
+        listener = record_progress
         image_error = None
         if settings.get("image"):
             try:

@@ -4,7 +4,9 @@
     python -m stepvideo.vae decode LATENTS.safetensors -o VIDEO.mp4 --vae_url http://host:8080
     python -m stepvideo.vae reconstruct VIDEO.mp4 -o OUT.mp4 --model_dir ckpts
 
-Library: :mod:`.latents_file` (the latents file format), :mod:`.codec` (chunked encode/decode
-through a local ``AutoencoderKL`` or the service's ``RemoteVAE``, and
-:func:`~stepvideo.vae.codec.latents_to_mp4`). Nothing heavy is imported here.
+Library: :mod:`.latents_file` (the one latents file format, also of the generator's kept latents
+and ``python -m stepvideo.decode``), :mod:`.codec` (chunked encode/decode through any
+:class:`~stepvideo.components.VAEComponent`, a ``LocalVAE`` or the service's ``RemoteVAE``, and
+:func:`~stepvideo.vae.codec.latents_to_mp4`, the one latents -> mp4 function). Nothing heavy is
+imported here.
 """

@@ -17,9 +17,10 @@ import argparse
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from ..tool import add_debug_flag, run_tool, tool_parser
 
 logger = logging.getLogger("stepvideo.vae")
 
@@ -31,7 +32,7 @@ def _add_vae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--service_token", default=None, help="service token (default: env STEPVIDEO_SERVICE_TOKEN)")
     p.add_argument("--device", default=None, help="local VAE device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="local VAE dtype")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug_flag(p)
 
 
 def _add_video_in_args(p: argparse.ArgumentParser) -> None:
@@ -49,8 +50,7 @@ def _add_video_out_args(p: argparse.ArgumentParser, with_tiling: bool = True) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stepvideo.vae", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__, prog="python -m stepvideo.vae")
     sub = parser.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="video -> latents (.safetensors)")
     enc.add_argument("video")
@@ -158,13 +158,5 @@ def run(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get("STEPVIDEO_DEBUG") == "1"
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError, OSError) as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_tool(build_parser().parse_args(argv), run,
+                    (ValueError, FileNotFoundError, PermissionError, RuntimeError, OSError))

@@ -1,4 +1,5 @@
-"""Chunked encode / decode with a local ``AutoencoderKL`` or the service's ``RemoteVAE``.
+"""Chunked encode / decode through a :class:`~stepvideo.components.VAEComponent` (``LocalVAE``,
+``AutoencoderKL`` or the service's ``RemoteVAE``: the same calls for all).
 
 Memory is bounded by one chunk: encoding sends 17 pixel frames at a time, decoding 3 latent
 frames at a time (one service request each), and the chunk seams are blended afterwards with
@@ -15,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,13 +29,10 @@ SPATIAL = 16
 FRAME_POLICIES = ("refuse", "pad", "trim")
 
 
-def _is_remote(vae) -> bool:
-    return type(vae).__module__.startswith("stepvideo.service")
-
-
 def open_vae(model_dir: Optional[str] = None, vae_url: Optional[str] = None, *, device: str = "cpu",
              dtype: str = "bf16", token: Optional[str] = None, tiling: bool = False):
-    """A local VAE from ``model_dir`` (model dir, ``vae/`` folder or Hub repo id) or a ``RemoteVAE``."""
+    """A :class:`~stepvideo.components.VAEComponent` with float output: a ``LocalVAE`` over the
+    VAE of ``model_dir`` (model dir, ``vae/`` folder or Hub repo id) or a ``RemoteVAE``."""
     if (model_dir is None) == (vae_url is None):
         raise ValueError("give exactly one of --model_dir (run the VAE here) or --vae_url (use the service)")
     if vae_url is not None:
@@ -43,10 +41,11 @@ def open_vae(model_dir: Optional[str] = None, vae_url: Optional[str] = None, *, 
         vae = RemoteVAE(vae_url, token=token, output="float")
         vae.z_channels                              # fail now if the service has no VAE or is down
         return vae
+    from ..components import LocalVAE
     from ..models.vae import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(model_dir, dtype=dtype, device=device)
-    return vae.enable_tiling() if tiling else vae
+    return LocalVAE(vae.enable_tiling() if tiling else vae, output="float")
 
 
 # ------------------------------------------------------------------------------ frame counts
@@ -121,12 +120,8 @@ def encode_video(vae, video: torch.Tensor, mode: str = "mean", seed: Optional[in
     for k, start in enumerate(tqdm(starts, desc="encoding", unit="chunk", disable=not progress)):
         clip = video[:, start:start + FRAME_LEN]
         chunk_seed = None if seed is None else seed + k
-        if _is_remote(vae):
-            z = vae.encode(clip, mode=mode, seed=chunk_seed)
-        else:
-            generator = torch.Generator().manual_seed(chunk_seed) if chunk_seed is not None else None
-            # the pipeline and the service cast images to bf16 before encoding; do the same
-            z = vae.encode(clip.to(torch.bfloat16), generator=generator, mode=mode)
+        # images go to the VAE in bf16, as the pipeline sends them
+        z = vae.encode(clip.to(torch.bfloat16), mode=mode, seed=chunk_seed)
         chunks.append(z.float().cpu())
     return torch.cat(chunks, dim=1)
 
@@ -137,20 +132,16 @@ def decode_latents(vae, latents: torch.Tensor, progress: bool = False) -> torch.
     equal to one whole ``vae.decode(latents)``."""
     from tqdm.auto import tqdm
 
-    from ..models.vae import mix_chunk_seams_
+    from ..models.vae import AutoencoderKL, mix_chunk_seams_
 
     channels = vae.z_channels
     if latents.ndim != 5 or latents.shape[2] != channels:
         raise ValueError(f"latents must be [B, F, {channels}, h, w] for this VAE, got {list(latents.shape)}")
     parts = []
     for start in tqdm(range(0, latents.shape[1], LATENT_LEN), desc="decoding", unit="chunk", disable=not progress):
-        z = latents[:, start:start + LATENT_LEN]
-        if not _is_remote(vae):
-            param = next(vae.parameters())
-            z = z.to(param.device, param.dtype)
-        parts.append(vae.decode(z).cpu())
+        parts.append(vae.decode(latents[:, start:start + LATENT_LEN]).cpu())
     video = torch.cat(parts, dim=1)
-    return mix_chunk_seams_(video, FRAME_LEN, getattr(vae, "seam_weight", 0.6))
+    return mix_chunk_seams_(video, FRAME_LEN, AutoencoderKL.seam_weight)
 
 
 @dataclass(frozen=True)
@@ -165,21 +156,49 @@ class VideoWriteOptions:
 def latents_to_frames(vae, latents: torch.Tensor, crop_540p: bool = True, num_frames: Optional[int] = None,
                       progress: bool = False) -> np.ndarray:
     """Latents -> ``uint8 [T, H, W, 3]`` with the pipeline's arithmetic; ``num_frames`` trims padding."""
+    return _to_frames(decode_latents(vae, latents, progress=progress), crop_540p, num_frames)
+
+
+def _to_frames(video: torch.Tensor, crop_540p: bool, num_frames: Optional[int]) -> np.ndarray:
     from ..pipelines.postprocess import decoded_to_frames
 
-    frames = decoded_to_frames(decode_latents(vae, latents, progress=progress), crop_540p=crop_540p)
+    frames = decoded_to_frames(video, crop_540p=crop_540p)
     return frames[:num_frames] if num_frames else frames
 
 
 def latents_to_mp4(vae, latents: torch.Tensor, path: Union[str, os.PathLike],
                    options: VideoWriteOptions = VideoWriteOptions(), num_frames: Optional[int] = None,
-                   progress: bool = False) -> Tuple[Path, np.ndarray]:
-    """Decode ``latents [B, F, C, h, w]`` chunk by chunk and write ``path`` atomically.
+                   progress: bool = False, *, timings: Optional[Dict[str, float]] = None,
+                   on_stage: Optional[Callable[[str], None]] = None) -> Tuple[Path, np.ndarray]:
+    """Decode ``latents [B, F, C, h, w]``, post-process as the pipeline does, write ``path`` atomically.
 
-    Returns ``(path, frames uint8 [T, H, W, 3])``. The frames are those the pipeline would write
-    for the same latents (same conversion, same crop rule).
+    ``vae``: a :class:`~stepvideo.components.VAEComponent`, decoded 3 latent frames at a time
+    (:func:`decode_latents`), or a function latents -> video applied whole (the generator passes
+    ``StepVideoPipeline.decode``, whose component may return uint8 pixels). ``options``: anything
+    with ``fps``, ``crop_540p``, ``denoise_filter`` (:class:`VideoWriteOptions`, ``OutputConfig``).
+    ``num_frames`` trims padding. ``timings`` receives ``decode_s`` and ``write_s``; ``on_stage``
+    is called with ``"decoding"`` and ``"writing"`` as those stages start.
+
+    Returns ``(path, frames uint8 [T, H, W, 3])``: the frames the pipeline would write for the
+    same latents (same conversion, same crop rule).
     """
+    import time
+
+    from ..components import VAEComponent
     from ..io.video import write_mp4
 
-    frames = latents_to_frames(vae, latents, crop_540p=options.crop_540p, num_frames=num_frames, progress=progress)
-    return write_mp4(path, frames, fps=options.fps, denoise=options.denoise_filter), frames
+    decode = (lambda z: decode_latents(vae, z, progress=progress)) if isinstance(vae, VAEComponent) else vae
+    timings = timings if timings is not None else {}
+    if on_stage is not None:
+        on_stage("decoding")
+    start = time.perf_counter()
+    video = decode(latents)
+    timings["decode_s"] = time.perf_counter() - start
+    frames = _to_frames(video, options.crop_540p, num_frames)
+    if on_stage is not None:
+        on_stage("writing")
+    start = time.perf_counter()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    written = write_mp4(path, frames, fps=options.fps, denoise=options.denoise_filter)
+    timings["write_s"] = time.perf_counter() - start
+    return written, frames

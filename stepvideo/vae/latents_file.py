@@ -1,14 +1,22 @@
 """The latents file: one safetensors file, tensor ``latents [B, F, C, h, w]`` plus JSON metadata.
 
-Written by ``python -m stepvideo.vae encode``, by the evaluation runner's ``--save_latents``
-(``<video>.latents.safetensors`` beside each mp4) and read by ``decode`` and
-``benchmark/compare.py``. The metadata (string-to-string, as safetensors requires) holds
-``"stepvideo"`` = a JSON object (e.g. the sampling settings, the source video, fps).
-A file with a single tensor under another key is accepted too.
+The one format for every latents file: the generator's (``<name>.latents.safetensors`` kept
+when decoding or writing fails, read by ``python -m stepvideo.decode``), the evaluation
+runner's ``--save_latents`` (beside each mp4), ``python -m stepvideo.vae encode``'s, and read
+by ``python -m stepvideo.vae decode`` and ``benchmark/compare.py``.
+
+The safetensors metadata (string-to-string, as safetensors requires) is
+``{"format": "stepvideo.latents/1", "stepvideo": <JSON object>}``; the object carries what the
+writer knows, with these names: ``prompt``, ``sampling`` (``SamplingConfig.to_dict()``),
+``output`` (``{"fps", "crop_540p", "denoise_filter"}``), ``video_path``, and e.g. ``id``,
+``source``, ``frames``, ``fps``. :func:`load_latents` also reads the two layouts written before
+(the generator's flat ``format``/``prompt``/``sampling``/``output`` strings, and the
+``"stepvideo"`` object without ``format``) and a file with a single tensor under another key.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -17,24 +25,49 @@ import torch
 
 from ..io.atomic import atomic_write_bytes
 
+logger = logging.getLogger(__name__)
+
+FORMAT = "stepvideo.latents/1"
 LATENTS_KEY = "latents"
 METADATA_KEY = "stepvideo"
 SUFFIX = ".latents.safetensors"
+_FLAT_JSON_FIELDS = ("sampling", "output")      # JSON strings in the generator's former flat layout
 
 
-def latents_path_for(video: Union[str, os.PathLike]) -> Path:
+def latents_path(video: Union[str, os.PathLike]) -> Path:
     """``dir/001-x.mp4`` -> ``dir/001-x.latents.safetensors``."""
     video = Path(video)
     return video.with_name(video.stem + SUFFIX)
 
 
+def video_path_for(latents: Union[str, os.PathLike]) -> Path:
+    """The inverse of :func:`latents_path`: ``dir/x.latents.safetensors`` -> ``dir/x.mp4``
+    (another name: its stem + ``.mp4``)."""
+    latents = Path(latents)
+    stem = latents.name[:-len(SUFFIX)] if latents.name.endswith(SUFFIX) else latents.stem
+    return latents.with_name(stem + ".mp4")
+
+
+def run_metadata(prompt: str, sampling, output=None, **extra) -> dict:
+    """The metadata of latents made by a generation: the prompt, ``sampling`` (a ``SamplingConfig``),
+    the output settings of ``output`` (an ``OutputConfig`` or anything with ``fps``, ``crop_540p``,
+    ``denoise_filter``) when given, and ``extra``."""
+    metadata = {"prompt": prompt, "sampling": sampling.to_dict()}
+    if output is not None:
+        metadata["output"] = {"fps": output.fps, "crop_540p": output.crop_540p,
+                              "denoise_filter": output.denoise_filter}
+    metadata.update(extra)
+    return metadata
+
+
 def save_latents(path: Union[str, os.PathLike], latents: torch.Tensor, metadata: Optional[dict] = None) -> Path:
-    """Write ``latents [B, F, C, h, w]`` (moved to CPU, contiguous) atomically."""
+    """Write ``latents [B, F, C, h, w]`` (moved to CPU, contiguous) and ``metadata`` atomically; return ``path``."""
     from safetensors.torch import save
 
     if latents.ndim != 5:
         raise ValueError(f"latents must be [B, F, C, h, w], got shape {list(latents.shape)}")
-    meta = {METADATA_KEY: json.dumps(metadata or {}, ensure_ascii=False, sort_keys=True, default=str)}
+    meta = {"format": FORMAT,
+            METADATA_KEY: json.dumps(metadata or {}, ensure_ascii=False, sort_keys=True, default=str)}
     data = save({LATENTS_KEY: latents.detach().cpu().contiguous()}, metadata=meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +103,9 @@ def load_latents(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, dict]:
 
 
 def _parse_metadata(file_meta: dict) -> dict:
-    """Our ``"stepvideo"`` JSON object, else every entry with JSON values decoded where possible
-    (files written by other tools, e.g. flat string fields)."""
+    """Our ``"stepvideo"`` JSON object; else the generator's former flat layout (``format`` set,
+    ``sampling``/``output`` as JSON strings, the rest plain strings); else every entry with JSON
+    values decoded where possible (files written by other tools)."""
     def value(text):
         try:
             return json.loads(text)
@@ -81,4 +115,6 @@ def _parse_metadata(file_meta: dict) -> dict:
     if METADATA_KEY in file_meta:
         parsed = value(file_meta[METADATA_KEY])
         return parsed if isinstance(parsed, dict) else {"value": parsed}
+    if file_meta.get("format") == FORMAT:
+        return {k: value(v) if k in _FLAT_JSON_FIELDS else v for k, v in file_meta.items() if k != "format"}
     return {k: value(v) for k, v in file_meta.items()}
