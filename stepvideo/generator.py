@@ -69,17 +69,6 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def broadcast_from_main(state, payload):
-    """Broadcast a picklable object of CPU tensors from global rank 0 (trusted, in-process group)."""
-    if not state.distributed:
-        return payload
-    import torch.distributed as dist
-
-    box = [payload if state.is_main else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 class VideoGenerator:
     """Loads the DiT once per process and generates videos on every rank of the layout."""
 
