@@ -13,8 +13,8 @@ is read), applies tensor / sequence / CFG parallelism, and generates one video p
 Every step is collective (:mod:`stepvideo.parallel.agree`): a failure on any rank raises the
 same :class:`~stepvideo.parallel.agree.RankFailure` on every rank.
 
-With ``--no_service`` the text encoders, the DiT and the VAE are never on the device at the same
-time: the encoders are loaded, used and freed before the DiT's loop, the VAE after it.
+With ``--no_service`` the memory profile (``--memory_profile``, :mod:`stepvideo.memory_profiles`)
+decides which of the text encoders, the DiT and the VAE is on the device in each stage.
 """
 from __future__ import annotations
 
