@@ -71,19 +71,10 @@ def spike_lines(video: acc.VideoShape):
     (the caller's q, k, v, the send and receive buffers, the attention output)."""
     import torch
 
-    from stepvideo.perf import fp8
-
     lines = []
     for name, k, n in (("FFN up", 6144, 24576), ("FFN down", 24576, 6144), ("attn1 wqkv", 6144, 18432)):
-        with acc.fake_mode():
-            x = torch.empty(2, video.tokens, k, dtype=torch.bfloat16)
-            with acc.default_dtype(torch.bfloat16):
-                linear = torch.nn.Linear(k, n, bias=False)
-            q = fp8.FP8Linear(torch.empty(n, k, dtype=fp8.FP8), torch.empty(n))
-            q.scaled_mm = True
-            bf16, _ = acc.trace_peak(lambda: linear(x), linear, x)
-            f8, _ = acc.trace_peak(lambda: q(x), q, x)
-        lines.append(f"spike: {name} {k}->{n}: input {acc.gib(x.numel() * 2):.2f} GiB, bf16 F.linear "
+        bf16, f8 = acc.linear_peaks(video.tokens, k, n)
+        lines.append(f"spike: {name} {k}->{n}: input {acc.gib(2 * video.tokens * k * 2):.2f} GiB, bf16 F.linear "
                      f"{acc.gib(bf16.peak):.2f} GiB, fp8 {acc.gib(f8.peak):.2f} GiB")
     for sp in (2, 4, 8):
         length = -(-video.tokens // sp)

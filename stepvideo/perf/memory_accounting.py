@@ -476,6 +476,22 @@ def measure_encode_video(video: VideoShape = VideoShape(height=544, width=992, n
     return trace.peak
 
 
+def linear_peaks(tokens: int, k: int, n: int) -> Tuple[Trace, Trace]:
+    """Traces of one ``k -> n`` block linear on a bf16 input ``[2, tokens, k]`` (CFG batch 2):
+    ``(bf16 F.linear, FP8Linear with scaled matmul)``; inputs and weights included."""
+    from . import fp8
+
+    with fake_mode():
+        x = torch.empty(2, tokens, k, dtype=torch.bfloat16)
+        with default_dtype(torch.bfloat16):
+            linear = nn.Linear(k, n, bias=False)
+        q = fp8.FP8Linear(torch.empty(n, k, dtype=fp8.FP8), torch.empty(n))
+        q.scaled_mm = True
+        bf16, _ = trace_peak(lambda: linear(x), linear, x)
+        f8, _ = trace_peak(lambda: q(x), q, x)
+    return bf16, f8
+
+
 def gib(x: float) -> float:
     return x / GIB
 
