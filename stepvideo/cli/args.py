@@ -15,6 +15,7 @@ import argparse
 import logging
 from typing import NamedTuple, Optional
 
+from .. import geometry
 from ..config import PRESETS, OutputConfig, SamplingConfig, get_preset
 from ..models.attention import BACKENDS as ATTENTION_BACKENDS
 
@@ -151,15 +152,18 @@ def sampling_from_options(options: dict, has_image: bool = False) -> SamplingCon
             raise ValueError(f"{name} must be {wanted}, got {type(value).__name__} {value!r}")
     for name in ("height", "width"):
         value = options.get(name)
-        if value is not None and value % 16:
-            low, high = value // 16 * 16, value // 16 * 16 + 16
-            raise ValueError(f"{name} {value} is not a multiple of 16 (the VAE and the DiT patches need it); "
-                             f"use {low or 16} or {high}")
+        if value is not None and value != geometry.round_size(value):
+            low = geometry.round_size(value)
+            step = geometry.SPATIAL_COMPRESSION
+            raise ValueError(f"{name} {value} is not a multiple of {step} (the VAE and the DiT patches need it); "
+                             f"use {low or step} or {low + step}")
     num_frames = options.get("num_frames")
-    if num_frames is not None and num_frames >= 17 and num_frames % 17:
-        logging.getLogger(__name__).warning("num_frames %d is not a multiple of 17; using %d", num_frames,
-                                            num_frames // 17 * 17)
-        options = {**options, "num_frames": num_frames // 17 * 17}
+    if num_frames is not None and num_frames >= geometry.FRAMES_PER_CHUNK and \
+            num_frames != geometry.round_frames(num_frames):
+        rounded = geometry.round_frames(num_frames)
+        logging.getLogger(__name__).warning("num_frames %d is not a multiple of %d; using %d", num_frames,
+                                            geometry.FRAMES_PER_CHUNK, rounded)
+        options = {**options, "num_frames": rounded}
     preset = get_preset(options.get("preset") or ("ti2v" if has_image else "t2v"))
     overrides = {k: (float(v) if _OPTION_TYPES[k] is float and v is not None else v)
                  for k, v in options.items() if k != "preset"}
@@ -201,9 +205,7 @@ def runtime_config(args: argparse.Namespace):
 
 def token_count(sampling: SamplingConfig) -> int:
     """DiT tokens per sample ``F * h * w`` for the (rounded) sampling sizes."""
-    from ..geometry import token_count as tokens
-
-    return tokens(sampling.height, sampling.width, sampling.num_frames)
+    return geometry.token_count(sampling.height, sampling.width, sampling.num_frames)
 
 
 class LaunchConfigs(NamedTuple):
