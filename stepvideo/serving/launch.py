@@ -98,21 +98,18 @@ def serve(args: argparse.Namespace) -> int:
     """Every rank: start-up checks, load the DiT, run jobs until stopped. Returns the exit code."""
     from .. import cli
 
+    from ..cli.process import exit_now, report
+    from ..errors import UserError, debug_requested
+
     if getattr(args, "prompt", None):
-        print("error: --prompt is not used with --serve; POST prompts to /v1/videos (see docs/server.md)",
-              file=sys.stderr)
-        return 2
-    try:
-        config = server_config(args)
-        options = cli.sampling_options(args)
-        cli.sampling_from_options(options)         # the launch's sampling flags are valid
-        (_, output, _, runtime), state = cli.start_ranks(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError("--prompt is not used with --serve; POST prompts to /v1/videos (see docs/server.md)")
+    config = server_config(args)
+    options = cli.sampling_options(args)
+    cli.sampling_from_options(options)         # the launch's sampling flags are valid
+    (_, output, _, runtime), state = cli.start_ranks(args)
     _die_with_launcher()
 
-    from ..generator import GenerationError, VideoGenerator
+    from ..generator import VideoGenerator
     from ..parallel.agree import on_main
     from .worker import ControlChannel
 
@@ -121,11 +118,11 @@ def serve(args: argparse.Namespace) -> int:
     try:
         on_main(state, lambda: _start_http(config, runtime, options, holder))
         generator = VideoGenerator(runtime, state)         # applies --compile like a one-shot run
-    except (ValueError, FileNotFoundError, RuntimeError, GenerationError) as err:
-        print(f"error (rank {state.rank}): {err}", file=sys.stderr)
+    except Exception as err:           # shared by every rank already (parallel.agree): one line each
         _stop_http(holder)
-        state.destroy()
-        return 2
+        if not state.distributed:
+            raise                      # run_main prints it and picks the exit code
+        exit_now(report(err, debug_requested(args.debug)))    # never tear down a possibly broken group
     ctx = holder.get("ctx")
     # Ctrl-C / SIGTERM reach every rank (torchrun forwards them): rank 0 stops the loop at the
     # next step boundary and tells the others, which ignore the signal and leave with it
