@@ -12,8 +12,9 @@ Command line (submit, wait with a progress bar, download; prints the mp4's path)
 
     python -m stepvideo.client "a cat walks on the moon" --server http://127.0.0.1:8000 -o cat.mp4 --seed 7
 
-Failures raise :class:`ServerError` (``status`` = the HTTP status, message = the server's JSON
-``error``); a job that ends ``failed`` or ``cancelled`` raises :class:`JobFailed`.
+Failures raise :class:`ServerError` (``status`` = the HTTP status, message = the server's
+``error.message``); a job that ends ``failed`` or ``cancelled`` raises :class:`JobFailed`.
+Any OpenAI-style client works too (docs/server.md, "Use it from the OpenAI SDK / LiteLLM").
 """
 from __future__ import annotations
 
@@ -42,11 +43,20 @@ class ServerError(RuntimeError):
         self.body = body or {}
 
 
+def error_message(body: Any) -> Optional[str]:
+    """The text of an error answer: ``{"error": {"message": ...}}`` (the ``/v1/`` routes) or
+    ``{"error": "..."}`` (``/ready``, ``/metrics``, the caption/VAE service)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return error.get("message")
+    return error
+
+
 class JobFailed(RuntimeError):
     """The job ended ``failed`` or ``cancelled``; ``job`` is its last state."""
 
     def __init__(self, job: Dict[str, Any]):
-        reason = f": {job['error']}" if job.get("error") else ""
+        reason = f": {error_message(job)}" if job.get("error") else ""
         super().__init__(f"job {job['id']} {job['status']}{reason}")
         self.job = job
 
@@ -82,7 +92,7 @@ class VideoClient:
                 body = resp.json()
             except ValueError:
                 body = {"error": resp.text.strip()[:500]}
-            message = body.get("error", resp.reason)
+            message = error_message(body) or resp.reason
             retry = resp.headers.get("Retry-After")
             hint = f" (retry after {retry} s)" if retry else ""
             raise ServerError(f"{method} {route} -> HTTP {resp.status_code}: {message}{hint}", resp.status_code, body)
@@ -101,8 +111,8 @@ class VideoClient:
     def get(self, job_id: str) -> Dict[str, Any]:
         return self._request("GET", f"/v1/videos/{job_id}").json()
 
-    def list(self, limit: int = 20, after: Optional[str] = None) -> Dict[str, Any]:
-        params = {"limit": limit, **({"after": after} if after else {})}
+    def list(self, limit: int = 20, after: Optional[str] = None, order: str = "desc") -> Dict[str, Any]:
+        params = {"limit": limit, "order": order, **({"after": after} if after else {})}
         return self._request("GET", "/v1/videos", params=params).json()
 
     def iter_jobs(self, page: int = 100) -> Iterator[Dict[str, Any]]:
@@ -121,21 +131,21 @@ class VideoClient:
 
     def wait(self, job_id: str, poll: float = 0.5, timeout: Optional[float] = None, progress: bool = True,
              raise_on_failure: bool = True) -> Dict[str, Any]:
-        """Poll until the job finishes; shows a tqdm bar of its progress (0..1) and stage.
+        """Poll until the job finishes; shows a tqdm bar of its progress (0..100 %) and stage.
 
         Each poll is a long poll (``?wait=poll``): the server answers as soon as the job finishes,
         or after ``poll`` seconds with its progress, so the end is seen at once."""
         from tqdm.auto import tqdm
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        bar = tqdm(total=1000, desc=job_id[:18], unit="‰", disable=not progress, dynamic_ncols=True,
+        bar = tqdm(total=100, desc=job_id[:18], unit="%", disable=not progress, dynamic_ncols=True,
                    bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix} [{elapsed}]")
         shown = 0
         try:
             while True:
                 asked = time.monotonic()
                 job = self._request("GET", f"/v1/videos/{job_id}", params={"wait": min(poll, 30.0)}).json()
-                value = int(round(job.get("progress", 0.0) * 1000))
+                value = int(job.get("progress", 0))
                 if value > shown:
                     bar.update(value - shown)
                     shown = value

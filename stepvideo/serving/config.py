@@ -25,6 +25,8 @@ class ServerConfig:
     max_steps, max_tokens: the largest job accepted (denoising steps; DiT tokens ``F * h * w``),
         so every request's cost is bounded before it is queued.
     max_prompt_chars, max_body_bytes, max_image_pixels: input size limits.
+    ui: serve the page in the browser at ``/`` (``--no_ui`` turns it off).
+    served_model_name: the model id of the API (``model``); None: derived from the checkpoint.
     """
 
     host: str = "127.0.0.1"
@@ -38,6 +40,8 @@ class ServerConfig:
     max_prompt_chars: int = 8192
     max_body_bytes: int = 32 * MiB
     max_image_pixels: int = 4096 * 4096
+    ui: bool = True
+    served_model_name: Optional[str] = None
 
     def __post_init__(self):
         check_listen(self.host, self.port, self.token, flag="--", no_token="unset")

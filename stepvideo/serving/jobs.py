@@ -221,16 +221,17 @@ class JobStore:
             row = self._conn.execute("SELECT image FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row[0] if row else None
 
-    def list(self, limit: int, after: Optional[str] = None) -> Tuple[List[Job], bool]:
-        """Newest first; ``after``: a job id, return the jobs older than it. Returns (jobs, has_more)."""
+    def list(self, limit: int, after: Optional[str] = None, newest_first: bool = True) -> Tuple[List[Job], bool]:
+        """Newest (or oldest) first; ``after``: a job id, return the jobs that come after it in that
+        order. Returns (jobs, has_more)."""
         with self._lock:
             where, params = "1", ()
             if after is not None:
                 anchor = self._conn.execute("SELECT seq FROM jobs WHERE id = ?", (after,)).fetchone()
                 if anchor is None:
                     raise KeyError(after)
-                where, params = "seq < ?", (anchor[0],)
-            rows = self._select(where, params, order="seq DESC", limit=limit + 1)
+                where, params = ("seq < ?" if newest_first else "seq > ?"), (anchor[0],)
+            rows = self._select(where, params, order="seq DESC" if newest_first else "seq", limit=limit + 1)
         return rows[:limit], len(rows) > limit
 
     def count(self, status: str) -> int:

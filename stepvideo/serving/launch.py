@@ -46,13 +46,18 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="most DiT tokens (latent frames x h/16 x w/16) per job (default %(default)s: 204 frames "
                         "at 544x992)")
     g.add_argument("--max_body_mb", type=float, default=32, help="largest request body in MiB (default %(default)s)")
+    g.add_argument("--no_ui", action="store_true", help="do not serve the page in the browser at /")
+    g.add_argument("--served_model_name", default=None,
+                   help="the model id of the API's 'model' field (default: stepvideo-t2v, stepvideo-t2v-turbo or "
+                        "stepvideo-ti2v, from the checkpoint and --preset)")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
     return ServerConfig(host=args.host, port=args.port, token=token, state_dir=args.state_dir,
                         max_queue=args.max_queue, threads=args.http_threads, max_steps=args.max_steps,
-                        max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+                        max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                        ui=not args.no_ui, served_model_name=args.served_model_name)
 
 
 def _die_with_launcher() -> None:
@@ -176,16 +181,20 @@ def _start_http(config: ServerConfig, runtime, options: dict, holder: dict) -> N
 
 
 def _mark_ready(ctx, generator, state) -> None:
+    from .openai_fields import served_model_name
     from .requests import ModelInfo
 
     config = generator.transformer_config
+    is_ti2v = generator.pipeline.is_ti2v
+    name = served_model_name(is_ti2v, ctx.server_options.get("preset"), str(generator.root),
+                             ctx.config.served_model_name)
     ctx.model_summary = {"model_dir": str(generator.root), "ti2v": generator.pipeline.is_ti2v,
                          "world_size": state.world_size,
                          "layout": {"ulysses_degree": state.config.ulysses_degree,
                                     "tensor_parallel_degree": state.config.tensor_parallel_degree,
                                     "cfg_degree": state.config.cfg_degree}}
-    ctx.model = ModelInfo(is_ti2v=generator.pipeline.is_ti2v, num_heads=int(config.get("num_attention_heads", 48)),
-                          parallel=state.config, world_size=state.world_size)
+    ctx.model = ModelInfo(is_ti2v=is_ti2v, num_heads=int(config.get("num_attention_heads", 48)),
+                          parallel=state.config, world_size=state.world_size, name=name)
 
 
 def _stop_http(holder: dict) -> None:

@@ -53,6 +53,7 @@ class ModelInfo:
     num_heads: int
     parallel: Any            # ParallelConfig
     world_size: int
+    name: str = "stepvideo-t2v"     # the id clients send as ``model`` (openai_fields.served_model_name)
 
 
 @dataclass(frozen=True)

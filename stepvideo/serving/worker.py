@@ -28,6 +28,7 @@ from . import jobs as js
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 60.0
+JOB_ONLY_SETTINGS = ("preset", "image", "fps", "model")     # job settings that are not SamplingConfig fields
 CONTROL_TIMEOUT = timedelta(seconds=30 * 60)
 
 
@@ -154,7 +155,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
 
     job_id = message["id"]
     settings = message["settings"]
-    sampling = SamplingConfig(**{k: v for k, v in settings.items() if k not in ("preset", "image")})
+    sampling = SamplingConfig(**{k: v for k, v in settings.items() if k not in JOB_ONLY_SETTINGS})
     listener = None
     first_image = None
     if state.is_main:
@@ -183,7 +184,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
         return
     timer = StageTimer(listener=listener)
     job_output = replace(output, save_path=str(_videos_dir(ctx, state)), output_file_name=job_id,
-                         output_path=str(_videos_dir(ctx, state) / f"{job_id}.mp4"))
+                         output_path=str(_videos_dir(ctx, state) / f"{job_id}.mp4"), fps=settings.get("fps", output.fps))
 
     def should_cancel(step: int) -> bool:        # a cancel, or the server stopping
         return channel.flag(state.is_main and (ctx.dispatcher.cancel_requested() or ctx.dispatcher.stopping))
