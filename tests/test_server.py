@@ -7,8 +7,6 @@ restart on the same state dir.
 """
 import base64
 import io
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +17,8 @@ import numpy as np
 import pytest
 import requests
 
+from server_launch import ENV, REPO, TINY, TOKEN, GenerationServer
+from server_launch import torchrun as _torchrun
 from stepvideo.client import JobFailed, ServerError, VideoClient
 from stepvideo.cli.demo import process_exited, stop
 from stepvideo.parallel.launch import free_port
@@ -27,59 +27,8 @@ from stepvideo.io.video import read_mp4
 from stepvideo.serving import jobs as js
 from stepvideo.testing.tiny import write_tiny_model_dir
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2", "--dtype", "fp32"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TOKEN = "s3cret-token"
 PROMPT = "一只猫在月球上散步"
 LONG = 60            # steps of a job that is still running when the test acts on it
-
-
-def _torchrun(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), str(REPO / "run_parallel.py"), *args]
-
-
-class Server:
-    """A ``--serve`` launch in its own session (so teardown can stop every rank)."""
-
-    def __init__(self, model_dir, service_url, state_dir, log_path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "ab")
-        cmd = _torchrun("--serve", "--port", str(self.port), "--state_dir", str(state_dir), "--max_queue", "2",
-                        "--model_dir", str(model_dir), "--vae_url", service_url, "--caption_url", service_url,
-                        "--ulysses_degree", "2", *TINY)
-        self.proc = subprocess.Popen(cmd, env={**ENV, "STEPVIDEO_SERVER_TOKEN": TOKEN}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.client = VideoClient(self.url, token=TOKEN)
-
-    def wait_ready(self, timeout=240.0):
-        def exited():
-            return None if self.proc.poll() is None else f"the server exited with code {self.proc.returncode}"
-
-        return self.client.wait_ready(timeout=timeout, interval=0.3, abort=exited)
-
-    def kill_launcher(self):
-        """``kill -9`` of torchrun alone; its ranks must go away by themselves."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-        raise AssertionError("the ranks outlived their killed launcher")
-
-    def stop(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +44,7 @@ def env(tmp_path_factory):
     shared = {}
     try:
         # started together: the server's start-up check waits for the service's /ready
-        server = Server(model, url, root / "state", root / "server.log")
+        server = GenerationServer(model, url, root / "state", root / "server.log")
         wait_ready(url, timeout=180, abort=process_exited(service))
         # the one-shot CLI run the server's frames must equal, while the server loads
         reference = subprocess.Popen(_torchrun("--model_dir", str(model), "--vae_url", url, "--caption_url", url,
@@ -292,7 +241,8 @@ def test_kill_minus_nine_then_restart_on_the_same_state_dir(env):
     waiting = client.submit("waits for the restart", seed=5)
     server.kill_launcher()
 
-    env["server"] = server = Server(env["model"], env["service"], env["root"] / "state", env["root"] / "server.log")
+    env["server"] = server = GenerationServer(env["model"], env["service"], env["root"] / "state",
+                                              env["root"] / "server.log")
     server.wait_ready()
     client = server.client
     for seed in (7, 8, 9):                          # completed jobs: listed and downloadable, same bytes

@@ -23,5 +23,5 @@ def first_frame_image(path: Union[str, os.PathLike], fmt: str = "jpeg") -> bytes
     finally:
         reader.close()
     buf = io.BytesIO()
-    Image.fromarray(frame).save(buf, format=FORMATS[fmt][0], quality=90)
+    Image.fromarray(frame).save(buf, format=FORMATS[fmt][0], quality=95)
     return buf.getvalue()
