@@ -12,6 +12,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["stepvideo", "stepvideo.*"]),
+    package_data={"stepvideo.serving": ["ui/*.html"]},
     install_requires=[
         "torch>=2.3",
         "safetensors>=0.4",
@@ -29,7 +30,8 @@ setup(
     ],
     extras_require={
         "hub": ["huggingface_hub>=0.20"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        # the OpenAI SDK and a real browser (Selenium) are the acceptance tests of the generation server
+        "test": ["pytest>=7", "pytest-timeout", "openai==3.51.0", "selenium==4.39.0"],
         "gpu": ["flash-attn"],
     },
     entry_points={

@@ -9,8 +9,9 @@ sampling flags are appended. Identical commands after the rewrite run once. Then
 
 - a service command starts the service and waits for ``GET /ready``;
 - a ``run_parallel.py --serve`` command starts the generation server in the background; the
-  commands that talk to it (``127.0.0.1:8000``: curl, the client) then run in order in one bash
-  session against its real address, and must succeed;
+  commands that talk to it (``127.0.0.1:8000``: curl, the client, the OpenAI SDK) then run in
+  order in one bash session against its real address, and must succeed; the mp4s and thumbnails
+  they download (``-o /tmp/...``, the SDK's ``write_to_file('/tmp/...')``) are read back;
 - generation, evaluation and decode commands must exit 0 and write what they promise;
 - other ``python`` scripts and modules must answer ``--help`` and know every flag the docs use;
 - ``pip`` (network), ``bash scripts/test.sh`` (this suite), ``bash scripts/demo.sh``
@@ -210,10 +211,17 @@ def _run_against_server(lines: List[str], address: str, tmp: Path, env) -> None:
     res = subprocess.run(["bash", "-c", script], env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, f"documented server commands failed:\n{script}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+    from PIL import Image
+
     from stepvideo.io.video import read_mp4
 
-    for written in set(re.findall(r"-o (/tmp/\S+\.mp4)", "\n".join(lines))):     # the downloads are real mp4s
+    shown = "\n".join(lines)
+    # the downloads are real files: mp4s from curl -o and the OpenAI SDK's write_to_file, thumbnails
+    for written in set(re.findall(r"(?:-o |write_to_file\(')(/tmp/\S+?\.mp4)", shown)):
         assert len(read_mp4(tmp / Path(written).name)[0]) > 0, written
+    for written in set(re.findall(r"-o (/tmp/\S+\.(?:jpg|webp))", shown)):
+        with Image.open(tmp / Path(written).name) as image:
+            assert image.format in ("JPEG", "WEBP") and min(image.size) > 0, written
 
 
 def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_service, tmp_path):
