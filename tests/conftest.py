@@ -133,14 +133,8 @@ def tiny_generation_server(tiny_model_dir, tiny_service, tmp_path_factory):
     """One generation server for the session (``run_parallel.py --serve`` under torchrun, 2 gloo
     ranks, tiny T2V, token ``server_launch.TOKEN``, ``--max_queue 4``): the OpenAI-SDK and the
     browser tests share it. A :class:`server_launch.GenerationServer`."""
-    from server_launch import GenerationServer
+    from server_launch import running_server
 
-    url, token = tiny_service
-    root = tmp_path_factory.mktemp("generation-server")
-    server = GenerationServer(tiny_model_dir, url, root / "state", root / "server.log", max_queue=4,
-                              env={"STEPVIDEO_SERVICE_TOKEN": token})
-    try:
-        server.wait_ready()
+    with running_server(tiny_model_dir, tiny_service, tmp_path_factory.mktemp("generation-server"),
+                        max_queue=4) as server:
         yield server
-    finally:
-        server.stop()

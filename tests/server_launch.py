@@ -2,6 +2,7 @@
 ranks on CPU, or one plain process), in its own session so teardown stops every rank."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -65,3 +66,17 @@ class GenerationServer:
             pass
         self.proc.wait()
         self.log.close()
+
+
+@contextlib.contextmanager
+def running_server(model_dir, service, root, **kwargs):
+    """A ready :class:`GenerationServer` on ``service`` (``(url, token)``, the session's tiny
+    caption/VAE service) with its state and log under ``root``; stopped on exit."""
+    url, token = service
+    server = GenerationServer(model_dir, url, root / "state", root / "server.log",
+                              env={"STEPVIDEO_SERVICE_TOKEN": token}, **kwargs)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -14,7 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
-from server_launch import TOKEN, GenerationServer
+from server_launch import TOKEN, running_server
 from stepvideo.io.video import read_mp4
 
 openai = pytest.importorskip("openai", reason="the OpenAI SDK tests need `pip install openai` (the test extra)")
@@ -100,15 +100,9 @@ def test_openai_sdk_errors_carry_the_servers_message(tiny_generation_server):
 
 @pytest.fixture(scope="module")
 def ti2v_server(tiny_ti2v_model_dir, tiny_service, tmp_path_factory):
-    url, token = tiny_service
-    root = tmp_path_factory.mktemp("ti2v-server")
-    server = GenerationServer(tiny_ti2v_model_dir, url, root / "state", root / "server.log", nproc=1,
-                              env={"STEPVIDEO_SERVICE_TOKEN": token})
-    try:
-        server.wait_ready()
+    """One rank (no torchrun) is enough for one upload."""
+    with running_server(tiny_ti2v_model_dir, tiny_service, tmp_path_factory.mktemp("ti2v-server"), nproc=1) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_openai_sdk_ti2v_input_reference(ti2v_server, tmp_path):
@@ -130,3 +124,33 @@ def test_openai_sdk_ti2v_input_reference(ti2v_server, tmp_path):
     with pytest.raises(openai.UnprocessableEntityError) as err:            # a TI2V model needs the image
         client.videos.create(prompt=PROMPT, extra_body=TINY_JOB)
     assert err.value.body["param"] == "image"
+
+
+def test_shared_fields_map_onto_ours():
+    """The mapping alone (no server): rounding, synonyms, the same value twice, what each error names."""
+    from stepvideo.serving.openai_fields import blame_sent_field, to_native
+    from stepvideo.serving.requests import RequestError
+
+    mapped = to_native({"prompt": "x", "model": "m", "seconds": "4", "size": "992x544", "guidance_scale": 5,
+                        "cfg_scale": 5, "flow_shift": 17.0}, "m")
+    assert mapped.fields == {"prompt": "x", "cfg_scale": 5, "time_shift": 17.0, "width": 992, "height": 544,
+                             "num_frames": 100} and mapped.fps == 25
+    assert to_native({"prompt": "x", "seconds": 4, "num_frames": 85}, "m").fields["num_frames"] == 100  # both 85
+    assert to_native({"prompt": "x", "seconds": 1, "fps": 17}, "m").fields["num_frames"] == 17
+    cases = [({"seconds": "0.2"}, "seconds", 422), ({"seconds": "soon"}, "seconds", 400),
+             ({"seconds": float("nan")}, "seconds", 400), ({"size": "992*544"}, "size", 400),
+             ({"size": "64x64", "width": 128}, "size", 400), ({"seconds": 1, "fps": 17, "num_frames": 34},
+                                                                "seconds", 400),
+             ({"fps": 0}, "fps", 422), ({"fps": "25"}, "fps", 400), ({"model": "other"}, "model", 404),
+             ({"input_reference": {"image_url": "https://example.com/a.png"}}, "input_reference", 422),
+             ({"colour": "red"}, "colour", 400)]
+    for fields, param, status in cases:
+        with pytest.raises(RequestError) as err:
+            to_native({"prompt": "x", **fields}, "m")
+        assert (err.value.field, err.value.status) == (param, status) and f"'{param}'" in str(err.value), fields
+        conflict = {"size": "width", "seconds": "num_frames"}.get(param)
+        if conflict in fields:                                   # one setting twice: both fields named
+            assert f"'{conflict}'" in str(err.value), err.value
+    blamed = blame_sent_field(RequestError("field 'height': height 100 is not a multiple of 16", "height", 422),
+                              {"height": "size"})
+    assert (blamed.field, str(blamed)) == ("size", "field 'size': height 100 is not a multiple of 16")

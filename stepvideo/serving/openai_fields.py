@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .. import geometry
-from .requests import API_FIELDS, RequestError
+from .requests import API_FIELDS, RequestError, parse_form
 
 DEFAULT_FPS = 25
 MAX_FPS = 120
@@ -60,19 +60,9 @@ def served_model_name(is_ti2v: bool, preset: Optional[str], model_dir: str, over
 def parse_form_values(form: Mapping[str, str]) -> Dict[str, Any]:
     """Typed values of the shared fields of a multipart form (every form value is a string);
     ``input_reference[image_url]`` (the SDK's form spelling of ``{"image_url": ...}``) included."""
-    out: Dict[str, Any] = {}
-    for name, raw in form.items():
-        if name == "input_reference[image_url]":
-            out["input_reference"] = {"image_url": raw}
-            continue
-        kind = FORM_TYPES.get(name)
-        if kind is None:
-            continue
-        try:
-            out[name] = kind(raw)
-        except ValueError:
-            raise RequestError(f"field '{name}' must be {'an integer' if kind is int else 'a number'}, "
-                               f"got {raw!r}", name) from None
+    out = parse_form({k: v for k, v in form.items() if k in FORM_TYPES}, None, FORM_TYPES)
+    if "input_reference[image_url]" in form:
+        out["input_reference"] = {"image_url": form["input_reference[image_url]"]}
     return out
 
 

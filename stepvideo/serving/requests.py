@@ -68,11 +68,13 @@ class JobRequest:
         return {"preset": self.preset, **self.sampling.to_dict(), "image": self.image is not None}
 
 
-def parse_form(form: Mapping[str, str], image: Optional[bytes]) -> Dict[str, Any]:
-    """Multipart fields (all strings) -> typed fields; the ``image`` upload is passed as bytes."""
+def parse_form(form: Mapping[str, str], image: Optional[bytes],
+               types: Mapping[str, type] = _FORM_TYPES) -> Dict[str, Any]:
+    """Multipart fields (all strings) -> typed fields (``types``: name -> int or float; other
+    fields stay strings); the ``image`` upload is passed as bytes."""
     fields: Dict[str, Any] = {}
     for name, raw in form.items():
-        kind = _FORM_TYPES.get(name)
+        kind = types.get(name)
         if kind is None:
             fields[name] = raw
             continue
