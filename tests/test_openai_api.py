@@ -16,6 +16,8 @@ from PIL import Image
 
 from server_launch import TOKEN, running_server
 from stepvideo.io.video import read_mp4
+from stepvideo.serving.openai_fields import blame_sent_field, to_native
+from stepvideo.serving.requests import RequestError
 
 openai = pytest.importorskip("openai", reason="the OpenAI SDK tests need `pip install openai` (the test extra)")
 
@@ -133,9 +135,6 @@ def test_openai_sdk_ti2v_input_reference(ti2v_server, tmp_path):
 
 def test_shared_fields_map_onto_ours():
     """The mapping alone (no server): rounding, synonyms, the same value twice, what each error names."""
-    from stepvideo.serving.openai_fields import blame_sent_field, to_native
-    from stepvideo.serving.requests import RequestError
-
     mapped = to_native({"prompt": "x", "model": "m", "seconds": "4", "size": "992x544", "guidance_scale": 5,
                         "cfg_scale": 5, "flow_shift": 17.0}, "m")
     assert mapped.fields == {"prompt": "x", "cfg_scale": 5, "time_shift": 17.0, "width": 992, "height": 544,

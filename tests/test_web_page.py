@@ -6,14 +6,17 @@ the finished page is written to $STEPVIDEO_SCREENSHOT when set (docs/web-page.pn
 from __future__ import annotations
 
 import os
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
 from server_launch import TOKEN
+from stepvideo.serving.app import ServingContext, create_app
+from stepvideo.serving.config import ServerConfig
+from stepvideo.serving.jobs import JobStore
+from stepvideo.serving.metrics import ServerMetrics
+from stepvideo.serving.worker import Dispatcher
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 LONG = 90            # steps of a job that keeps the worker busy while another one waits (--max_steps 100)
@@ -51,7 +54,7 @@ def _until(predicate, timeout=120.0, what="the page"):
 
 
 def _fill(driver, **values):
-    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.by import By      # selenium is optional: the module skips without it
 
     for element_id, value in values.items():
         box = driver.find_element(By.ID, element_id)
@@ -68,7 +71,7 @@ def _card(driver, job_id):
 
 
 def test_page_generates_plays_cancels_and_shows_errors(browser, tiny_generation_server):
-    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.by import By      # selenium is optional: the browser fixture skips without it
 
     server = tiny_generation_server
     auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -128,12 +131,6 @@ def test_page_generates_plays_cancels_and_shows_errors(browser, tiny_generation_
 @pytest.mark.parametrize("ui", [True, False])
 def test_the_page_needs_no_token_and_no_ui_turns_it_off(tmp_path, ui):
     """The app itself (its store in a temporary state dir; no model needed for these routes)."""
-    from stepvideo.serving.app import ServingContext, create_app
-    from stepvideo.serving.config import ServerConfig
-    from stepvideo.serving.jobs import JobStore
-    from stepvideo.serving.metrics import ServerMetrics
-    from stepvideo.serving.worker import Dispatcher
-
     store = JobStore.open(tmp_path)
     try:
         ctx = ServingContext(store=store, config=ServerConfig(token=TOKEN, ui=ui), metrics=ServerMetrics(store.counts),

@@ -12,7 +12,7 @@ FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 
 def first_frame_image(path: Union[str, os.PathLike], fmt: str = "jpeg") -> bytes:
     """Decode only the first frame of ``path`` (``uint8 [H, W, 3]``) and encode it as ``fmt``."""
-    import imageio_ffmpeg
+    import imageio_ffmpeg      # heavy; only thumbnail requests need them
     from PIL import Image
 
     reader = imageio_ffmpeg.read_frames(str(path))
