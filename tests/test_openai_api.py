@@ -62,6 +62,8 @@ def test_openai_sdk_create_poll_download_list_retrieve_delete(tiny_generation_se
     thumbnail = Image.open(io.BytesIO(client.videos.download_content(video.id, variant="thumbnail").content))
     assert thumbnail.format == "JPEG" and thumbnail.size == (64, 64)
     assert np.abs(np.asarray(thumbnail, np.int16) - frames[0]).mean() < 12      # the first frame (JPEG q95)
+    webp = client.videos.download_content(video.id, variant="thumbnail", extra_query={"format": "webp"})
+    assert Image.open(io.BytesIO(webp.content)).format == "WEBP"
 
     second = client.videos.create(prompt="a second one", model="stepvideo-t2v", seconds="1", size="64x64",
                                   extra_body=TINY_JOB)
