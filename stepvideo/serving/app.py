@@ -18,7 +18,6 @@ full, 503 (+ ``Retry-After``) model still loading.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -30,12 +29,13 @@ from werkzeug.exceptions import HTTPException
 
 from ..service.handlers import error_response as _error
 from ..service.handlers import json_response as _json_response
+from ..service.incidents import internal_error
 from ..service.server import http_error_json, token_error
 from . import jobs as js
 from .config import TOKEN_ENV, ServerConfig
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServerMetrics
-from .requests import ModelInfo, RequestError, build_job, parse_form
+from .requests import ModelInfo, RequestError, build_job, read_form_body, read_json_body
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,7 @@ def create_app(ctx: ServingContext) -> Flask:
 
     @app.errorhandler(Exception)
     def _internal(err: Exception) -> Response:   # the server answers every request
-        logger.exception("%s %s failed", request.method, request.path)
-        return _error(500, f"internal error in {request.path}: {type(err).__name__}: {err}")
+        return _error(500, internal_error(logger, f"{request.method} {request.path}"))
 
     # -- jobs -----------------------------------------------------------------------------
     @app.post("/v1/videos")
@@ -263,20 +262,12 @@ def _read_fields() -> Dict[str, Any]:
     """The request's fields from a JSON or a multipart body."""
     kind = (request.mimetype or "").lower()
     if kind == "application/json":
-        try:
-            fields = json.loads(request.get_data(cache=False) or b"null")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise RequestError(f"the body is not valid JSON: {err}") from None
+        fields = read_json_body(request.get_data(cache=False))
         if not isinstance(fields, dict):
             raise RequestError(f"the body must be a JSON object, got {type(fields).__name__}")
         return fields
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        upload = request.files.get("image")
-        unknown_files = sorted(set(request.files) - {"image"})
-        if unknown_files:
-            raise RequestError(f"unknown upload field(s) {unknown_files}; only 'image' is a file", unknown_files[0])
-        image = upload.read() if upload is not None else None
-        return parse_form(request.form.to_dict(), image)
+        return read_form_body(request)
     raise RequestError(f"Content-Type must be application/json or multipart/form-data (or a url-encoded form), "
                        f"got {kind or 'none'}",
                        status=415)

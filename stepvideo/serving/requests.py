@@ -23,6 +23,8 @@ from typing import Any, Dict, Mapping, Optional
 
 from .. import cli
 from ..config import SamplingConfig
+from . import guards
+from .capacity import JobLimits, job_problem
 from .config import ServerConfig
 
 # API field -> SamplingConfig field (None: not a sampling field)
@@ -53,6 +55,7 @@ class ModelInfo:
     num_heads: int
     parallel: Any            # ParallelConfig
     world_size: int
+    limits: Optional[JobLimits] = None     # the service's decode limits and the layout's memory
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,25 @@ class JobRequest:
         return {"preset": self.preset, **self.sampling.to_dict(), "image": self.image is not None}
 
 
+def read_json_body(data: bytes) -> Any:
+    """A JSON body -> its value (:func:`.guards.parse_json_body`: UTF-8, depth, finite numbers)."""
+    return _guarded(guards.parse_json_body, data)
+
+
+def read_form_body(request: Any) -> Dict[str, Any]:
+    """A multipart / url-encoded flask request -> typed fields (:func:`.guards.read_form`, then
+    :func:`parse_form`); the ``image`` upload becomes bytes."""
+    form, uploads = _guarded(guards.read_form, request, ("image",))
+    return parse_form(form, uploads.get("image"))
+
+
+def _guarded(check, *args) -> Any:
+    try:
+        return check(*args)
+    except guards.InvalidInput as err:
+        raise RequestError(str(err), err.field, err.status) from None
+
+
 def parse_form(form: Mapping[str, str], image: Optional[bytes]) -> Dict[str, Any]:
     """Multipart fields (all strings) -> typed fields; the ``image`` upload is passed as bytes."""
     fields: Dict[str, Any] = {}
@@ -79,7 +101,7 @@ def parse_form(form: Mapping[str, str], image: Optional[bytes]) -> Dict[str, Any
             fields[name] = kind(raw)
         except ValueError:
             raise RequestError(f"field '{name}' must be {'an integer' if kind is int else 'a number'}, "
-                               f"got {raw!r}", name) from None
+                               f"got {_show(raw)}", name) from None
     if image is not None:
         fields["image"] = image
     return fields
@@ -90,9 +112,11 @@ def build_job(fields: Mapping[str, Any], server_options: Mapping[str, Any], mode
     """Validate ``fields`` (JSON values, or :func:`parse_form` output) into a :class:`JobRequest`."""
     if not isinstance(fields, Mapping):
         raise RequestError(f"the body must be a JSON object, got {type(fields).__name__}")
-    unknown = sorted(set(fields) - set(API_FIELDS))
+    unknown = sorted(set(fields) - set(API_FIELDS), key=str)
     if unknown:
-        raise RequestError(f"unknown field(s) {unknown}; accepted: {sorted(API_FIELDS)}", unknown[0])
+        raise RequestError(f"unknown field(s) {guards.name_some(unknown)}; accepted: {sorted(API_FIELDS)}",
+                           guards.show_name(unknown[0]))
+    _guarded(guards.check_values, fields)
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError(f"field 'prompt' must be a non-empty string, got {_show(prompt)}", "prompt")
@@ -143,6 +167,10 @@ def _check_cost(sampling: SamplingConfig, model: ModelInfo, config: ServerConfig
         raise RequestError(f"fields 'num_frames', 'height', 'width' ({sampling.num_frames} x {sampling.height} x "
                            f"{sampling.width}) make {tokens} DiT tokens; this server accepts at most "
                            f"{config.max_tokens} per job (--max_tokens)", "num_frames", 422)
+    problem = job_problem(sampling.height, sampling.width, sampling.num_frames, model.limits)
+    if problem is not None:
+        raise RequestError(f"fields 'num_frames', 'height', 'width' ({sampling.num_frames} x {sampling.height} x "
+                           f"{sampling.width}): {problem}", "num_frames", 422)
     try:
         validate_before_loading(model.parallel, num_heads=model.num_heads, world_size=model.world_size,
                                 token_count=tokens)
@@ -196,11 +224,10 @@ def _image_bytes(value: Any, config: ServerConfig) -> Optional[bytes]:
     except RequestError:
         raise
     except Exception as err:  # noqa: BLE001 - any decoder failure is the client's bad input
-        raise RequestError(f"field 'image' is not a readable PNG/JPEG image ({type(err).__name__}: {err})",
-                           "image") from None
+        raise RequestError("field 'image' is not a readable PNG/JPEG image", "image") from None
     return data
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = ascii(value)
     return text if len(text) <= 60 else text[:57] + "..."
