@@ -7,6 +7,8 @@ restart on the same state dir.
 """
 import base64
 import io
+import json
+import math
 import os
 import signal
 import subprocess
@@ -25,6 +27,7 @@ from stepvideo.parallel.launch import free_port
 from stepvideo.service.client import wait_ready
 from stepvideo.io.video import read_mp4
 from stepvideo.serving import jobs as js
+from stepvideo.testing.connections import health_seconds, idle_connections
 from stepvideo.testing.tiny import write_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +173,80 @@ def test_token_health_and_invalid_requests(env):
                      headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 400 and r.json()["field"] == "wait"
     assert client.list()["data"] == []            # nothing was queued by the bad requests
+
+
+def _auth():
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _raw_json(url, text):
+    return _post(url, data=text.encode("utf-8"), headers={"Content-Type": "application/json"})
+
+
+def test_hostile_bodies_get_4xx_naming_the_field_and_queue_nothing(env):
+    """Issue 26, items 1-4, 9, 10: lone surrogates, deep nesting, non-finite numbers, shapes the
+    VAE service can never decode or the layout cannot hold, oversized forms; none is queued."""
+    url = env["server"].url
+    shape = '"height": 64, "width": 64, "num_frames": 17'
+    cases = [   # (raw JSON text, status, field or None, words in the error)
+        ('{"prompt": "a", "negative_prompt": "\\ud800", ' + shape + '}', 400, "negative_prompt", "surrogate"),
+        ('{"prompt": "a\\udfff b", ' + shape + '}', 400, "prompt", "surrogate"),
+        ('{"prompt": "a", "height": ' + "[" * 1000 + "]" * 1000 + '}', 400, None, "nests"),
+        ('{"prompt": "a", "height": ' + "[" * 100000 + "]" * 100000 + '}', 400, None, "nests"),
+        ('{"prompt": "a", "height": [64]}', 400, "height", "plain value"),
+        ('{"prompt": "a", "cfg_scale": Infinity, ' + shape + '}', 400, None, "finite"),
+        ('{"prompt": "a", "cfg_scale": 1e400, ' + shape + '}', 400, "cfg_scale", "finite"),
+        ('{"prompt": "a", "cfg_scale": 1e308, ' + shape + '}', 422, "cfg_scale", "[0, 100]"),
+        ('{"prompt": "a", "time_shift": NaN, ' + shape + '}', 400, None, "NaN"),
+        ('{"prompt": "a", "motion_score": -Infinity, ' + shape + '}', 400, None, "finite"),
+        ('{"prompt": "a", "height": 16, "width": 8192, "num_frames": 17}', 422, "num_frames", "VAE service"),
+        ('{"prompt": "a", "height": 16, "width": 16, "num_frames": 510}', 422, "num_frames", "VAE service"),
+        ('{"prompt": "a", "height": 16, "width": 404736, "num_frames": 17}', 422, "num_frames", "VAE service"),
+    ]
+    for text, status, field, words in cases:
+        r = _raw_json(url, text)
+        assert r.status_code == status, (text[:80], r.text[:300])
+        body = r.json()
+        assert words in body["error"] and len(r.content) < 1000, body
+        if field is not None:
+            assert body["field"] == field, body
+    for value in ("inf", "nan", "-Infinity", "1e999"):           # the same numbers in a multipart form
+        r = _post(url, files={"prompt": (None, "a"), "cfg_scale": (None, value)})
+        assert r.status_code in (400, 422) and r.json()["field"] == "cfg_scale", r.text
+
+    ready = requests.get(url + "/ready", headers=_auth(), timeout=10).json()
+    limits = ready["job_limits"]                       # learned from the service's /ready at start-up
+    assert limits["max_latent_frames"] == 64 and limits["max_latent_side"] == 256, ready
+    assert "model_dir" not in ready and str(env["root"]) not in json.dumps(ready)
+    service_ready = requests.get(env["service"] + "/ready", timeout=10).json()
+    assert service_ready["limits"]["max_latent_side"] == 256 and "model_dir" not in service_ready
+    fits = limits["max_tokens_memory"]                 # what the memory model says the ranks hold
+    side = min(159, math.isqrt(fits // 3) + 2)         # 3 latent frames x side^2 tokens, within --max_tokens
+    if 3 * side * side > fits:
+        r = _post(url, json={"prompt": "a", "num_frames": 17, "height": side * 16, "width": side * 16})
+        assert r.status_code == 422 and "memory" in r.json()["error"], r.text
+
+    # a 10 MB multipart prompt: 413 naming the per-field limit, not the 32 MiB body limit
+    r = _post(url, files={"prompt": (None, "x" * (10 << 20))})
+    assert r.status_code == 413 and "33554432" not in r.text and "text field" in r.json()["error"], r.text[:300]
+    # 200k unknown url-encoded fields: refused before parsing, with a short body
+    start = time.perf_counter()
+    r = _post(url, data="&".join(f"f{i}=1" for i in range(200_000)),
+              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413 and len(r.content) < 500 and time.perf_counter() - start < 5, r.text[:300]
+    r = _post(url, json={"prompt": "a", **{f"unknown{i}": 1 for i in range(1000)}})
+    assert r.status_code == 400 and "and 995 more" in r.json()["error"] and len(r.content) < 1000, r.text[:300]
+    assert env["server"].client.list()["data"] == []           # nothing was queued
+
+
+def test_health_answers_with_150_idle_connections_on_both_servers(env):
+    """Issue 26, item 8: waitress's default connection_limit (100) let idle sockets block /health."""
+    for url in (env["server"].url, env["service"]):
+        with idle_connections(url, 150):
+            time.sleep(0.2)                           # the server has accepted what it will accept
+            assert health_seconds(url, timeout=1.0) < 1.0
+            r = requests.get(url + "/ready", headers=_auth(), timeout=1.0)   # an API client gets through too
+            assert r.status_code == 200
 
 
 def test_three_concurrent_jobs_equal_the_cli(env, tmp_path):

@@ -4,6 +4,7 @@ Layout of ``--state_dir``::
 
     jobs.sqlite3 (+ -wal, -shm)   one row per job
     videos/<id>.mp4               the video of each completed job (written atomically)
+    orphans/                      video files found at start-up without a job record
     server.lock                   held by the running server: one server per state dir
 
 Before anything else, :mod:`.state_dir` checks that the state dir and ``videos/`` are
@@ -12,7 +13,9 @@ database stops the start with a line naming the file, it never leads to deleting
 
 Invariants (kept by :meth:`JobStore.reconcile` at every start, after any crash):
 
-- a ``completed`` job has its file, and every file belongs to a ``completed`` job;
+- a ``completed`` job has its file, and every file belongs to a ``completed`` job (a video file
+  without a record is moved to ``orphans/``, never deleted: after a database restored from a
+  backup it is the only copy);
 - ``videos/<id>.latents.safetensors`` (the denoised latents a failed decode leaves) exists
   only for a ``failed`` job; it goes when the job is deleted;
 - a row whose stored JSON cannot be read is listed with empty settings (``damaged`` set) and,
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..vae.latents_file import SUFFIX as LATENTS_SUFFIX
-from . import state_dir
+from . import state_dir as state_checks
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ STATUSES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 MAX_ATTEMPTS = 2
 RESTARTED = "server restarted"
+ORPHANS = "orphans"          # video files found without a job record are moved here, never deleted
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -143,7 +147,7 @@ class JobStore:
         import fcntl
 
         root = Path(state_dir)
-        state_dir.prepare(root)
+        state_checks.prepare(root)
         fd = os.open(root / "server.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -152,17 +156,17 @@ class JobStore:
             raise StateDirBusy(f"--state_dir {root} is used by another running server (its server.lock is held); "
                                "give each server its own state dir") from None
         try:
-            state_dir.check_database_file(root)
-            conn = sqlite3.connect(str(root / state_dir.DB_NAME), check_same_thread=False, isolation_level=None,
+            state_checks.check_database_file(root)
+            conn = sqlite3.connect(str(root / state_checks.DB_NAME), check_same_thread=False, isolation_level=None,
                                    timeout=30.0)
-            state_dir.check_database(conn, root)
+            state_checks.check_database(conn, root)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")     # WAL + NORMAL: durable across process crashes
             conn.executescript(_SCHEMA)
         except sqlite3.Error as err:
             os.close(fd)
-            raise state_dir.open_error(root, err) from None
-        except state_dir.StateDirError:
+            raise state_checks.open_error(root, err) from None
+        except state_checks.StateDirError:
             os.close(fd)
             raise
         store = cls(root, conn, fd)
@@ -216,16 +220,25 @@ class JobStore:
                     self._update(job_id, status=FAILED, error="the video file was missing at start-up")
                     counts["missing"] += 1
             for path in self.videos_dir.glob("*.mp4"):
-                if path.stem not in completed:
-                    path.unlink()
+                if path.stem not in completed:      # kept aside, never deleted: it may be the only copy
+                    orphans = self.state_dir / ORPHANS
+                    orphans.mkdir(exist_ok=True)
+                    path.replace(orphans / path.name)
                     counts["orphans"] += 1
             failed = {job.id for job in self._select("status = ?", (FAILED,))}
             for path in self.videos_dir.glob(f"*{LATENTS_SUFFIX}"):
                 if path.name[:-len(LATENTS_SUFFIX)] not in failed:
                     path.unlink()
                     counts["latents"] += 1
+            for job in self._select("1", ()):
+                if job.damaged:
+                    logger.warning("job %s (%s): %s; it is listed with empty settings%s", job.id, job.status,
+                                   job.damaged, ", and fails when it runs" if job.status == QUEUED else "")
         if any(counts.values()):
             logger.info("state dir %s reconciled: %s", self.state_dir, counts)
+        if counts["orphans"]:
+            logger.warning("%d video file(s) in %s had no job record; moved to %s (delete them once you know they "
+                           "are not needed)", counts["orphans"], self.videos_dir, self.state_dir / ORPHANS)
         return counts
 
     # ------------------------------------------------------------------------------------
@@ -394,5 +407,4 @@ def _row_to_job(row) -> Job:
     data["cancel_requested"] = bool(data["cancel_requested"])
     if problems:
         data["damaged"] = "; ".join(problems)
-        logger.warning("job %s: %s", data["id"], data["damaged"])
     return Job(**data)

@@ -33,13 +33,13 @@ class StateDirError(ValueError):
 def prepare(root: Path) -> None:
     """Create ``root`` and ``root/videos`` if missing, then check that both are writable folders."""
     for folder in (root, root / VIDEOS):
+        if folder.exists() and not folder.is_dir():
+            raise StateDirError(f"--state_dir: {folder} is not a folder; move it aside or choose another --state_dir")
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise StateDirError(f"--state_dir: cannot create {folder} ({err.strerror or err}); choose another "
                                 "--state_dir or create the folder with write access for this user") from None
-        if not folder.is_dir():
-            raise StateDirError(f"--state_dir: {folder} is not a folder; move it aside or choose another --state_dir")
         try:
             fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
             os.close(fd)
