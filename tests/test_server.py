@@ -6,11 +6,14 @@ a ``run_parallel.py`` run, cancels and the full queue, then ``kill -9`` of the l
 restart on the same state dir.
 """
 import base64
+import collections
 import io
 import json
 import math
 import os
+import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,6 +30,14 @@ from stepvideo.parallel.launch import free_port
 from stepvideo.service.client import wait_ready
 from stepvideo.io.video import read_mp4
 from stepvideo.serving import jobs as js
+from stepvideo.serving import state_dir
+from stepvideo.serving.app import ServingContext, create_app
+from stepvideo.serving.config import ServerConfig
+from stepvideo.serving.metrics import ServerMetrics
+from stepvideo.serving.requests import API_FIELDS
+from stepvideo.serving.worker import Dispatcher
+from stepvideo.service.config import ServiceConfig
+from stepvideo.service.host import ServiceServer
 from stepvideo.testing.connections import health_seconds, idle_connections
 from stepvideo.testing.tiny import write_tiny_model_dir
 
@@ -391,6 +402,142 @@ def test_kill_minus_nine_then_restart_on_the_same_state_dir(env):
     assert files == completed and len(completed) == 4          # no file without a record, nor the reverse
 
 
+def test_truncated_database_is_refused_and_one_bad_row_fails_alone(env):
+    """Issue 26, items 5-7: latents files go with their job; a 0-byte jobs.sqlite3 (after kill -9,
+    WAL present) stops the start naming the file, every video kept; a queued row whose settings
+    do not fit and a completed row with unreadable settings fail only themselves."""
+    server = env["server"]
+    client = server.client
+    state = env["root"] / "state"
+    videos = state / "videos"
+    finished = [j for j in client.iter_jobs() if j["status"] in ("failed", "cancelled")]
+    latents = videos / f"{finished[0]['id']}.latents.safetensors"     # what a failed decode leaves
+    latents.write_bytes(b"latents")
+    client.cancel(finished[0]["id"])                                    # DELETE of the finished job
+    assert not latents.exists()
+    orphan_latents = videos / "video_gone.latents.safetensors"           # its job record is gone
+    orphan_latents.write_bytes(b"latents")
+    completed = [j["id"] for j in client.iter_jobs() if j["status"] == "completed"]
+    server.kill_launcher()
+
+    db = state / "jobs.sqlite3"
+    backup = {path.name: path.read_bytes() for path in state.glob("jobs.sqlite3*")}
+    before = sorted(p.name for p in videos.glob("*.mp4"))
+    assert len(before) == len(completed) >= 3
+    db.write_bytes(b"")                                                 # truncated to 0 bytes, WAL kept
+    refused = Server(env["model"], env["service"], state, env["root"] / "refused.log")
+    assert refused.proc.wait(timeout=180) != 0
+    refused.stop()
+    log = (env["root"] / "refused.log").read_text()
+    lines = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and all(f"{db} is empty" in line for line in lines), log[-3000:]   # one per rank
+    assert "stepvideo/serving" not in log, log[-3000:]                 # no traceback of ours
+    assert sorted(p.name for p in videos.glob("*.mp4")) == before          # nothing deleted
+
+    for name, data in backup.items():                                     # the fix the line names
+        (state / name).write_bytes(data)
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO jobs (id, status, created_at, prompt, settings, timings) VALUES "
+                 "('video_badrow', 'queued', 1.0, 'old', '{\"sampler\": \"unknown\"}', '{}')")
+    conn.execute("UPDATE jobs SET settings = '{not json' WHERE id = ?", (completed[0],))
+    conn.commit()
+    conn.close()
+    env["server"] = server = Server(env["model"], env["service"], state, env["root"] / "server.log")
+    server.wait_ready()
+    client = server.client
+    bad = _wait_for(client, "video_badrow", lambda j: j["status"] in js.FINISHED, timeout=60)
+    assert bad["status"] == "failed" and "stored settings" in bad["error"], bad
+    assert client.get(completed[0])["settings"] == {}                 # listed, still downloadable
+    r = requests.get(f"{server.url}/v1/videos/{completed[0]}/content", headers=_auth(), timeout=10)
+    assert r.status_code == 200 and r.content[4:8] == b"ftyp"
+    assert not orphan_latents.exists()                                # reconciled with its job
+    job = client.wait(client.submit("after the bad row", seed=3)["id"], poll=0.1, progress=False)
+    assert job["status"] == "completed" and server.proc.poll() is None
+    assert sorted(p.name for p in videos.glob("*.mp4")) == sorted(before + [f"{job['id']}.mp4"])
+
+
+FUZZ_SECONDS = 20.0
+FUZZ_REQUESTS = 400
+_FUZZ_NUMBERS = ["0", "-1", "1", "16", "17", "64", "2147483648", "9223372036854775808", "1" + "0" * 400, "1e308",
+                 "-1e308", "1e400", "NaN", "Infinity", "-Infinity", "-0.0", "5e-324", "3.5", "true", "null"]
+_FUZZ_STRINGS = ['""', '" "', '"a"', '"\\ud800"', '"x\\udfff"', '"\\ud83d\\ude00"', '"\\u0000"', '"\\u202e"',
+                 '"一只猫"', '"t2v"', '"data:image/png;base64,AAAA"', '"' + "x" * 8192 + '"', '"' + "x" * 8193 + '"']
+_FUZZ_FORM = [b"inf", b"nan", b"-Infinity", b"1e999", b"0x10", b"", b"17", b"64", b"\x00", b"\xed\xa0\x80",
+              b"\xff\xfe", "一只猫".encode(), b"x" * 8193, b"9" * 5000]
+
+
+def _fuzz_json_value(rng, depth=0):
+    roll = rng.random()
+    if roll < 0.45:
+        return rng.choice(_FUZZ_NUMBERS)
+    if roll < 0.85 or depth > 2:
+        return rng.choice(_FUZZ_STRINGS)
+    levels = rng.choice([1, 2, 7, 8, 9, 40, 5000])
+    inner = _fuzz_json_value(rng, depth + 1)
+    return ("[" * levels + inner + "]" * levels) if rng.random() < 0.5 else \
+        ('{"k": ' * levels + inner + "}" * levels)
+
+
+def _fuzz_request(rng, names):
+    """One random request: (kwargs for requests.post, a label)."""
+    fields = rng.sample(names, rng.randint(0, min(6, len(names))))
+    if rng.random() < 0.3:
+        fields.append(rng.choice(["colour", "\\ud800", "x" * 300, "__proto__", "prompt"]))
+    kind = rng.random()
+    if kind < 0.6:
+        parts = [f'"{name}": {_fuzz_json_value(rng)}' for name in fields]
+        if rng.random() < 0.7:
+            parts.insert(0, '"prompt": "a"')
+        text = "{" + ", ".join(parts) + "}"
+        if rng.random() < 0.1:
+            text = text[:rng.randint(0, len(text))]                   # truncated
+        if rng.random() < 0.05:
+            text = rng.choice(["[]", "1", '"prompt"', "null", ""])    # not an object
+        body = text.encode("utf-8")
+        if rng.random() < 0.05:
+            body = body[:-1] + b"\xff"                                  # invalid UTF-8
+        return {"data": body, "headers": {"Content-Type": "application/json"}}, "json"
+    form = {name: rng.choice(_FUZZ_FORM) for name in fields}
+    if kind < 0.9:
+        files = {name: (None, value) for name, value in form.items()}
+        if rng.random() < 0.3:
+            files[rng.choice(["image", "other"])] = ("a.png", bytes(rng.randrange(256) for _ in range(64)))
+        files.setdefault("prompt", (None, b"a"))
+        return {"files": files}, "multipart"
+    return {"data": form, "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, "urlencoded"
+
+
+def test_fuzz_gives_no_5xx_and_the_server_stays_healthy(env):
+    """Issue 26: a few hundred random JSON / multipart / url-encoded bodies (fixed seed, bounded
+    time) with wrong types, non-finite numbers, lone surrogates, nesting and sizes at and over the
+    limits. Field names come from the request schema, so new fields are fuzzed too."""
+    url = env["server"].url
+    names = sorted(API_FIELDS)
+    rng = random.Random(26)
+    statuses = collections.Counter()
+    limit = 32 << 20                                                    # --max_body_mb default
+    fixed = [({"data": b'{"prompt": "' + b"x" * (limit - 20) + b'"}', "headers": {"Content-Type": "application/json"}},
+              "at the body limit"),
+             ({"data": b'{"prompt": "' + b"x" * (limit + 10) + b'"}', "headers": {"Content-Type": "application/json"}},
+              "over the body limit")]
+    start = time.monotonic()
+    sent = 0
+    while sent < FUZZ_REQUESTS and time.monotonic() - start < FUZZ_SECONDS:
+        kwargs, label = fixed.pop() if fixed else _fuzz_request(rng, names)
+        r = _post(url, **kwargs)
+        sent += 1
+        statuses[r.status_code] += 1
+        assert r.status_code < 500, (label, kwargs.get("data", b"")[:200], r.text[:300])
+        if r.status_code == 202:                                        # accepted: cancel, keep the server free
+            requests.delete(f"{url}/v1/videos/{r.json()['id']}", headers=_auth(), timeout=10)
+        elif r.status_code >= 400:
+            assert len(r.content) < 2000 and r.json()["error"], (label, r.text[:300])
+    print(f"fuzz: {sent} requests in {time.monotonic() - start:.1f} s: {dict(sorted(statuses.items()))}")
+    assert sent >= 200 and not fixed
+    assert health_seconds(url, timeout=1.0) < 1.0
+    assert requests.get(url + "/ready", headers=_auth(), timeout=10).status_code == 200
+
+
 def test_reconcile_after_a_crash(tmp_path):
     """What a restart finds on disk, written by hand: every kind of leftover is repaired."""
     store = js.JobStore.open(tmp_path)
@@ -405,6 +552,7 @@ def test_reconcile_after_a_crash(tmp_path):
     store.finish(lost.id, js.COMPLETED)
     store.video_path(lost.id).unlink()                         # completed, file gone
     (store.videos_dir / "video_orphan.mp4").write_bytes(b"x")  # a file without a record
+    (store.videos_dir / "video_gone.latents.safetensors").write_bytes(b"x")   # latents without a record
     (store.videos_dir / f".{ran.id}.123.partial.mp4").write_bytes(b"x")    # an interrupted write
     with pytest.raises(js.StateDirBusy):
         js.JobStore.open(tmp_path)                             # one server per state dir
@@ -415,8 +563,48 @@ def test_reconcile_after_a_crash(tmp_path):
     assert store.get(lost.id).status == js.FAILED and "missing" in store.get(lost.id).error
     assert store.get(ran.id).status == js.QUEUED and store.get(ran.id).attempts == 1
     assert sorted(p.name for p in store.videos_dir.iterdir()) == [f"{done.id}.mp4"]
+    assert (tmp_path / js.ORPHANS / "video_orphan.mp4").is_file()      # kept aside, never deleted
     assert store.claim_next().id == ran.id                    # second attempt, then a crash again:
     store.close()
     store = js.JobStore.open(tmp_path)
     assert store.get(ran.id).status == js.FAILED and js.RESTARTED in store.get(ran.id).error
     store.close()
+
+
+def test_state_dir_checks_name_the_path(tmp_path):
+    """Issue 26, item 10: a state dir whose videos/ cannot be written, or a damaged database, stops
+    the start with a line naming the path (root ignores permissions, so videos/ is a file here)."""
+    (tmp_path / "videos").write_text("not a folder")
+    with pytest.raises(state_dir.StateDirError, match=f"{tmp_path / 'videos'} is not a folder"):
+        js.JobStore.open(tmp_path)
+    (tmp_path / "videos").unlink()
+    store = js.JobStore.open(tmp_path)
+    job = store.add("p", {}, None, max_queue=1)
+    store.claim_next()
+    store.video_path(job.id).write_bytes(b"mp4")
+    store.finish(job.id, js.COMPLETED)
+    store.close()
+    db = tmp_path / "jobs.sqlite3"
+    db.write_bytes(db.read_bytes()[:1024] + b"\0" * 100)            # truncated
+    with pytest.raises(state_dir.StateDirError, match="jobs.sqlite3 is unreadable"):
+        js.JobStore.open(tmp_path)
+    db.unlink()
+    with pytest.raises(state_dir.StateDirError, match="jobs.sqlite3 is missing; 1 video"):
+        js.JobStore.open(tmp_path)
+    assert store.video_path(job.id).is_file()
+
+
+def test_internal_errors_name_no_path_or_exception(tmp_path):
+    """Issue 26, item 9: a 500 carries a reference, not the exception text (here: the store's
+    database closed under a running server)."""
+    store = js.JobStore.open(tmp_path / "state")
+    ctx = ServingContext(store=store, config=ServerConfig(port=0), metrics=ServerMetrics(store.counts),
+                         dispatcher=Dispatcher(store))
+    server = ServiceServer(create_app(ctx), ServiceConfig(port=0)).start()
+    try:
+        store.close()
+        r = requests.get(f"http://127.0.0.1:{server.port}/v1/videos", timeout=10)
+        assert r.status_code == 500 and "reference err_" in r.json()["error"], r.text
+        assert "ProgrammingError" not in r.text and str(tmp_path) not in r.text and "closed" not in r.text
+    finally:
+        server.close()

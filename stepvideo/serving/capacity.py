@@ -10,6 +10,8 @@ queued, instead of failing after its whole DiT run):
   tensor-parallel degree and CFG batch) against the memory free on rank 0 once the DiT is loaded
   (the GPU's free memory; on CPU the host's available RAM shared by the ranks of this host).
   The math attention workspace (quadratic in tokens) is assumed on CPU, the fused one on CUDA.
+  ``--job_memory_check off`` drops this bound (for layouts the estimate does not describe, such
+  as token-chunked blocks); the start-up log line shows the figure either way.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from .. import geometry
 from ..config import DiTConfig
 from ..perf import memory_model
 
-USABLE_FRACTION = 0.8        # of the free memory: allocator slack, the VAE client's buffers, the OS
+USABLE_FRACTION = 0.9        # of the free memory: allocator slack, the VAE client's buffers, the OS
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -34,10 +36,9 @@ class JobLimits:
     max_latent_frames: Optional[int] = None
     max_latent_side: Optional[int] = None
     max_tokens_memory: Optional[int] = None
-    memory_bytes: Optional[int] = None            # what ``max_tokens_memory`` was computed from
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None and k != "memory_bytes"}
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 def service_decode_limits(ready_info: Mapping[str, Any]) -> dict:
@@ -51,8 +52,9 @@ def service_decode_limits(ready_info: Mapping[str, Any]) -> dict:
 def free_memory_bytes(device: torch.device) -> int:
     """Free memory for one rank's activations: the GPU's, else the host's available RAM divided
     among the ranks of this host."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":     # free on the device, plus what torch's cache holds but does not use
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + cached)
     available = None
     try:
         with open("/proc/meminfo") as f:

@@ -28,6 +28,8 @@ class ServerConfig:
     max_steps, max_tokens: the largest job accepted (denoising steps; DiT tokens ``F * h * w``),
         so every request's cost is bounded before it is queued.
     max_prompt_chars, max_body_bytes, max_image_pixels: input size limits.
+    memory_check: refuse (422) jobs whose tokens the memory model says this layout cannot hold
+        in the memory free after loading (:mod:`.capacity`).
     """
 
     host: str = "127.0.0.1"
@@ -43,6 +45,7 @@ class ServerConfig:
     max_prompt_chars: int = 8192
     max_body_bytes: int = 32 * MiB
     max_image_pixels: int = 4096 * 4096
+    memory_check: bool = True
 
     def __post_init__(self):
         check_listen(self.host, self.port, self.token, flag="--", no_token="unset")

@@ -23,6 +23,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ..service.protocol import json_depth
 
 MAX_JSON_DEPTH = 8            # a job is a flat object; 8 leaves room for small structured fields
+LARGEST_INT = 2 ** 63         # beyond, integers overflow float conversions (and mean nothing here)
 MAX_FORM_FIELDS = 64          # form fields (and uploads) of one multipart or url-encoded body
 MAX_FORM_FIELD_BYTES = 1 << 20   # one text field of a multipart body (files are uploads, not fields)
 MAX_NAMES_SHOWN = 5           # names listed in one error message
@@ -79,6 +80,8 @@ def check_values(fields: Mapping[str, Any]) -> None:
         check_text(name, "field name")
         if isinstance(value, str):
             check_text(value, f"field '{shown}'", shown)
+        elif isinstance(value, int) and not isinstance(value, bool) and not -LARGEST_INT <= value < LARGEST_INT:
+            raise InvalidInput(f"field '{shown}' is out of range (at most 2**63 in magnitude)", shown, 422)
         elif isinstance(value, float) and not math.isfinite(value):
             raise InvalidInput(f"field '{shown}' must be a finite number, got {value}", shown)
         elif isinstance(value, (dict, list)):

@@ -43,6 +43,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         "environment variable: command lines are visible to other users)")
     g.add_argument("--http_threads", type=int, default=8, help="HTTP worker threads (default %(default)s)")
     add_connection_args(g)
+    g.add_argument("--job_memory_check", choices=("on", "off"), default="on",
+                   help="422 for jobs whose DiT tokens the memory model says this layout cannot hold in the memory "
+                        "free after loading (default %(default)s)")
     g.add_argument("--max_steps", type=int, default=100, help="most denoising steps per job (default %(default)s)")
     g.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="most DiT tokens (latent frames x h/16 x w/16) per job (default %(default)s: 204 frames "
@@ -55,6 +58,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, token=token, state_dir=args.state_dir,
                         max_queue=args.max_queue, threads=args.http_threads, max_steps=args.max_steps,
                         connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
+                        memory_check=args.job_memory_check == "on",
                         max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * (1 << 20)))
 
 
@@ -191,9 +195,10 @@ def _mark_ready(ctx, generator, state, decode_limits: dict) -> None:
 
     config = generator.transformer_config
     memory = free_memory_bytes(state.device)
-    limits = JobLimits(**decode_limits, memory_bytes=memory, max_tokens_memory=tokens_that_fit(
-        config, state.config, generator.runtime.dtype, state.device, memory))
-    logger.info("job limits: %s (from %.1f GiB free per rank)", limits.as_dict(), memory / (1 << 30))
+    fits = tokens_that_fit(config, state.config, generator.runtime.dtype, state.device, memory)
+    limits = JobLimits(**decode_limits, max_tokens_memory=fits if ctx.config.memory_check else None)
+    logger.info("job limits: %s (memory model: %d tokens fit in %.1f GiB free per rank%s)", limits.as_dict(), fits,
+                memory / (1 << 30), "" if ctx.config.memory_check else "; not enforced: --job_memory_check off")
     # no paths here: /ready is for clients
     ctx.model_summary = {"ti2v": generator.pipeline.is_ti2v, "job_limits": limits.as_dict(),
                          "world_size": state.world_size,

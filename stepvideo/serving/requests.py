@@ -36,6 +36,7 @@ _API_NAME = {sampling: api for api, sampling in API_FIELDS.items() if sampling i
 _FORM_TYPES = {"height": int, "width": int, "num_frames": int, "num_inference_steps": int, "seed": int,
                "cfg_scale": float, "time_shift": float, "motion_score": float}
 IMAGE_FORMATS = ("PNG", "JPEG")
+MAX_MESSAGE_CHARS = 300     # of a refusal that quotes the client's value
 
 
 class RequestError(ValueError):
@@ -179,8 +180,11 @@ def _check_cost(sampling: SamplingConfig, model: ModelInfo, config: ServerConfig
 
 
 def _named(err: ValueError) -> RequestError:
-    """A sampling ValueError, re-worded with the API's field names."""
+    """A sampling ValueError, re-worded with the API's field names (and cut short: it may quote
+    a long client value)."""
     message = str(err)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
     for name, api in sorted(_API_NAME.items(), key=lambda kv: -len(kv[0])):
         if message.startswith(name) or f" {name} " in message or message.startswith(f"`{name}`"):
             wrong_type = any(f"must be {kind}," in message for kind in ("a number", "an integer", "a string"))
