@@ -4,8 +4,9 @@ Every check raises :class:`InvalidInput` (400 malformed, 413 too large, 422 out 
 naming the field (``stepvideo.serving.requests`` turns it into its ``InvalidInput``), so nothing
 a client can send reaches the queue, the database or a 500. What is checked:
 
-* the JSON body: valid UTF-8, nesting at most :data:`MAX_JSON_DEPTH` levels (counted without
-  parsing, so a hostile body cannot make the parser recurse), no bare ``NaN``/``Infinity``;
+* the JSON body: valid UTF-8, nesting at most :data:`MAX_JSON_DEPTH` levels (checked without
+  parsing, so a hostile body cannot make the parser recurse; about a second for 32 MiB of
+  brackets), no bare ``NaN``/``Infinity``;
 * every field value (JSON or form): strings encodable as UTF-8 (no lone surrogates, which JSON
   escapes such as ``"\\ud800"`` can carry), numbers finite and within :data:`NUMBER_BOUNDS`,
   no nested object or array where a plain value is expected;
@@ -20,7 +21,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from ..service.protocol import json_depth
+from ..service.protocol import nesting_within
 
 MAX_JSON_DEPTH = 8            # a job is a flat object; 8 leaves room for small structured fields
 LARGEST_INT = 2 ** 63         # beyond, integers overflow float conversions (and mean nothing here)
@@ -49,9 +50,8 @@ def parse_json_body(data: bytes) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InvalidInput(f"the body is not valid UTF-8 (byte {err.start})") from None
-    depth = json_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise InvalidInput(f"the body nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted") from None
+    if not nesting_within(data, MAX_JSON_DEPTH):
+        raise InvalidInput(f"the body nests more than {MAX_JSON_DEPTH} levels deep (or its brackets do not pair up)")
 
     def no_constant(name: str) -> Any:
         raise InvalidInput(f"the body holds {name}: numbers must be finite (JSON has no {name})")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -390,6 +391,15 @@ class JobStore:
         self._conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(value: Any) -> Any:
+    """A lone surrogate (JSON escapes can store one; UTF-8 cannot carry it) -> U+FFFD, so the row
+    can be answered; any other value as it is."""
+    return _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+
+
 def _row_to_job(row) -> Job:
     """A row -> :class:`Job`. Stored JSON that does not read back as an object (a hand edit, a
     database from another version) gives ``{}`` and ``damaged`` says why, logged under the id."""
@@ -403,7 +413,7 @@ def _row_to_job(row) -> Job:
         if not isinstance(value, dict):
             problems.append(f"stored {name} unreadable ({type(value).__name__})")
             value = {}
-        data[name] = value
+        data[name] = {key: _valid_text(item) for key, item in value.items()}
     data["cancel_requested"] = bool(data["cancel_requested"])
     if problems:
         data["damaged"] = "; ".join(problems)

@@ -135,9 +135,7 @@ def serve_jobs(generator, state, channel: ControlChannel, output: OutputConfig, 
             job = ctx.dispatcher.next_job(HEARTBEAT_S)
             if ctx.dispatcher.stopping:
                 message = {"kind": "stop"}
-            elif job is not None and not _runnable(job, ctx):
-                message = {"kind": "idle"}
-            elif job is None:
+            elif job is None or not _runnable(job, ctx):      # a job that cannot run failed alone
                 message = {"kind": "idle"}
             else:
                 message = {"kind": "job", "id": job.id, "prompt": job.prompt, "settings": job.settings}
