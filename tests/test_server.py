@@ -533,7 +533,7 @@ def test_failed_decode_names_no_path_and_its_latents_go_with_the_job(env):
     decode fails tells the client the stage, not the latents path, the decode command or the
     service URL; the latents it leaves go when the job is deleted."""
     client = env["server"].client
-    job = client.submit("its decode fails", seed=12, num_inference_steps=LONG)
+    job = client.submit("its decode fails", seed=12, num_inference_steps=20)
     _wait_for(client, job["id"], _denoising)
     env["service_process"].kill()                                       # the VAE service dies mid-run
     job = _wait_for(client, job["id"], lambda j: j["status"] in js.FINISHED, timeout=120)
