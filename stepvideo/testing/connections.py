@@ -11,13 +11,16 @@ import requests
 
 
 @contextmanager
-def idle_connections(url: str, count: int) -> Iterator[List[socket.socket]]:
-    """``count`` connections to ``url``'s host and port that send nothing, closed on exit."""
+def idle_connections(url: str, count: int, send: bytes = b"") -> Iterator[List[socket.socket]]:
+    """``count`` connections to ``url``'s host and port that send ``send`` (nothing by default; a
+    first header byte makes a slow client) and then nothing more, closed on exit."""
     where = urlparse(url)
     held: List[socket.socket] = []
     try:
         for _ in range(count):
             held.append(socket.create_connection((where.hostname, where.port), timeout=5))
+            if send:
+                held[-1].sendall(send)
         yield held
     finally:
         for sock in held:
