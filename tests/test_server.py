@@ -34,7 +34,7 @@ from stepvideo.serving import state_dir
 from stepvideo.serving.app import ServingContext, create_app
 from stepvideo.serving.config import ServerConfig
 from stepvideo.serving.metrics import ServerMetrics
-from stepvideo.serving.requests import API_FIELDS
+from stepvideo.serving.requests import API_FIELDS, UPLOAD_FIELDS
 from stepvideo.serving.worker import Dispatcher
 from stepvideo.service.config import ServiceConfig
 from stepvideo.service.host import ServiceServer
@@ -492,7 +492,7 @@ def _fuzz_request(rng, names):
     if kind < 0.9:
         files = {name: (None, value) for name, value in form.items()}
         if rng.random() < 0.3:
-            files[rng.choice(["image", "other"])] = ("a.png", bytes(rng.randrange(256) for _ in range(64)))
+            files[rng.choice([*UPLOAD_FIELDS, "other"])] = ("a.png", bytes(rng.randrange(256) for _ in range(64)))
         files.setdefault("prompt", (None, b"a"))
         return {"files": files}, "multipart"
     return {"data": form, "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, "urlencoded"

@@ -36,6 +36,7 @@ _API_NAME = {sampling: api for api, sampling in API_FIELDS.items() if sampling i
 _FORM_TYPES = {"height": int, "width": int, "num_frames": int, "num_inference_steps": int, "seed": int,
                "cfg_scale": float, "time_shift": float, "motion_score": float}
 IMAGE_FORMATS = ("PNG", "JPEG")
+UPLOAD_FIELDS = ("image",)      # the fields a multipart body may send as files
 MAX_MESSAGE_CHARS = 300     # of a refusal that quotes the client's value
 
 
@@ -79,7 +80,7 @@ def read_json_body(data: bytes) -> Any:
 def read_form_body(request: Any) -> Dict[str, Any]:
     """A multipart / url-encoded flask request -> typed fields (:func:`.guards.read_form`, then
     :func:`parse_form`); the ``image`` upload becomes bytes."""
-    form, uploads = _guarded(guards.read_form, request, ("image",))
+    form, uploads = _guarded(guards.read_form, request, UPLOAD_FIELDS)
     return parse_form(form, uploads.get("image"))
 
 
