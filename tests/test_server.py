@@ -6,7 +6,12 @@ a ``run_parallel.py`` run, cancels and the full queue, then ``kill -9`` of the l
 restart on the same state dir.
 """
 import base64
+import collections
 import io
+import json
+import math
+import random
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,6 +30,15 @@ from stepvideo.parallel.launch import free_port
 from stepvideo.service.client import wait_ready
 from stepvideo.io.video import read_mp4
 from stepvideo.serving import jobs as js
+from stepvideo.serving import state_dir
+from stepvideo.serving.app import ServingContext, create_app
+from stepvideo.serving.config import ServerConfig
+from stepvideo.serving.metrics import ServerMetrics
+from stepvideo.serving.requests import API_FIELDS, UPLOAD_FIELDS
+from stepvideo.serving.worker import Dispatcher
+from stepvideo.service.config import ServiceConfig
+from stepvideo.service.host import ServiceServer
+from stepvideo.testing.connections import health_seconds, idle_connections
 from stepvideo.testing.tiny import write_tiny_model_dir
 
 PROMPT = "一只猫在月球上散步"
@@ -52,7 +66,8 @@ def env(tmp_path_factory):
                                                "--prompt", PROMPT, "--seed", "7"),
                                      env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         server.wait_ready()
-        shared.update(root=root, model=model, service=url, server=server, reference=reference, jobs={})
+        shared.update(root=root, model=model, service=url, service_process=service, server=server,
+                      reference=reference, jobs={})
         yield shared
     finally:
         if reference is not None and reference.poll() is None:
@@ -119,6 +134,81 @@ def test_token_health_and_invalid_requests(env):
                      headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "wait"
     assert client.list()["data"] == []            # nothing was queued by the bad requests
+
+
+def _auth():
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _raw_json(url, text):
+    return _post(url, data=text.encode("utf-8"), headers={"Content-Type": "application/json"})
+
+
+def test_hostile_bodies_get_4xx_naming_the_field_and_queue_nothing(env):
+    """Issue 26, items 1-4, 9, 10: lone surrogates, deep nesting, non-finite numbers, shapes the
+    VAE service can never decode or the layout cannot hold, oversized forms; none is queued."""
+    url = env["server"].url
+    shape = '"height": 64, "width": 64, "num_frames": 17'
+    cases = [   # (raw JSON text, status, field or None, words in the error)
+        ('{"prompt": "a", "negative_prompt": "\\ud800", ' + shape + '}', 400, "negative_prompt", "surrogate"),
+        ('{"prompt": "a\\udfff b", ' + shape + '}', 400, "prompt", "surrogate"),
+        ('{"prompt": "a", "height": ' + "[" * 1000 + "]" * 1000 + '}', 400, None, "nests"),
+        ('{"prompt": "a", "height": ' + "[" * 100000 + "]" * 100000 + '}', 400, None, "nests"),
+        ('{"prompt": "a", "height": [64]}', 400, "height", "plain value"),
+        ('{"prompt": "a", "cfg_scale": Infinity, ' + shape + '}', 400, None, "finite"),
+        ('{"prompt": "a", "cfg_scale": 1e400, ' + shape + '}', 400, "cfg_scale", "finite"),
+        ('{"prompt": "a", "cfg_scale": 1e308, ' + shape + '}', 422, "cfg_scale", "[0, 100]"),
+        ('{"prompt": "a", "time_shift": NaN, ' + shape + '}', 400, None, "NaN"),
+        ('{"prompt": "a", "motion_score": -Infinity, ' + shape + '}', 400, None, "finite"),
+        ('{"prompt": "a", "height": 16, "width": 8192, "num_frames": 17}', 422, "num_frames", "VAE service"),
+        ('{"prompt": "a", "height": 16, "width": 16, "num_frames": 510}', 422, "num_frames", "VAE service"),
+        ('{"prompt": "a", "height": 16, "width": 404736, "num_frames": 17}', 422, "num_frames", "VAE service"),
+    ]
+    for text, status, field, words in cases:
+        r = _raw_json(url, text)
+        assert r.status_code == status, (text[:80], r.text[:300])
+        body = r.json()
+        assert words in body["error"] and len(r.content) < 1000, body
+        if field is not None:
+            assert body["field"] == field, body
+    for value in ("inf", "nan", "-Infinity", "1e999"):           # the same numbers in a multipart form
+        r = _post(url, files={"prompt": (None, "a"), "cfg_scale": (None, value)})
+        assert r.status_code in (400, 422) and r.json()["field"] == "cfg_scale", r.text
+
+    ready = requests.get(url + "/ready", headers=_auth(), timeout=10).json()
+    limits = ready["job_limits"]                       # learned from the service's /ready at start-up
+    assert limits["max_latent_frames"] == 64 and limits["max_latent_side"] == 256, ready
+    assert "model_dir" not in ready and str(env["root"]) not in json.dumps(ready)
+    service_ready = requests.get(env["service"] + "/ready", timeout=10).json()
+    assert service_ready["limits"]["max_latent_side"] == 256 and "model_dir" not in service_ready
+    fits = limits["max_tokens_memory"]                 # what the memory model says the ranks hold
+    side = min(159, math.isqrt(fits // 3) + 2)         # 3 latent frames x side^2 tokens, within --max_tokens
+    if 3 * side * side > fits:
+        r = _post(url, json={"prompt": "a", "num_frames": 17, "height": side * 16, "width": side * 16})
+        assert r.status_code == 422 and "memory" in r.json()["error"], r.text
+
+    # a 10 MB multipart prompt: 413 naming the per-field limit, not the 32 MiB body limit
+    r = _post(url, files={"prompt": (None, "x" * (10 << 20))})
+    assert r.status_code == 413 and "33554432" not in r.text and "text field" in r.json()["error"], r.text[:300]
+    # 200k unknown url-encoded fields: refused before parsing, with a short body
+    start = time.perf_counter()
+    r = _post(url, data="&".join(f"f{i}=1" for i in range(200_000)),
+              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413 and len(r.content) < 500 and time.perf_counter() - start < 5, r.text[:300]
+    r = _post(url, json={"prompt": "a", **{f"unknown{i}": 1 for i in range(1000)}})
+    assert r.status_code == 400 and "and 995 more" in r.json()["error"] and len(r.content) < 1000, r.text[:300]
+    assert env["server"].client.list()["data"] == []           # nothing was queued
+
+
+def test_health_answers_with_150_idle_connections_on_both_servers(env):
+    """Issue 26, item 8: waitress's default connection_limit (100) let idle sockets (or slow ones,
+    a header byte now and then) block /health, on both servers."""
+    for url in (env["server"].url, env["service"]):
+        with idle_connections(url, 100), idle_connections(url, 50, send=b"G"):    # idle, and slow headers
+            time.sleep(0.2)                           # the server has accepted what it will accept
+            assert health_seconds(url, timeout=1.0) < 1.0
+            r = requests.get(url + "/ready", headers=_auth(), timeout=1.0)   # an API client gets through too
+            assert r.status_code == 200
 
 
 def test_three_concurrent_jobs_equal_the_cli(env, tmp_path):
@@ -240,6 +330,7 @@ def test_kill_minus_nine_then_restart_on_the_same_state_dir(env):
     _wait_for(client, running["id"], _denoising)
     waiting = client.submit("waits for the restart", seed=5)
     server.kill_launcher()
+    _truncated_database_is_refused_then_restored_with_bad_rows(env)
 
     env["server"] = server = GenerationServer(env["model"], env["service"], env["root"] / "state",
                                               env["root"] / "server.log")
@@ -258,10 +349,153 @@ def test_kill_minus_nine_then_restart_on_the_same_state_dir(env):
     assert job["status"] == "completed"
     _wait_for(client, running["id"], lambda j: j["status"] in js.FINISHED)
 
+    # issue 26, item 7: the bad rows fail (or show) alone, the server goes on
+    bad = _wait_for(client, "video_badrow", lambda j: j["status"] in js.FINISHED, timeout=60)
+    assert bad["status"] == "failed" and "stored settings" in bad["error"] and server.proc.poll() is None, bad
+    assert client.get(env["jobs"][9][0])["settings"] == {}                       # unreadable JSON: listed
+    assert client.get(env["jobs"][8][0])["settings"]["neg_magic"] == "\ufffd"   # a stored lone surrogate
+    assert len(client.list(limit=100)["data"]) >= 7
+
     videos = env["root"] / "state" / "videos"
     files = {p.name for p in videos.iterdir()}
     completed = {f"{j['id']}.mp4" for j in client.iter_jobs() if j["status"] == "completed"}
     assert files == completed and len(completed) == 4          # no file without a record, nor the reverse
+
+
+def _truncated_database_is_refused_then_restored_with_bad_rows(env):
+    """Issue 26, items 6, 7 and 5, on the stopped server's state dir: a 0-byte jobs.sqlite3 (after
+    kill -9, WAL present) stops the start with one line per rank naming the file, and every video
+    stays. Then the backup is restored with three bad rows: a queued job whose settings do not fit
+    ``SamplingConfig``, a completed one with unreadable settings, one with a stored lone surrogate;
+    and a latents file whose job is gone."""
+    state = env["root"] / "state"
+    videos = state / "videos"
+    db = state / "jobs.sqlite3"
+    backup = {path.name: path.read_bytes() for path in state.glob("jobs.sqlite3*")}
+    before = sorted(p.name for p in videos.glob("*.mp4"))
+    assert len(before) == 3 and (state / "jobs.sqlite3-wal").exists()
+    db.write_bytes(b"")
+    refused = GenerationServer(env["model"], env["service"], state, env["root"] / "refused.log")
+    assert refused.proc.wait(timeout=180) != 0
+    refused.stop()
+    log = (env["root"] / "refused.log").read_text()
+    lines = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and all(f"{db} is empty" in line for line in lines), log[-3000:]   # one per rank
+    assert "stepvideo/serving" not in log, log[-3000:]                 # no traceback of ours
+    assert sorted(p.name for p in videos.glob("*.mp4")) == before      # nothing deleted
+
+    for name, data in backup.items():                                  # the fix the line names
+        (state / name).write_bytes(data)
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO jobs (id, status, created_at, prompt, settings, timings) VALUES "
+                 "('video_badrow', 'queued', 1.0, 'old', '{\"sampler\": \"unknown\"}', '{}')")
+    conn.execute("UPDATE jobs SET settings = '{not json' WHERE id = ?", (env["jobs"][9][0],))
+    conn.execute("UPDATE jobs SET settings = ? WHERE id = ?", ('{"neg_magic": "\\ud800"}', env["jobs"][8][0]))
+    conn.commit()
+    conn.close()
+    (videos / "video_gone.latents.safetensors").write_bytes(b"x")      # reconciled with its (gone) job
+
+
+
+FUZZ_SECONDS = 15.0
+FUZZ_REQUESTS = 300
+_FUZZ_NUMBERS = ["0", "-1", "1", "16", "17", "64", "2147483648", "9223372036854775808", "1" + "0" * 400, "1e308",
+                 "-1e308", "1e400", "NaN", "Infinity", "-Infinity", "-0.0", "5e-324", "3.5", "true", "null"]
+_FUZZ_STRINGS = ['""', '" "', '"a"', '"\\ud800"', '"x\\udfff"', '"\\ud83d\\ude00"', '"\\u0000"', '"\\u202e"',
+                 '"一只猫"', '"t2v"', '"data:image/png;base64,AAAA"', '"' + "x" * 8192 + '"', '"' + "x" * 8193 + '"']
+_FUZZ_FORM = [b"inf", b"nan", b"-Infinity", b"1e999", b"0x10", b"", b"17", b"64", b"\x00", b"\xed\xa0\x80",
+              b"\xff\xfe", "一只猫".encode(), b"x" * 8193, b"9" * 5000]
+
+
+def _fuzz_json_value(rng, depth=0):
+    roll = rng.random()
+    if roll < 0.45:
+        return rng.choice(_FUZZ_NUMBERS)
+    if roll < 0.85 or depth > 2:
+        return rng.choice(_FUZZ_STRINGS)
+    levels = rng.choice([1, 2, 7, 8, 9, 40, 5000])
+    inner = _fuzz_json_value(rng, depth + 1)
+    return ("[" * levels + inner + "]" * levels) if rng.random() < 0.5 else \
+        ('{"k": ' * levels + inner + "}" * levels)
+
+
+def _fuzz_request(rng, names):
+    """One random request: (kwargs for requests.post, a label)."""
+    fields = rng.sample(names, rng.randint(0, min(6, len(names))))
+    if rng.random() < 0.3:
+        fields.append(rng.choice(["colour", "\\ud800", "x" * 300, "__proto__", "prompt"]))
+    kind = rng.random()
+    if kind < 0.6:
+        parts = [f'"{name}": {_fuzz_json_value(rng)}' for name in fields]
+        if rng.random() < 0.7:
+            parts.insert(0, '"prompt": "a"')
+        text = "{" + ", ".join(parts) + "}"
+        if rng.random() < 0.1:
+            text = text[:rng.randint(0, len(text))]                   # truncated
+        if rng.random() < 0.05:
+            text = rng.choice(["[]", "1", '"prompt"', "null", ""])    # not an object
+        body = text.encode("utf-8")
+        if rng.random() < 0.05:
+            body = body[:-1] + b"\xff"                                  # invalid UTF-8
+        return {"data": body, "headers": {"Content-Type": "application/json"}}, "json"
+    form = {name: rng.choice(_FUZZ_FORM) for name in fields}
+    if kind < 0.9:
+        files = {name: (None, value) for name, value in form.items()}
+        if rng.random() < 0.3:
+            files[rng.choice([*UPLOAD_FIELDS, "other"])] = ("a.png", bytes(rng.randrange(256) for _ in range(64)))
+        files.setdefault("prompt", (None, b"a"))
+        return {"files": files}, "multipart"
+    return {"data": form, "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, "urlencoded"
+
+
+def test_fuzz_gives_no_5xx_and_the_server_stays_healthy(env):
+    """Issue 26: a few hundred random JSON / multipart / url-encoded bodies (fixed seed, bounded
+    time) with wrong types, non-finite numbers, lone surrogates, nesting and sizes at and over the
+    limits. Field names come from the request schema, so new fields are fuzzed too."""
+    url = env["server"].url
+    names = sorted(API_FIELDS)
+    rng = random.Random(26)
+    statuses = collections.Counter()
+    limit = 32 << 20                                                    # --max_body_mb default
+    fixed = [({"data": b'{"prompt": "' + b"x" * (limit - 20) + b'"}', "headers": {"Content-Type": "application/json"}},
+              "at the body limit"),
+             ({"data": b'{"prompt": "' + b"x" * (limit + 10) + b'"}', "headers": {"Content-Type": "application/json"}},
+              "over the body limit")]
+    start = time.monotonic()
+    sent = 0
+    while sent < FUZZ_REQUESTS and time.monotonic() - start < FUZZ_SECONDS:
+        kwargs, label = fixed.pop() if fixed else _fuzz_request(rng, names)
+        r = _post(url, **kwargs)
+        sent += 1
+        statuses[r.status_code] += 1
+        assert r.status_code < 500, (label, kwargs.get("data", b"")[:200], r.text[:300])
+        if r.status_code == 202:                                        # accepted: cancel, keep the server free
+            requests.delete(f"{url}/v1/videos/{r.json()['id']}", headers=_auth(), timeout=10)
+        elif r.status_code >= 400:
+            assert len(r.content) < 2000 and r.json()["error"], (label, r.text[:300])
+    print(f"fuzz: {sent} requests in {time.monotonic() - start:.1f} s: {dict(sorted(statuses.items()))}")
+    assert sent >= 100 and not fixed
+    assert health_seconds(url, timeout=1.0) < 1.0
+    assert requests.get(url + "/ready", headers=_auth(), timeout=10).status_code == 200
+
+
+def test_failed_decode_names_no_path_and_its_latents_go_with_the_job(env):
+    """Issue 26, items 5 and 9, last in the module (it stops the caption/VAE service): a job whose
+    decode fails tells the client the stage, not the latents path, the decode command or the
+    service URL; the latents it leaves go when the job is deleted."""
+    client = env["server"].client
+    job = client.submit("its decode fails", seed=12, num_inference_steps=20)
+    _wait_for(client, job["id"], _denoising)
+    env["service_process"].kill()                                       # the VAE service dies mid-run
+    job = _wait_for(client, job["id"], lambda j: j["status"] in js.FINISHED, timeout=120)
+    assert job["status"] == "failed" and "while decoding" in job["error"], job
+    for secret in (str(env["root"]), env["service"], "127.0.0.1", "latents", "python -m"):
+        assert secret not in job["error"], job["error"]
+    latents = env["root"] / "state" / "videos" / f"{job['id']}.latents.safetensors"
+    assert latents.is_file()                                             # kept for the operator
+    assert client.cancel(job["id"])["deleted"] is True
+    assert not latents.exists()
+    assert health_seconds(env["server"].url, timeout=1.0) < 1.0
 
 
 def test_reconcile_after_a_crash(tmp_path):
@@ -278,6 +512,7 @@ def test_reconcile_after_a_crash(tmp_path):
     store.finish(lost.id, js.COMPLETED)
     store.video_path(lost.id).unlink()                         # completed, file gone
     (store.videos_dir / "video_orphan.mp4").write_bytes(b"x")  # a file without a record
+    (store.videos_dir / "video_gone.latents.safetensors").write_bytes(b"x")   # latents without a record
     (store.videos_dir / f".{ran.id}.123.partial.mp4").write_bytes(b"x")    # an interrupted write
     with pytest.raises(js.StateDirBusy):
         js.JobStore.open(tmp_path)                             # one server per state dir
@@ -288,8 +523,48 @@ def test_reconcile_after_a_crash(tmp_path):
     assert store.get(lost.id).status == js.FAILED and "missing" in store.get(lost.id).error
     assert store.get(ran.id).status == js.QUEUED and store.get(ran.id).attempts == 1
     assert sorted(p.name for p in store.videos_dir.iterdir()) == [f"{done.id}.mp4"]
+    assert (tmp_path / js.ORPHANS / "video_orphan.mp4").is_file()      # kept aside, never deleted
     assert store.claim_next().id == ran.id                    # second attempt, then a crash again:
     store.close()
     store = js.JobStore.open(tmp_path)
     assert store.get(ran.id).status == js.FAILED and js.RESTARTED in store.get(ran.id).error
     store.close()
+
+
+def test_state_dir_checks_name_the_path(tmp_path):
+    """Issue 26, item 10: a state dir whose videos/ cannot be written, or a damaged database, stops
+    the start with a line naming the path (root ignores permissions, so videos/ is a file here)."""
+    (tmp_path / "videos").write_text("not a folder")
+    with pytest.raises(state_dir.StateDirError, match=f"{tmp_path / 'videos'} is not a folder"):
+        js.JobStore.open(tmp_path)
+    (tmp_path / "videos").unlink()
+    store = js.JobStore.open(tmp_path)
+    job = store.add("p", {}, None, max_queue=1)
+    store.claim_next()
+    store.video_path(job.id).write_bytes(b"mp4")
+    store.finish(job.id, js.COMPLETED)
+    store.close()
+    db = tmp_path / "jobs.sqlite3"
+    db.write_bytes(db.read_bytes()[:1024] + b"\0" * 100)            # truncated
+    with pytest.raises(state_dir.StateDirError, match="jobs.sqlite3 is unreadable"):
+        js.JobStore.open(tmp_path)
+    db.unlink()
+    with pytest.raises(state_dir.StateDirError, match="jobs.sqlite3 is missing; 1 video"):
+        js.JobStore.open(tmp_path)
+    assert store.video_path(job.id).is_file()
+
+
+def test_internal_errors_name_no_path_or_exception(tmp_path):
+    """Issue 26, item 9: a 500 carries a reference, not the exception text (here: the store's
+    database closed under a running server)."""
+    store = js.JobStore.open(tmp_path / "state")
+    ctx = ServingContext(store=store, config=ServerConfig(port=0), metrics=ServerMetrics(store.counts),
+                         dispatcher=Dispatcher(store))
+    server = ServiceServer(create_app(ctx), ServiceConfig(port=0)).start()
+    try:
+        store.close()
+        r = requests.get(f"http://127.0.0.1:{server.port}/v1/videos", timeout=10)
+        assert r.status_code == 500 and "reference err_" in r.json()["error"], r.text
+        assert "ProgrammingError" not in r.text and str(tmp_path) not in r.text and "closed" not in r.text
+    finally:
+        server.close()

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 
 from ..loading import layout
 from .config import DEFAULT_PORT, TOKEN_ENV, ServiceConfig
+from .connections import add_connection_args
 
 logger = logging.getLogger("stepvideo.service")
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--threads", type=int, default=16,
                      help="model requests held at once, running or queued; one more gets 503 + Retry-After at once "
                           "(default %(default)s; a few extra HTTP threads always serve /health and /ready)")
+    add_connection_args(net)
 
     lim = p.add_argument_group("limits")
     lim.add_argument("--max_body_mb", type=float, default=512, help="largest request body in MiB (default %(default)s)")
@@ -85,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
     return ServiceConfig(
         host=args.host, port=args.port, token=token, dev_server=args.dev_server, threads=args.threads,
+        connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_prompts=args.max_prompts,
         max_prompt_chars=args.max_prompt_chars, queue_size=args.queue_size, queue_timeout=args.queue_timeout,
         max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * (1 << 30)),

@@ -6,6 +6,7 @@ from typing import Optional
 
 from ..loading import layout
 from .address import check_listen, is_exposed
+from .connections import DEFAULT_CHANNEL_TIMEOUT, DEFAULT_CONNECTION_LIMIT, check_connection_options
 
 DEFAULT_PORT = 8080                 # the reference's port; also what a bare --vae_url host means
 TOKEN_ENV = "STEPVIDEO_SERVICE_TOKEN"
@@ -27,6 +28,8 @@ class ServiceConfig:
             for their device; one more gets 503 + Retry-After at once. The HTTP host runs
             ``threads`` + :data:`STATUS_THREADS` worker threads, so ``/health`` and ``/ready``
             always find a free thread.
+        connection_limit, channel_timeout: open connections served at once, and seconds an idle
+            one is kept (:mod:`.connections`: set so idle connections cannot block ``/health``).
 
     Limits (bad input gets a 4xx JSON error):
         max_body_bytes: largest request body accepted (413 above).
@@ -52,6 +55,8 @@ class ServiceConfig:
     token: Optional[str] = None
     dev_server: bool = False
     threads: int = 16
+    connection_limit: int = DEFAULT_CONNECTION_LIMIT
+    channel_timeout: int = DEFAULT_CHANNEL_TIMEOUT
     max_body_bytes: int = 512 * MiB
     max_prompts: int = 16
     max_prompt_chars: int = 8192
@@ -74,6 +79,7 @@ class ServiceConfig:
         check_listen(self.host, self.port, self.token)
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_connection_options(self.connection_limit, self.channel_timeout)
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_prompts < 1:

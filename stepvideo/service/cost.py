@@ -49,6 +49,12 @@ MAX_LATENT_FRAMES = 64               # 64 latents = 362 frames; the released mod
 MAX_LATENT_SIDE = 256                # latent pixels per side (4096 pixels)
 
 
+def decode_limits() -> Dict[str, int]:
+    """The shape limits of a decode request, as ``/ready`` reports them (``limits``): what a
+    client (the generation server) checks before it spends a DiT run on a video."""
+    return {"max_latent_frames": MAX_LATENT_FRAMES, "max_latent_side": MAX_LATENT_SIDE}
+
+
 class RequestTooCostly(ProtocolError):
     """A request whose predicted peak memory is over the budget (HTTP 413)."""
 

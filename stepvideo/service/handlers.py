@@ -24,7 +24,7 @@ from werkzeug.wsgi import wrap_file
 from .. import __version__
 from ..io.frames import to_uint8_frames
 from .components import ServiceComponents
-from .cost import check_budget
+from .cost import check_budget, decode_limits
 from .protocol import (FLOAT_DTYPES, JSON_CONTENT_TYPE, PROTOCOL_VERSION, TENSOR_CONTENT_TYPE, ProtocolError, check_tensor, check_text,
                        decode_json, decode_tensors, dtype_name, encode_json, encode_tensors, media_type, read_header)
 from .state import NotReady, ServiceState
@@ -254,10 +254,9 @@ def ready_info(state: ServiceState, comps: ServiceComponents) -> Dict[str, Any]:
                    "max_prompt_chars": config.max_prompt_chars, "queue_size": config.queue_size,
                    "queue_timeout": config.queue_timeout, "threads": config.threads,
                    "max_memory_bytes": state.budget_bytes, "max_memory_source": state.budget_source,
-                   "max_json_depth": config.max_json_depth},
+                   "max_json_depth": config.max_json_depth, **decode_limits()},
         "auth": config.token is not None,
         "uptime_seconds": round(time.time() - state.started, 1),
-        "model_dir": comps.info.get("model_dir"),
         "caption": None,
         "vae": None,
     }

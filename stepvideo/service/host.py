@@ -8,6 +8,8 @@ then waits for a signal, so signals only ever interrupt code that expects them.
 Threads: waitress runs ``config.threads`` + :data:`~.config.STATUS_THREADS` workers. Model
 requests beyond ``config.threads`` are refused by the app's admission check (503 at once), so
 at least ``STATUS_THREADS`` workers are always free for ``/health``, ``/ready`` and refusals.
+Connections: :mod:`.connections` (``connection_limit``, ``channel_timeout``), so idle or slow
+connections cannot hold every slot.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Optional
 from flask import Flask
 
 from .config import STATUS_THREADS, ServiceConfig
+from .connections import waitress_options
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,8 @@ class ServiceServer:
                 # the app answers oversized bodies with a JSON 413; waitress's own limit is a backstop
                 max_request_body_size=config.max_body_bytes + (1 << 20),
                 inbuf_overflow=min(config.max_body_bytes, 64 << 20),   # typical requests stay in memory
-                clear_untrusted_proxy_headers=True)
+                clear_untrusted_proxy_headers=True,
+                **waitress_options(config.connection_limit, config.channel_timeout))
             self.port = self._server.effective_port
 
     def run(self) -> None:

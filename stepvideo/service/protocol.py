@@ -242,29 +242,35 @@ def encode_json(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode("utf-8")
 
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_JSON_BRACKET = re.compile(r"[\[\]{}]")
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_SQUARE = bytes.maketrans(b"{}", b"[]")
 
 
-def json_depth(text: str) -> int:
-    """Deepest ``[``/``{`` nesting of JSON ``text`` (brackets inside strings do not count), found
-    without parsing, so a hostile body cannot make the parser recurse."""
-    depth = deepest = 0
-    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
-        if match.group() in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+def nesting_within(data: bytes, limit: int) -> bool:
+    """True when JSON ``data`` nests ``[``/``{`` at most ``limit`` levels deep (brackets inside
+    strings do not count), found without parsing, so a hostile body cannot make the parser
+    recurse. Strings are cut out and the brackets kept (one kind), then each pass removes the
+    innermost pairs ``[]``: the passes until nothing is left are the depth. At most ``limit + 1``
+    passes of C-speed byte operations: about a second for 32 MiB of brackets."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return True
+    rest = _JSON_STRING.sub(b"", data).translate(_SQUARE, _NOT_BRACKET)
+    for _ in range(limit):
+        if not rest:
+            return True
+        shorter = rest.replace(b"[]", b"")
+        if len(shorter) == len(rest):        # brackets that do not pair up: not JSON, refuse it here
+            return False
+        rest = shorter
+    return not rest
 
 
 def loads_bounded(text: str, max_depth: int = MAX_JSON_DEPTH, what: str = "JSON body") -> Any:
     """``json.loads`` that refuses nesting deeper than ``max_depth`` with a :class:`ProtocolError`
     (``json.loads`` itself recurses per level and fails with RecursionError, not ValueError)."""
-    depth = json_depth(text)
-    if depth > max_depth:
-        raise ProtocolError(f"{what} nests {depth} levels deep; this service accepts at most {max_depth}")
+    if not nesting_within(text.encode("utf-8", "surrogatepass"), max_depth):
+        raise ProtocolError(f"{what} nests more than {max_depth} levels deep; this service accepts at most {max_depth}")
     try:
         return json.loads(text)
     except RecursionError:

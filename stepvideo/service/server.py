@@ -28,6 +28,7 @@ from .cost import RequestTooCostly
 from .gate import DeviceBusy
 from .handlers import LOADING_RETRY_AFTER, Call, error_response
 from .host import ServiceServer  # noqa: F401  (re-exported: the host used to live here)
+from .incidents import internal_error
 from .protocol import JSON_CONTENT_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, ProtocolError, encode_json
 from .routes import ROUTES, ROUTES_BY_PATH, Route, route_list
 from .state import ComponentsArg, NotReady, ServiceState
@@ -117,8 +118,7 @@ def _failure(err: Exception) -> Response:
                                    "cache was emptied, retry later or send a smaller request", OOM_RETRY_AFTER)
     if isinstance(err, ValueError):
         return error_response(400, f"invalid input: {err}")
-    logger.exception("%s failed", request.path)
-    return error_response(500, f"internal error in {request.path}: {type(err).__name__}: {err}")
+    return error_response(500, internal_error(logger, request.path))
 
 
 def token_error(token: Optional[str], hint: str = "--token or STEPVIDEO_SERVICE_TOKEN") -> Optional[Response]:
@@ -154,7 +154,7 @@ def http_error_json(err: HTTPException, *, routes: str, max_body_bytes: int, ser
     headers (such as Allow); also used by ``stepvideo.serving``. Without ``message``: a 404 lists
     ``routes``, a 413 names the limit ``max_body_bytes`` and ``--max_body_mb``."""
     if message is None:
-        message = {404: f"unknown route {request.path!r}; routes: {routes}",
+        message = {404: f"unknown route {request.path[:80]!r}; routes: {routes}",
                    413: f"request body is larger than this {server} accepts ({max_body_bytes} bytes; "
                         "raise it with --max_body_mb)"}.get(err.code, f"{err.name}: {err.description}")
     resp = err.get_response()     # keeps headers such as Allow

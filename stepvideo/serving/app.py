@@ -27,6 +27,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from ..service.handlers import error_response
+from ..service.incidents import internal_error
 from ..service.server import http_error_json, token_error
 from . import api_errors
 from .config import TOKEN_ENV
@@ -65,8 +66,7 @@ def create_app(ctx: ServingContext) -> Flask:
 
     @app.errorhandler(Exception)
     def _internal(err: Exception) -> Response:   # the server answers every request
-        logger.exception("%s %s failed", request.method, request.path)
-        return error_response(500, f"internal error in {request.path}: {type(err).__name__}: {err}")
+        return error_response(500, internal_error(logger, f"{request.method} {request.path}"))
 
     for views in (videos, status, page):
         views.register(app, ctx)

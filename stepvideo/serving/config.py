@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..service.address import check_listen, is_exposed
+from ..service.connections import DEFAULT_CHANNEL_TIMEOUT, DEFAULT_CONNECTION_LIMIT, check_connection_options
 
 TOKEN_ENV = "STEPVIDEO_SERVER_TOKEN"
 DEFAULT_PORT = 8000
@@ -22,11 +23,15 @@ class ServerConfig:
     state_dir: the job database (``jobs.sqlite3``) and the videos (``videos/``).
     max_queue: queued jobs accepted before ``POST /v1/videos`` answers 429.
     threads: HTTP worker threads.
+    connection_limit, channel_timeout: open connections served at once, and seconds an idle one
+        is kept (:mod:`stepvideo.service.connections`).
     max_steps, max_tokens: the largest job accepted (denoising steps; DiT tokens ``F * h * w``),
         so every request's cost is bounded before it is queued.
     max_prompt_chars, max_body_bytes, max_image_pixels: input size limits.
     ui: serve the page in the browser at ``/`` (``--no_ui`` turns it off).
     served_model_name: the model id of the API (``model``); None: derived from the checkpoint.
+    memory_check: refuse (422) jobs whose tokens the memory model says this layout cannot hold
+        in the memory free after loading (:mod:`.capacity`).
     """
 
     host: str = "127.0.0.1"
@@ -35,6 +40,8 @@ class ServerConfig:
     state_dir: str = "./stepvideo-server"
     max_queue: int = 16
     threads: int = 8
+    connection_limit: int = DEFAULT_CONNECTION_LIMIT
+    channel_timeout: int = DEFAULT_CHANNEL_TIMEOUT
     max_steps: int = 100
     max_tokens: int = DEFAULT_MAX_TOKENS
     max_prompt_chars: int = 8192
@@ -42,12 +49,14 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096
     ui: bool = True
     served_model_name: Optional[str] = None
+    memory_check: bool = True
 
     def __post_init__(self):
         check_listen(self.host, self.port, self.token, flag="--", no_token="unset")
         for name in ("max_queue", "threads", "max_steps", "max_tokens", "max_prompt_chars", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        check_connection_options(self.connection_limit, self.channel_timeout)
         if self.max_body_bytes < 1024:
             raise ValueError(f"--max_body_mb must be at least 1 KiB, got {self.max_body_bytes} bytes")
         if not self.state_dir:

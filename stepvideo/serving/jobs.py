@@ -4,11 +4,22 @@ Layout of ``--state_dir``::
 
     jobs.sqlite3 (+ -wal, -shm)   one row per job
     videos/<id>.mp4               the video of each completed job (written atomically)
+    orphans/                      video files found at start-up without a job record
     server.lock                   held by the running server: one server per state dir
+
+Before anything else, :mod:`.state_dir` checks that the state dir and ``videos/`` are
+writable and that the database is readable and not empty while there are videos: a damaged
+database stops the start with a line naming the file, it never leads to deleting videos.
 
 Invariants (kept by :meth:`JobStore.reconcile` at every start, after any crash):
 
-- a ``completed`` job has its file, and every file belongs to a ``completed`` job;
+- a ``completed`` job has its file, and every file belongs to a ``completed`` job (a video file
+  without a record is moved to ``orphans/``, never deleted: after a database restored from a
+  backup it is the only copy);
+- ``videos/<id>.latents.safetensors`` (the denoised latents a failed decode leaves) exists
+  only for a ``failed`` job; it goes when the job is deleted;
+- a row whose stored JSON cannot be read is listed with empty settings (``damaged`` set) and,
+  if it is queued, failed by the worker: one bad row never stops the server;
 - progress never goes down, also across a re-queue (the re-run catches up with it);
 - no ``in_progress`` job survives a restart: a job that was running when the server died is
   **re-queued** (the work restarts from the beginning; with a seed the video is the same). If
@@ -23,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -31,6 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..vae.latents_file import SUFFIX as LATENTS_SUFFIX
+from . import state_dir as state_checks
+
 logger = logging.getLogger(__name__)
 
 QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "queued", "in_progress", "completed", "failed", "cancelled"
@@ -38,6 +53,7 @@ STATUSES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED, CANCELLED)
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 MAX_ATTEMPTS = 2
 RESTARTED = "server restarted"
+ORPHANS = "orphans"          # video files found without a job record are moved here, never deleted
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -95,6 +111,7 @@ class Job:
     cancel_requested: bool
     attempts: int
     size_bytes: Optional[int]
+    damaged: Optional[str] = None      # why the row's stored JSON could not be read (server side only)
 
     def to_api(self) -> Dict[str, Any]:
         out = {"id": self.id, "object": "video", "status": self.status, "created_at": int(self.created_at),
@@ -131,8 +148,7 @@ class JobStore:
         import fcntl
 
         root = Path(state_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "videos").mkdir(exist_ok=True)
+        state_checks.prepare(root)
         fd = os.open(root / "server.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -140,11 +156,20 @@ class JobStore:
             os.close(fd)
             raise StateDirBusy(f"--state_dir {root} is used by another running server (its server.lock is held); "
                                "give each server its own state dir") from None
-        conn = sqlite3.connect(str(root / "jobs.sqlite3"), check_same_thread=False, isolation_level=None,
-                               timeout=30.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")     # WAL + NORMAL: durable across process crashes
-        conn.executescript(_SCHEMA)
+        try:
+            state_checks.check_database_file(root)
+            conn = sqlite3.connect(str(root / state_checks.DB_NAME), check_same_thread=False, isolation_level=None,
+                                   timeout=30.0)
+            state_checks.check_database(conn, root)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")     # WAL + NORMAL: durable across process crashes
+            conn.executescript(_SCHEMA)
+        except sqlite3.Error as err:
+            os.close(fd)
+            raise state_checks.open_error(root, err) from None
+        except state_checks.StateDirError:
+            os.close(fd)
+            raise
         store = cls(root, conn, fd)
         store.reconcile()
         return store
@@ -159,10 +184,15 @@ class JobStore:
     def video_path(self, job_id: str) -> Path:
         return self.videos_dir / f"{job_id}.mp4"
 
+    def latents_path(self, job_id: str) -> Path:
+        """Where a failed decode leaves the job's denoised latents."""
+        return self.videos_dir / f"{job_id}{LATENTS_SUFFIX}"
+
     # ------------------------------------------------------------------------------------
     def reconcile(self) -> Dict[str, int]:
         """Make records and files agree after a crash (see the module docstring); returns counts."""
-        counts = {"requeued": 0, "recovered": 0, "failed": 0, "orphans": 0, "partials": 0, "missing": 0}
+        counts = {"requeued": 0, "recovered": 0, "failed": 0, "orphans": 0, "partials": 0, "missing": 0,
+                  "latents": 0}
         with self._lock:
             for path in self.videos_dir.iterdir():
                 if path.name.startswith(".") and "partial" in path.name:     # an interrupted atomic write
@@ -191,11 +221,25 @@ class JobStore:
                     self._update(job_id, status=FAILED, error="the video file was missing at start-up")
                     counts["missing"] += 1
             for path in self.videos_dir.glob("*.mp4"):
-                if path.stem not in completed:
-                    path.unlink()
+                if path.stem not in completed:      # kept aside, never deleted: it may be the only copy
+                    orphans = self.state_dir / ORPHANS
+                    orphans.mkdir(exist_ok=True)
+                    path.replace(orphans / path.name)
                     counts["orphans"] += 1
+            failed = {job.id for job in self._select("status = ?", (FAILED,))}
+            for path in self.videos_dir.glob(f"*{LATENTS_SUFFIX}"):
+                if path.name[:-len(LATENTS_SUFFIX)] not in failed:
+                    path.unlink()
+                    counts["latents"] += 1
+            for job in self._select("1", ()):
+                if job.damaged:
+                    logger.warning("job %s (%s): %s; it is listed with empty settings%s", job.id, job.status,
+                                   job.damaged, ", and fails when it runs" if job.status == QUEUED else "")
         if any(counts.values()):
             logger.info("state dir %s reconciled: %s", self.state_dir, counts)
+        if counts["orphans"]:
+            logger.warning("%d video file(s) in %s had no job record; moved to %s (delete them once you know they "
+                           "are not needed)", counts["orphans"], self.videos_dir, self.state_dir / ORPHANS)
         return counts
 
     # ------------------------------------------------------------------------------------
@@ -208,7 +252,8 @@ class JobStore:
             job_id = new_job_id()
             self._conn.execute("INSERT INTO jobs (id, status, created_at, prompt, settings, image, timings) "
                                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                               (job_id, QUEUED, time.time(), prompt, json.dumps(settings), image, json.dumps({})))
+                               (job_id, QUEUED, time.time(), prompt, json.dumps(settings, allow_nan=False), image,
+                                json.dumps({})))
             return self.get(job_id)
 
     def get(self, job_id: str) -> Optional[Job]:
@@ -320,11 +365,18 @@ class JobStore:
             deleted = cur.rowcount > 0
         if deleted:
             self._remove_file(job_id)
+            self._remove_latents(job_id)
         return deleted
 
     def _remove_file(self, job_id: str) -> None:
         try:
             self.video_path(job_id).unlink()
+        except FileNotFoundError:
+            pass
+
+    def _remove_latents(self, job_id: str) -> None:
+        try:
+            self.latents_path(job_id).unlink()
         except FileNotFoundError:
             pass
 
@@ -340,9 +392,30 @@ class JobStore:
         self._conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(value: Any) -> Any:
+    """A lone surrogate (JSON escapes can store one; UTF-8 cannot carry it) -> U+FFFD, so the row
+    can be answered; any other value as it is."""
+    return _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+
+
 def _row_to_job(row) -> Job:
+    """A row -> :class:`Job`. Stored JSON that does not read back as an object (a hand edit, a
+    database from another version) gives ``{}`` and ``damaged`` says why, logged under the id."""
     data = dict(zip(_COLUMNS, row))
-    data["settings"] = json.loads(data["settings"])
-    data["timings"] = json.loads(data["timings"] or "{}")
+    problems = []
+    for name in ("settings", "timings"):
+        try:
+            value = json.loads(data[name] or "{}")
+        except (TypeError, ValueError, RecursionError) as err:
+            value = err
+        if not isinstance(value, dict):
+            problems.append(f"stored {name} unreadable ({type(value).__name__})")
+            value = {}
+        data[name] = {key: _valid_text(item) for key, item in value.items()}
     data["cancel_requested"] = bool(data["cancel_requested"])
+    if problems:
+        data["damaged"] = "; ".join(problems)
     return Job(**data)

@@ -19,6 +19,7 @@ import signal
 import sys
 from typing import Optional
 
+from ..service.connections import add_connection_args
 from .config import DEFAULT_MAX_TOKENS, DEFAULT_PORT, TOKEN_ENV, ServerConfig
 
 logger = logging.getLogger("stepvideo.serving")
@@ -41,6 +42,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help=f"clients must send 'Authorization: Bearer <token>' (default ${TOKEN_ENV}; prefer the "
                         "environment variable: command lines are visible to other users)")
     g.add_argument("--http_threads", type=int, default=8, help="HTTP worker threads (default %(default)s)")
+    add_connection_args(g)
+    g.add_argument("--job_memory_check", choices=("on", "off"), default="on",
+                   help="422 for jobs whose DiT tokens the memory model says this layout cannot hold in the memory "
+                        "free after loading (default %(default)s)")
     g.add_argument("--max_steps", type=int, default=100, help="most denoising steps per job (default %(default)s)")
     g.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help="most DiT tokens (latent frames x h/16 x w/16) per job (default %(default)s: 204 frames "
@@ -56,6 +61,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
     return ServerConfig(host=args.host, port=args.port, token=token, state_dir=args.state_dir,
                         max_queue=args.max_queue, threads=args.http_threads, max_steps=args.max_steps,
+                        connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
+                        memory_check=args.job_memory_check == "on",
                         max_tokens=args.max_tokens, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                         ui=not args.no_ui, served_model_name=args.served_model_name)
 
@@ -78,12 +85,14 @@ def _die_with_launcher() -> None:
         os._exit(1)
 
 
-def _check_services(runtime) -> None:
+def _check_services(runtime) -> dict:
     """The caption and VAE services answer ``/ready`` with the parts we need (waiting up to
-    :data:`SERVICE_WAIT_S` for one that is still starting or loading)."""
+    :data:`SERVICE_WAIT_S` for one that is still starting or loading). Returns the VAE service's
+    decode limits (:func:`.capacity.service_decode_limits`)."""
     from ..service.client import ServiceError, wait_ready
+    from .capacity import service_decode_limits
 
-    urls = {}
+    urls, limits = {}, {}
     urls.setdefault(runtime.caption_url, []).append("caption")
     urls.setdefault(runtime.vae_url, []).append("vae")
     for url, parts in urls.items():
@@ -97,6 +106,10 @@ def _check_services(runtime) -> None:
         if missing:
             raise ValueError(f"the service at {url} does not serve {' and '.join(missing)}; point "
                              f"--{'caption' if 'caption' in missing else 'vae'}_url at one that does")
+        if "vae" in parts:
+            limits = service_decode_limits(info)
+    logger.info("the VAE service decodes at most %s", limits or "(no limits reported)")
+    return limits
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -134,7 +147,7 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, (lambda *_: ctx.dispatcher.stop()) if state.is_main else signal.SIG_IGN)
     if state.is_main:
-        _mark_ready(ctx, generator, state)
+        _mark_ready(ctx, generator, state, holder.get("decode_limits", {}))
         print(f"stepvideo generation server ready on {holder['url']} (state dir {config.state_dir})", flush=True)
     from .worker import serve_jobs
 
@@ -165,11 +178,12 @@ def _start_http(config: ServerConfig, runtime, options: dict, holder: dict) -> N
         raise ValueError(str(err)) from None
     holder["store"] = store
     if not runtime.local:
-        _check_services(runtime)
+        holder["decode_limits"] = _check_services(runtime)
     ctx = ServingContext(store=store, config=config, metrics=ServerMetrics(store.counts),
                          dispatcher=Dispatcher(store), server_options=options)
     http = ServiceConfig(host=config.host, port=config.port, token=config.token, threads=config.threads,
-                         max_body_bytes=config.max_body_bytes)
+                         max_body_bytes=config.max_body_bytes, connection_limit=config.connection_limit,
+                         channel_timeout=config.channel_timeout)
     try:
         server = ServiceServer(create_app(ctx), http)
     except OSError as err:
@@ -180,7 +194,8 @@ def _start_http(config: ServerConfig, runtime, options: dict, holder: dict) -> N
           "200 when jobs run)", flush=True)
 
 
-def _mark_ready(ctx, generator, state) -> None:
+def _mark_ready(ctx, generator, state, decode_limits: dict) -> None:
+    from .capacity import JobLimits, free_memory_bytes, tokens_that_fit
     from .openai_fields import served_model_name
     from .requests import ModelInfo
 
@@ -188,13 +203,19 @@ def _mark_ready(ctx, generator, state) -> None:
     is_ti2v = generator.pipeline.is_ti2v
     name = served_model_name(is_ti2v, ctx.server_options.get("preset"), str(generator.root),
                              ctx.config.served_model_name)
-    ctx.model_summary = {"model_dir": str(generator.root), "ti2v": generator.pipeline.is_ti2v,
+    memory = free_memory_bytes(state.device)
+    fits = tokens_that_fit(config, state.config, generator.runtime.dtype, state.device, memory)
+    limits = JobLimits(**decode_limits, max_tokens_memory=fits if ctx.config.memory_check else None)
+    logger.info("job limits: %s (memory model: %d tokens fit in %.1f GiB free per rank%s)", limits.as_dict(), fits,
+                memory / (1 << 30), "" if ctx.config.memory_check else "; not enforced: --job_memory_check off")
+    # no paths here: /ready is for clients
+    ctx.model_summary = {"ti2v": is_ti2v, "job_limits": limits.as_dict(),
                          "world_size": state.world_size,
                          "layout": {"ulysses_degree": state.config.ulysses_degree,
                                     "tensor_parallel_degree": state.config.tensor_parallel_degree,
                                     "cfg_degree": state.config.cfg_degree}}
     ctx.model = ModelInfo(is_ti2v=is_ti2v, num_heads=int(config.get("num_attention_heads", 48)),
-                          parallel=state.config, world_size=state.world_size, name=name)
+                          parallel=state.config, world_size=state.world_size, name=name, limits=limits)
 
 
 def _stop_http(holder: dict) -> None:

@@ -19,10 +19,12 @@ import io
 import secrets
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .. import cli
 from ..config import SamplingConfig
+from . import guards
+from .capacity import JobLimits, job_problem
 from .config import ServerConfig
 
 # API field -> SamplingConfig field (None: not a sampling field)
@@ -34,6 +36,8 @@ _API_NAME = {sampling: api for api, sampling in API_FIELDS.items() if sampling i
 _FORM_TYPES = {"height": int, "width": int, "num_frames": int, "num_inference_steps": int, "seed": int,
                "cfg_scale": float, "time_shift": float, "motion_score": float}
 IMAGE_FORMATS = ("PNG", "JPEG")
+UPLOAD_FIELDS = ("image", "input_reference")      # the fields a multipart body may send as files
+MAX_MESSAGE_CHARS = 300     # of a refusal that quotes the client's value
 
 
 class RequestError(ValueError):
@@ -54,6 +58,7 @@ class ModelInfo:
     parallel: Any            # ParallelConfig
     world_size: int
     name: str = "stepvideo-t2v"     # the id clients send as ``model`` (openai_fields.served_model_name)
+    limits: Optional[JobLimits] = None     # the service's decode limits and the layout's memory
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,24 @@ class JobRequest:
     def settings(self) -> Dict[str, Any]:
         """What the job runs with, as the API reports it."""
         return {"preset": self.preset, **self.sampling.to_dict(), "image": self.image is not None}
+
+
+def read_json_body(data: bytes) -> Any:
+    """A JSON body -> its value (:func:`.guards.parse_json_body`: UTF-8, depth, finite numbers)."""
+    return _guarded(guards.parse_json_body, data)
+
+
+def read_form_parts(request: Any) -> Tuple[Dict[str, str], Dict[str, bytes]]:
+    """A multipart / url-encoded flask request -> (text fields, uploads as bytes), bounded by
+    :func:`.guards.read_form`; uploads only under :data:`UPLOAD_FIELDS`."""
+    return _guarded(guards.read_form, request, UPLOAD_FIELDS)
+
+
+def _guarded(check, *args) -> Any:
+    try:
+        return check(*args)
+    except guards.InvalidInput as err:
+        raise RequestError(str(err), err.field, err.status) from None
 
 
 def parse_form(form: Mapping[str, str], image: Optional[bytes],
@@ -82,7 +105,7 @@ def parse_form(form: Mapping[str, str], image: Optional[bytes],
             fields[name] = kind(raw)
         except ValueError:
             raise RequestError(f"field '{name}' must be {'an integer' if kind is int else 'a number'}, "
-                               f"got {raw!r}", name) from None
+                               f"got {_show(raw)}", name) from None
     if image is not None:
         fields["image"] = image
     return fields
@@ -93,9 +116,11 @@ def build_job(fields: Mapping[str, Any], server_options: Mapping[str, Any], mode
     """Validate ``fields`` (JSON values, or :func:`parse_form` output) into a :class:`JobRequest`."""
     if not isinstance(fields, Mapping):
         raise RequestError(f"the body must be a JSON object, got {type(fields).__name__}")
-    unknown = sorted(set(fields) - set(API_FIELDS))
+    unknown = sorted(set(fields) - set(API_FIELDS), key=str)
     if unknown:
-        raise RequestError(f"unknown field(s) {unknown}; accepted: {sorted(API_FIELDS)}", unknown[0])
+        raise RequestError(f"unknown field(s) {guards.name_some(unknown)}; accepted: {sorted(API_FIELDS)}",
+                           guards.show_name(unknown[0]))
+    _guarded(guards.check_values, fields)
     prompt = fields.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError(f"field 'prompt' must be a non-empty string, got {_show(prompt)}", "prompt")
@@ -146,6 +171,10 @@ def _check_cost(sampling: SamplingConfig, model: ModelInfo, config: ServerConfig
         raise RequestError(f"fields 'num_frames', 'height', 'width' ({sampling.num_frames} x {sampling.height} x "
                            f"{sampling.width}) make {tokens} DiT tokens; this server accepts at most "
                            f"{config.max_tokens} per job (--max_tokens)", "num_frames", 422)
+    problem = job_problem(sampling.height, sampling.width, sampling.num_frames, model.limits)
+    if problem is not None:
+        raise RequestError(f"fields 'num_frames', 'height', 'width' ({sampling.num_frames} x {sampling.height} x "
+                           f"{sampling.width}): {problem}", "num_frames", 422)
     try:
         validate_before_loading(model.parallel, num_heads=model.num_heads, world_size=model.world_size,
                                 token_count=tokens)
@@ -154,8 +183,11 @@ def _check_cost(sampling: SamplingConfig, model: ModelInfo, config: ServerConfig
 
 
 def _named(err: ValueError) -> RequestError:
-    """A sampling ValueError, re-worded with the API's field names."""
+    """A sampling ValueError, re-worded with the API's field names (and cut short: it may quote
+    a long client value)."""
     message = str(err)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
     for name, api in sorted(_API_NAME.items(), key=lambda kv: -len(kv[0])):
         if message.startswith(name) or f" {name} " in message or message.startswith(f"`{name}`"):
             wrong_type = any(f"must be {kind}," in message for kind in ("a number", "an integer", "a string"))
@@ -198,12 +230,11 @@ def _image_bytes(value: Any, config: ServerConfig) -> Optional[bytes]:
             img.verify()
     except RequestError:
         raise
-    except Exception as err:  # noqa: BLE001 - any decoder failure is the client's bad input
-        raise RequestError(f"field 'image' is not a readable PNG/JPEG image ({type(err).__name__}: {err})",
-                           "image") from None
+    except Exception:  # noqa: BLE001 - any decoder failure is the client's bad input
+        raise RequestError("field 'image' is not a readable PNG/JPEG image", "image") from None
     return data
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = ascii(value)
     return text if len(text) <= 60 else text[:57] + "..."

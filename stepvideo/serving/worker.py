@@ -136,7 +136,7 @@ def serve_jobs(generator, state, channel: ControlChannel, output: OutputConfig, 
             job = ctx.dispatcher.next_job(HEARTBEAT_S)
             if ctx.dispatcher.stopping:
                 message = {"kind": "stop"}
-            elif job is None:
+            elif job is None or not _runnable(job, ctx):      # a job that cannot run failed alone
                 message = {"kind": "idle"}
             else:
                 message = {"kind": "job", "id": job.id, "prompt": job.prompt, "settings": job.settings}
@@ -148,6 +148,35 @@ def serve_jobs(generator, state, channel: ControlChannel, output: OutputConfig, 
         run_job(generator, state, channel, output, message, ctx)
 
 
+def _runnable(job: js.Job, ctx) -> bool:
+    """Rank 0: the stored settings build a ``SamplingConfig``; else the job fails (logged under its
+    id) and the server goes on with the next one."""
+    problem = job.damaged
+    if problem is None:
+        try:
+            _sampling(job.settings)
+        except (TypeError, ValueError) as err:
+            problem = f"{type(err).__name__}: {err}"
+    if problem is None:
+        return True
+    logger.error("job %s cannot run: its stored settings do not fit this server version: %s", job.id, problem)
+    ctx.store.finish(job.id, js.FAILED, error="the job's stored settings cannot be run by this server version; "
+                                              "submit it again")
+    ctx.dispatcher.done()
+    ctx.job_finished()
+    return False
+
+
+def _sampling(settings: Dict[str, Any]) -> SamplingConfig:
+    return SamplingConfig(**{k: v for k, v in settings.items() if k not in JOB_ONLY_SETTINGS})
+
+
+def _client_error(job_id: str, stage: Optional[str]) -> str:
+    """What the client reads on a failed job: the stage, never the exception (it names server
+    paths and service URLs); the log line has it under the job id."""
+    return f"the job failed while {stage or 'starting'}; the server log has the details under {job_id}"
+
+
 def run_job(generator, state, channel: ControlChannel, output: OutputConfig, message: Dict[str, Any], ctx) -> None:
     """One job on every rank; rank 0 records the outcome."""
     from ..generator import GenerationCancelled
@@ -155,7 +184,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
 
     job_id = message["id"]
     settings = message["settings"]
-    sampling = SamplingConfig(**{k: v for k, v in settings.items() if k not in JOB_ONLY_SETTINGS})
+    sampling = _sampling(settings)
     listener = None
     first_image = None
     if state.is_main:
@@ -175,7 +204,8 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
 
                 first_image = Image.open(io.BytesIO(store.image(job_id))).convert("RGB")
             except Exception as err:  # noqa: BLE001 - checked at submission; reported on the job if it happens
-                image_error = f"the stored first image cannot be read: {type(err).__name__}: {err}"
+                logger.error("job %s: the stored first image cannot be read: %s: %s", job_id, type(err).__name__, err)
+                image_error = "the stored first image cannot be read"
     if settings.get("image") and channel.flag(state.is_main and image_error is not None):   # all ranks skip it
         if state.is_main:
             ctx.store.finish(job_id, js.FAILED, error=image_error)
@@ -197,9 +227,11 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
     except GenerationCancelled:
         status = js.CANCELLED
     except Exception as err:  # noqa: BLE001 - recorded on the job; the server goes on
-        status, error = js.FAILED, f"{type(err).__name__}: {err}"
+        status = js.FAILED
         if state.is_main:
-            logger.error("job %s failed: %s", job_id, error)
+            logger.error("job %s failed: %s: %s", job_id, type(err).__name__, err)
+            job = ctx.store.get(job_id)
+            error = _client_error(job_id, job.stage if job is not None else None)
     if not state.is_main:
         return
     seconds = time.perf_counter() - start

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Dict
 
@@ -20,7 +19,7 @@ from .. import openai_fields
 from ...service.handlers import json_response
 from ..api_errors import api_error
 from ..context import ServingContext
-from ..requests import RequestError, build_job, parse_form
+from ..requests import RequestError, build_job, parse_form, read_form_parts, read_json_body
 from ..thumbnail import FORMATS, first_frame_image
 from ..video_object import video_object
 from . import add_route
@@ -30,7 +29,6 @@ logger = logging.getLogger(__name__)
 LOADING_RETRY_AFTER = 10
 MAX_LIST = 100
 MAX_WAIT = 60.0         # seconds a GET /v1/videos/<id>?wait= may hold its request
-UPLOADS = ("image", "input_reference")
 VARIANTS = ("video", "thumbnail")
 
 
@@ -171,26 +169,17 @@ def _read_fields() -> Dict[str, Any]:
     """The request's fields from a JSON or a multipart body (file parts: ``image``, ``input_reference``)."""
     kind = (request.mimetype or "").lower()
     if kind == "application/json":
-        try:
-            fields = json.loads(request.get_data(cache=False) or b"null")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise RequestError(f"the body is not valid JSON: {err}") from None
+        fields = read_json_body(request.get_data(cache=False))
         if not isinstance(fields, dict):
             raise RequestError(f"the body must be a JSON object, got {type(fields).__name__}")
         return fields
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        unknown_files = sorted(set(request.files) - set(UPLOADS))
-        if unknown_files:
-            raise RequestError(f"unknown upload field(s) {unknown_files}; only {list(UPLOADS)} are files",
-                               unknown_files[0])
-        form = request.form.to_dict()
+        form, uploads = read_form_parts(request)
         shared = openai_fields.parse_form_values(form)
         own = {k: v for k, v in form.items() if k not in shared and k != "input_reference[image_url]"}
-        image = request.files.get("image")
-        fields = parse_form(own, image.read() if image is not None else None)
-        reference = request.files.get("input_reference")
-        if reference is not None:
-            shared["input_reference"] = reference.read()
+        fields = parse_form(own, uploads.get("image"))
+        if "input_reference" in uploads:
+            shared["input_reference"] = uploads["input_reference"]
         return {**fields, **shared}
     raise RequestError(f"Content-Type must be application/json or multipart/form-data (or a url-encoded form), "
                        f"got {kind or 'none'}",
