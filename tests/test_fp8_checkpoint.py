@@ -199,3 +199,16 @@ def test_killed_quantisation_leaves_nothing_a_loader_accepts(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == str(out) and not partial.exists()
     assert sum(isinstance(m, FP8Linear) for m in StepVideoModel.from_pretrained(out, torch_dtype="fp32").modules())
+
+
+def test_resident_size_of_the_file_is_what_the_accounting_counts(tiny_model_dir, fp8_dirs):
+    """The headers' byte count of an fp8 folder (what bench_memory --model_dir prints) equals the
+    loaded model's bytes as the memory accounting measures them, and about halves the source's."""
+    from stepvideo.perf.memory_accounting import module_bytes
+
+    sizes = fmt8.resident_bytes(fp8_dirs["t2v"])
+    loaded = StepVideoModel.from_pretrained(fp8_dirs["t2v"], torch_dtype="fp32")   # the tiny files are fp32
+    assert sum(sizes.values()) == module_bytes(loaded)
+    assert set(sizes) == {"F8_E4M3", "F32"}
+    source = sum(fmt8.resident_bytes(tiny_model_dir).values())
+    assert sum(sizes.values()) < 0.5 * source
