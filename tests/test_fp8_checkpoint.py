@@ -166,6 +166,11 @@ def test_fp8_folder_under_a_bf16_profile_or_tensor_parallelism_is_refused(fp8_di
     assert "--memory_profile 48g" in line and "made from" in line
     with pytest.raises(fmt8.FP8CheckpointError, match="tensor parallelism"):
         load_tensor_parallel_dit(fp8_dirs["t2v"], None)
+    from stepvideo.config import get_preset
+    from stepvideo.quality.lossless import LosslessRunner, LosslessSetup
+
+    with pytest.raises(fmt8.FP8CheckpointError, match="lossless.py"):          # its baseline must be bf16
+        LosslessRunner(LosslessSetup(RuntimeConfig(model_dir=str(fp8_dirs["t2v"]), local=True), get_preset("t2v")))
 
 
 def test_quantiser_refuses_an_existing_output_and_an_fp8_source(tiny_model_dir, fp8_dirs, tmp_path):

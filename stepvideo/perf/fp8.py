@@ -148,7 +148,10 @@ def quantize_blocks(model: nn.Module) -> int:
     linears = block_linears(model)
     for _, parent, child_name, child in linears:
         setattr(parent, child_name, FP8Linear.from_linear(child))
-    logger.info("fp8: quantized %d block linears", len(linears))
+    if linears or not any(isinstance(m, FP8Linear) for m in model.transformer_blocks.modules()):
+        logger.info("fp8: quantized %d block linears", len(linears))
+    else:
+        logger.info("fp8: the block linears are fp8 already (loaded as stored), nothing to quantize")
     return len(linears)
 
 
