@@ -91,9 +91,10 @@ def check_complete(folder: Path) -> None:
                 "delete it and run the quantiser again")
 
 
-def refuse(config: Mapping, folder, needs: str) -> None:
+def refuse(config: Mapping, folder, needs: str,
+           instead: str = "use --memory_profile 48g (or none) with this folder") -> None:
     """Raise one clear line when ``folder`` holds fp8 weights and ``needs`` (what the run does)
-    needs bf16 ones; the line names the folder and the way out."""
+    needs bf16 ones; the line names the folder and the ways out (``instead``, or the bf16 folder)."""
     record = quantization_record(config)
     if record is None:
         return
@@ -101,7 +102,7 @@ def refuse(config: Mapping, folder, needs: str) -> None:
     where = f"the bf16 checkpoint it was made from ({source})" if source else "the bf16 checkpoint"
     raise FP8CheckpointError(
         f"{folder} holds fp8 DiT weights (written by python -m stepvideo.quantize), but {needs} needs bf16 "
-        f"weights: use --memory_profile 48g (or none) with this folder, or point --model_dir at {where}")
+        f"weights: {instead}, or point --model_dir at {where}")
 
 
 def check_memory_profile(config: Mapping, folder, requested: str, dit_fp8: bool) -> None:

@@ -198,7 +198,8 @@ def load_tensor_parallel_dit(pretrained_model_name_or_path: Union[str, os.PathLi
     from ..models.dit import StepVideoModel
 
     folder, config, files = StepVideoModel.locate_checkpoint(pretrained_model_name_or_path)
-    fp8_checkpoint.refuse(config, folder, "tensor parallelism (--tp_degree > 1)")
+    fp8_checkpoint.refuse(config, folder, "tensor parallelism (--tp_degree > 1)",
+                          "split the ranks with --ulysses_degree / --cfg_parallel instead")
     dtype = ckpt.parse_dtype(torch_dtype) if torch_dtype is not None else None
     with torch.device("meta"):
         model = StepVideoModel.from_config(config, **overrides)

@@ -208,7 +208,8 @@ class LosslessRunner:
         self.root = resolve_model_dir(setup.runtime.model_dir, allow_patterns=patterns)
         transformer = self.root / layout.TRANSFORMER_DIR
         fp8_checkpoint.refuse(ckpt.read_json(transformer / layout.TRANSFORMER_CONFIG), transformer,
-                              "benchmark/lossless.py (its baseline is the bf16 model)")
+                              "benchmark/lossless.py (its baseline is the bf16 model)",
+                              "its fp8 row quantises the bf16 folder at load time")
         self.state = ParallelState.from_env(ParallelConfig())
         self.device = self.state.device
         sampling = setup.sampling
