@@ -182,7 +182,7 @@ def test_quantiser_refuses_an_existing_output_and_an_fp8_source(tiny_model_dir, 
 
 def test_killed_quantisation_leaves_nothing_a_loader_accepts(tmp_path):
     """SIGKILL the real command while it writes: no OUT folder, the hidden partial one is refused
-    by the loader, and the next run replaces it with a complete folder."""
+    by the loader, and the next run removes it and writes a complete folder."""
     from stepvideo.testing.tiny import write_tiny_model_dir
 
     source = write_tiny_model_dir(tmp_path / "src", parts=["transformer", "scheduler"], dit_shards=6)
@@ -200,9 +200,7 @@ def test_killed_quantisation_leaves_nothing_a_loader_accepts(tmp_path):
     for folder in (partial, partial / "transformer"):
         with pytest.raises((fmt8.FP8CheckpointError, FileNotFoundError)):
             StepVideoModel.from_pretrained(folder, torch_dtype="fp32")
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == str(out) and not partial.exists()
+    assert quantize_model_dir(source, out, progress=False).out_dir == out and not partial.exists()
     assert sum(isinstance(m, FP8Linear) for m in StepVideoModel.from_pretrained(out, torch_dtype="fp32").modules())
 
 
@@ -217,3 +215,21 @@ def test_resident_size_of_the_file_is_what_the_accounting_counts(tiny_model_dir,
     assert set(sizes) == {"F8_E4M3", "F32"}
     source = sum(fmt8.resident_bytes(tiny_model_dir).values())
     assert sum(sizes.values()) < 0.5 * source
+
+
+def test_bf16_source_at_bf16_equals_load_time_quantisation(tiny_model_dir, tmp_path):
+    """The official case: weights stored in bf16, run in bf16 (the tiny factory stores fp32)."""
+    from safetensors.torch import load_file
+
+    source = tmp_path / "bf16"
+    folder = source / layout.TRANSFORMER_DIR
+    state = {}
+    for f in ckpt.find_weight_files(tiny_model_dir / layout.TRANSFORMER_DIR, layout.TRANSFORMER_WEIGHTS):
+        state.update({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()})
+    ckpt.save_sharded(state, folder, layout.TRANSFORMER_WEIGHTS, num_shards=2)
+    shutil.copy(tiny_model_dir / layout.TRANSFORMER_DIR / layout.TRANSFORMER_CONFIG, folder)
+    out = quantize_model_dir(source, tmp_path / "fp8", progress=False).out_dir
+    assert json.loads((out / "transformer" / "config.json").read_text())["quantization"]["quantized_from_dtype"] == "BF16"
+    expected = StepVideoModel.from_pretrained(source, torch_dtype="bf16")
+    quantize_blocks(expected)
+    _same_state(expected, StepVideoModel.from_pretrained(out, torch_dtype="bf16"))
