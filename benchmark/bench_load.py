@@ -158,11 +158,10 @@ def derived_sizes(config: dict, layers: int) -> dict:
 
 
 def build_real_width(blocks: int, dest: Path) -> Path:
-    """A model folder (transformer + scheduler) of the released width with ``blocks`` random blocks."""
+    """A model folder (``transformer/`` only) of the released width with ``blocks`` random blocks."""
     from stepvideo.config import DiTConfig
     from stepvideo.models.dit import StepVideoModel
     from stepvideo.testing.init import init_random_weights
-    from stepvideo.testing.tiny import _write_scheduler
 
     if (dest / layout.TRANSFORMER_DIR / layout.TRANSFORMER_CONFIG).is_file():
         return dest
@@ -178,7 +177,6 @@ def build_real_width(blocks: int, dest: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     ckpt.save_sharded(model.state_dict(), folder, layout.TRANSFORMER_WEIGHTS, num_shards=max(2, blocks))
     config.to_json(folder / layout.TRANSFORMER_CONFIG)
-    _write_scheduler(dest / layout.SCHEDULER_DIR)
     return dest
 
 

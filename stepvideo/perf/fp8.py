@@ -19,6 +19,10 @@ Forward
 The two paths differ by the activation rounding of the first one.
 
 Tensor-parallel ``RowParallelLinear`` (a subclass, it all-reduces) is left untouched.
+
+A folder written by ``python -m stepvideo.quantize`` stores these fp8 weights and scales once;
+``StepVideoModel.from_pretrained`` fills :func:`install_fp8_shells` with them as stored
+(:mod:`stepvideo.loading.fp8_checkpoint`), so nothing is quantised at load time.
 """
 from __future__ import annotations
 
