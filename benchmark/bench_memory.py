@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--service", action="store_true", help="also print the caption/VAE service's peak")
     p.add_argument("--spikes", action="store_true",
                    help="also print the FP8 layer peaks (SP 1) and the Ulysses attention-call peaks (SP 2/4/8)")
+    p.add_argument("--model_dir", default=None,
+                   help="also print the DiT tensor bytes of this checkpoint as loaded (an fp8 folder from "
+                        "python -m stepvideo.quantize stays fp8 + fp32 scales, as the 48g accounting assumes)")
     args = p.parse_args(argv)
     for name in ("height", "width"):
         value = getattr(args, name)
@@ -103,6 +106,23 @@ def model_errors(row: dict, video: acc.VideoShape, ti2v: bool) -> dict:
     return errors
 
 
+def checkpoint_line(model_dir: str, profile) -> str:
+    """The DiT tensors of ``model_dir`` as loaded: stored bytes per dtype from the safetensors
+    headers (an fp8 folder loads as stored; a bf16 one is quantised to the same fp8 layout by a
+    fp8 profile at load time)."""
+    from stepvideo.loading import checkpoint as ckpt
+    from stepvideo.loading import fp8_checkpoint, layout
+
+    sizes = fp8_checkpoint.resident_bytes(model_dir)
+    folder = Path(model_dir)
+    folder = folder / layout.TRANSFORMER_DIR if (folder / layout.TRANSFORMER_DIR).is_dir() else folder
+    fp8 = fp8_checkpoint.is_fp8_config(ckpt.read_json(folder / layout.TRANSFORMER_CONFIG))
+    kind = "fp8 folder (loads as stored)" if fp8 else ("bf16 folder, quantised at load" if profile.dit_fp8
+                                                        else "bf16 folder")
+    parts = ", ".join(f"{k} {acc.gib(v):.2f}" for k, v in sorted(sizes.items()))
+    return f"checkpoint {model_dir}: {kind}; DiT tensors {acc.gib(sum(sizes.values())):.2f} GiB ({parts} GiB)"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     profile = PROFILES[args.profile]
@@ -144,6 +164,8 @@ def main(argv=None) -> int:
         lines = spike_lines(video)
         print("\n".join(lines))
         data["spikes"] = lines
+    if args.model_dir:
+        print(checkpoint_line(args.model_dir, profile))
     for line in report.format_profile(result):
         print(line)
     fits = "yes" if result.fits else "no"

@@ -194,14 +194,14 @@ class DiTConfig:
     def from_dict(cls, config: Mapping[str, Any], **overrides) -> "DiTConfig":
         """From a ``config.json`` dict; ``overrides`` (architecture fields) win. Keys that are not
         fields go to ``extra``; those without a leading ``_`` are logged (likely a typo or a newer
-        writer, and ignored by the model)."""
+        writer, and ignored by the model), but for ``quantization`` (:mod:`stepvideo.loading.fp8_checkpoint`)."""
         known = set(cls.field_names())
         bad = sorted(k for k in overrides if k not in known)
         if bad:
             raise ValueError(f"unknown DiTConfig field(s) {bad}; known: {', '.join(sorted(known))}")
         merged = {**config, **overrides}
         extra = {k: v for k, v in merged.items() if k not in known}
-        unexpected = sorted(k for k in extra if not k.startswith("_"))
+        unexpected = sorted(k for k in extra if not k.startswith("_") and k != "quantization")   # fp8 record
         if unexpected:
             logger.warning("transformer config: ignoring unknown key(s) %s", unexpected)
         return cls(**{k: v for k, v in merged.items() if k in known}, extra=extra)

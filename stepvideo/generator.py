@@ -29,7 +29,7 @@ import torch
 from .config import DiTConfig, OutputConfig, SamplingConfig
 from .geometry import round_size
 from .loading import checkpoint as ckpt
-from .loading import layout
+from .loading import fp8_checkpoint, layout
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ class VideoGenerator:
         from .parallel import load_parallel_dit
 
         self.placement = self._memory_placement(runtime, state)
+        on_all(state, lambda: fp8_checkpoint.check_memory_profile(config, transformer_dir, runtime.memory_profile,
+                                                                   self.placement.profile.dit_fp8))
         # each rank materialises only its tensor-parallel shard, then SP hooks / CFG wrapper;
         # a bad shard on any rank stops every rank with the same line
         load_device = "cpu" if runtime.cpu_offload else self.placement.dit_load_device()

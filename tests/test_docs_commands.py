@@ -14,6 +14,9 @@ sampling flags are appended. Identical commands after the rewrite run once. Then
   they download (``-o /tmp/...``, the SDK's ``write_to_file('/tmp/...')``) are read back;
 - generation, evaluation and decode commands must exit 0 and write what they promise;
 - other ``python`` scripts and modules must answer ``--help`` and know every flag the docs use;
+- ``python -m stepvideo.quantize`` runs on the tiny dir and must write a complete fp8 folder; a later
+  ``--model_dir`` / ``--fp8_dir`` naming its documented ``--out`` uses that folder;
+  ``benchmark/bench_load.py`` runs for real and must print its comparison;
 - ``pip`` (network), ``bash scripts/test.sh`` (this suite), ``bash scripts/demo.sh``
   (``tests/test_end_to_end.py::test_readme_main_job``), GPU-only scripts and ``curl`` against a
   server started by hand are skipped with the reason (``SKIPPED``);
@@ -45,6 +48,8 @@ GENERATE = ("run_parallel.py", "stepvideo.cli.generate", "stepvideo-generate")
 EVALUATE = ("benchmark/evaluation.py", "stepvideo.cli.evaluate", "stepvideo-eval")
 SERVICE = ("api/call_remote_server.py", "stepvideo.cli.service", "stepvideo-service")
 DECODE = ("stepvideo.decode", "stepvideo-decode")
+QUANTIZE = ("stepvideo.quantize",)
+BENCH_LOAD = ("benchmark/bench_load.py",)
 
 
 def documented_commands() -> List[Tuple[str, str]]:
@@ -82,6 +87,7 @@ class Rewriter:
                  prompts: Path):
         self.tmp, self.t2v, self.ti2v, self.url = tmp, t2v, ti2v, service_url
         self.latents, self.image, self.prompts = latents, image, prompts
+        self.quantized: Dict[str, Path] = {}      # documented --out of stepvideo.quantize -> its tiny output
 
     def entry(self, argv: List[str]) -> Tuple[str, List[str], List[str], int]:
         """``(kind, [python, ..., script or -m module], flags, nproc)``; torchrun becomes
@@ -116,7 +122,8 @@ class Rewriter:
     @staticmethod
     def _kind(target: str) -> str:
         for kind, names in (("generate", GENERATE), ("evaluate", EVALUATE), ("service", SERVICE),
-                            ("decode", DECODE)):
+                            ("decode", DECODE), ("quantize", QUANTIZE),
+                            ("bench_load", BENCH_LOAD)):
             if target in names:
                 return kind
         return "python"
@@ -128,7 +135,16 @@ class Rewriter:
             arg = argv[i]
             value = argv[i + 1] if i + 1 < len(argv) else None
             if arg == "--model_dir":
-                out += [arg, str(self.ti2v if ti2v else self.t2v)]
+                out += [arg, str(self.quantized.get(value) or (self.ti2v if ti2v else self.t2v))]
+            elif arg == "--fp8_dir":
+                out += [arg, str(self.quantized[value])]
+            elif kind == "quantize" and arg == "--out":
+                self.quantized[value] = self.tmp / "quantized" / Path(value).name
+                out += [arg, str(self.quantized[value])]
+            elif kind == "quantize" and not arg.startswith("-") and not out:
+                out.append(str(self.ti2v if ti2v else self.t2v))        # MODEL_DIR
+                i += 1
+                continue
             elif arg in ("--vae_url", "--caption_url"):
                 out += [arg, self.url]
             elif arg in ("--ulysses_degree", "--sp_degree"):
@@ -282,6 +298,20 @@ def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_servi
                     helped[script] = res.stdout
                 for flag in (a for a in flags if a.startswith("--")):
                     assert flag in helped[script], f"{source}: `{command}`: {flag} is not an option of {script}"
+                ran.append(command)
+                continue
+            if kind == "quantize":
+                res = _run(cmd, env)
+                last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
+                assert res.returncode == 0 and (Path(last) / "transformer" / "config.json").is_file(), \
+                    f"{source}: `{command}`\n{res.stderr[-3000:]}"
+                assert "quantization" in json.loads((Path(last) / "transformer" / "config.json").read_text())
+                ran.append(command)
+                continue
+            if kind == "bench_load":
+                res = _run(cmd, env)
+                assert res.returncode == 0 and "fp8 folder loads" in res.stdout, \
+                    f"{source}: `{command}`\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
                 ran.append(command)
                 continue
             if kind == "service":

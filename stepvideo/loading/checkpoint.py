@@ -17,7 +17,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -182,11 +182,13 @@ def load_state_into_model(
     rename: Optional[Callable[[str], str]] = None,
     strict: bool = True,
     where: str = "state dict",
+    keep_dtype: Collection[str] = (),
 ) -> LoadReport:
     """Assign ``tensors`` to the parameters/buffers of ``model`` (which may live on ``meta``).
 
     Floating tensors are cast to ``dtype`` (``None`` keeps the stored dtype) and moved to
-    ``device`` one at a time. Problems are collected; with ``strict`` they raise one
+    ``device`` one at a time; the names in ``keep_dtype`` (after ``rename``) keep their stored
+    dtype (fp8 weights and their fp32 scales). Problems are collected; with ``strict`` they raise one
     :class:`CheckpointKeyError` at the end, and floating parameters that stay on ``meta`` are
     reported as missing.
     """
@@ -204,7 +206,7 @@ def load_state_into_model(
             report.mismatched.append((key, tuple(tensor.shape), tuple(current.shape)))
             seen.add(name)   # present, but wrong: reported as mismatched, not missing
             continue
-        value = _convert(tensor, dtype, device)
+        value = _convert(tensor, None if name in keep_dtype else dtype, device)
         if is_param:
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
         else:

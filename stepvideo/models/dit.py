@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ATTENTION_TYPES, DiTConfig  # noqa: F401  (ATTENTION_TYPES: kept importable from here)
 from ..loading import checkpoint as ckpt
-from ..loading import layout
+from ..loading import fp8_checkpoint, layout
 from .attention import resolve_backend
 from .blocks import StepVideoTransformerBlock
 from .embeddings import AdaLayerNormSingle, PatchEmbed, PixArtAlphaTextProjection
@@ -164,13 +164,19 @@ class StepVideoModel(nn.Module):
         straight into ``torch_dtype`` on ``device``: peak host memory is one tensor plus the model.
         Missing, unexpected or mis-shaped tensors are reported together by name; git-lfs pointer
         files and truncated shards are detected. ``torch_dtype=None`` keeps the stored dtypes.
-        ``overrides`` replace config values (e.g. ``attention_type='torch'``).
+        ``overrides`` replace config values (e.g. ``attention_type='torch'``). A folder written by
+        ``python -m stepvideo.quantize`` loads its fp8 block linears as stored
+        (:mod:`stepvideo.loading.fp8_checkpoint`); the other tensors follow ``torch_dtype``.
         """
         folder, config, files = cls.locate_checkpoint(pretrained_model_name_or_path, subfolder, revision)
         dtype = ckpt.parse_dtype(torch_dtype) if torch_dtype is not None else None
         with torch.device("meta"):
             model = cls.from_config(config, **overrides)
-        ckpt.load_files_into_model(model, files, dtype=dtype, device=device, strict=True, progress=progress)
+        if fp8_checkpoint.is_fp8_config(config):
+            fp8_checkpoint.load_fp8_into_model(model, folder, config, files, dtype=dtype, device=device,
+                                               progress=progress)
+        else:
+            ckpt.load_files_into_model(model, files, dtype=dtype, device=device, strict=True, progress=progress)
         ckpt.assert_materialized(model, f"StepVideoModel from {folder}")
         return model.eval().requires_grad_(False)
 

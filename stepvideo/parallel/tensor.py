@@ -194,9 +194,12 @@ def load_tensor_parallel_dit(pretrained_model_name_or_path: Union[str, os.PathLi
     checkpoint tensor is cut by :func:`shard_tensor` before it is cast and moved to ``device``.
     """
     from ..loading import checkpoint as ckpt
+    from ..loading import fp8_checkpoint
     from ..models.dit import StepVideoModel
 
     folder, config, files = StepVideoModel.locate_checkpoint(pretrained_model_name_or_path)
+    fp8_checkpoint.refuse(config, folder, "tensor parallelism (--tp_degree > 1)",
+                          "split the ranks with --ulysses_degree / --cfg_parallel instead")
     dtype = ckpt.parse_dtype(torch_dtype) if torch_dtype is not None else None
     with torch.device("meta"):
         model = StepVideoModel.from_config(config, **overrides)

@@ -19,11 +19,15 @@ Forward
 The two paths differ by the activation rounding of the first one.
 
 Tensor-parallel ``RowParallelLinear`` (a subclass, it all-reduces) is left untouched.
+
+A folder written by ``python -m stepvideo.quantize`` stores these fp8 weights and scales once;
+``StepVideoModel.from_pretrained`` fills :func:`install_fp8_shells` with them as stored
+(:mod:`stepvideo.loading.fp8_checkpoint`), so nothing is quantised at load time.
 """
 from __future__ import annotations
 
 import logging
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -129,15 +133,41 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8_e4m3fn"
 
 
+def block_linears(model: nn.Module) -> List[Tuple[str, nn.Module, str, nn.Linear]]:
+    """Every plain ``nn.Linear`` inside ``model.transformer_blocks`` (the ones fp8 quantises), as
+    ``(state-dict name, parent module, attribute name, linear)`` in module order."""
+    found = []
+    for index, block in enumerate(model.transformer_blocks):
+        for path, module in block.named_modules():
+            for child_name, child in module.named_children():
+                if type(child) is nn.Linear:
+                    name = ".".join(p for p in ("transformer_blocks", str(index), path, child_name) if p)
+                    found.append((name, module, child_name, child))
+    return found
+
+
 @torch.no_grad()
 def quantize_blocks(model: nn.Module) -> int:
     """Replace the plain ``nn.Linear`` modules of ``model.transformer_blocks``; returns the count."""
-    count = 0
-    for block in model.transformer_blocks:
-        for name, module in list(block.named_modules()):
-            for child_name, child in list(module.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(module, child_name, FP8Linear.from_linear(child))
-                    count += 1
-    logger.info("fp8: quantized %d block linears", count)
-    return count
+    linears = block_linears(model)
+    for _, parent, child_name, child in linears:
+        setattr(parent, child_name, FP8Linear.from_linear(child))
+    if linears or not any(isinstance(m, FP8Linear) for m in model.transformer_blocks.modules()):
+        logger.info("fp8: quantized %d block linears", len(linears))
+    else:
+        logger.info("fp8: the block linears are fp8 already (loaded as stored), nothing to quantize")
+    return len(linears)
+
+
+def install_fp8_shells(model: nn.Module) -> List[str]:
+    """Swap the block linears of a ``meta`` model for :class:`FP8Linear` shells (fp8 ``weight
+    [out, in]``, fp32 ``weight_scale [out]``, the linear's bias) that an fp8 checkpoint fills;
+    returns their names."""
+    names = []
+    for name, parent, child_name, child in block_linears(model):
+        device = child.weight.device
+        q = torch.empty(child.out_features, child.in_features, dtype=FP8, device=device)
+        scale = torch.empty(child.out_features, dtype=torch.float32, device=device)
+        setattr(parent, child_name, FP8Linear(q, scale, child.bias))
+        names.append(name)
+    return names

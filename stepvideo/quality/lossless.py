@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 import torch
 
 from ..config import SamplingConfig
+from ..loading import checkpoint as ckpt
+from ..loading import fp8_checkpoint
 from .metrics import compare_videos, relative_l2
 
 if TYPE_CHECKING:
@@ -204,6 +206,10 @@ class LosslessRunner:
         self.setup = setup
         patterns = layout.DIT_PATTERNS + (layout.SERVICE_PATTERNS if setup.runtime.local else [])
         self.root = resolve_model_dir(setup.runtime.model_dir, allow_patterns=patterns)
+        transformer = self.root / layout.TRANSFORMER_DIR
+        fp8_checkpoint.refuse(ckpt.read_json(transformer / layout.TRANSFORMER_CONFIG), transformer,
+                              "benchmark/lossless.py (its baseline is the bf16 model)",
+                              "its fp8 row quantises the bf16 folder at load time")
         self.state = ParallelState.from_env(ParallelConfig())
         self.device = self.state.device
         sampling = setup.sampling
