@@ -15,13 +15,16 @@ profile     budget      placement (DiT = 48 blocks of 1.125 GiB bf16 / 0.56 GiB 
 ``48g``     44.5 GiB    fp8 DiT weights + the 80g placement, 4 blocks stream (prefetched)
 ``24g``     23.5 GiB    bf16 DiT, every block streams with prefetch; Step-LLM layers stream the same
                         way; the VAE decodes in 16 x 16 latent tiles
+``16g``     15.5 GiB    the 24g placement with fp8 DiT blocks (half the bytes streamed) and
+                        token-chunked blocks (:mod:`stepvideo.models.token_chunks`, 8192 tokens)
 ``none``    -           today's behaviour: the DiT is loaded on the device when the generator is
                         built and stays there; encoders and VAE come and go around it
 ==========  ==========  =============================================================================
 
 The budgets are the memory a card exposes: 79 GiB of an 80 GB H100, 139 GiB of an H200, 44.5 GiB of
 a 48 GB L40S / RTX 6000 Ada (46,068 MiB), 23.5 GiB of a 24 GB RTX 4090 / L4 / A10 (24,564 MiB
-less the driver's share). Every profile's full-size peak (``benchmark/bench_memory.py``, measured
+less the driver's share), 15.5 GiB of a 16 GB RTX 4080 / 4070 Ti Super / 5070 Ti / A4000 /
+T4 (16,376 MiB less the driver's share). Every profile's full-size peak (``benchmark/bench_memory.py``, measured
 under FakeTensorMode + MemTracker plus the stated CUDA constants) stays at least 3% under its
 budget at 544x992x204 (T2V) and 544x992x102 (TI2V); the numbers are in docs/performance.md.
 ``auto`` picks the largest profile whose budget fits the device's total memory (``none`` on CPU).
@@ -35,9 +38,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .models.token_chunks import DEFAULT_TOKEN_CHUNK, set_token_chunk
+
 logger = logging.getLogger(__name__)
 
-PROFILE_NAMES = ("auto", "141g", "80g", "48g", "24g", "none")
+PROFILE_NAMES = ("auto", "141g", "80g", "48g", "24g", "16g", "none")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class MemoryProfile:
     encoders_stay: bool = False         # text encoders / VAE stay on the device between uses
     llm_streamed: bool = False          # Step-LLM layers stream from host memory like the DiT blocks
     vae_tile: Optional[int] = None      # latent tile size of the VAE decode (None: whole 3-latent chunks)
+    token_chunk: Optional[int] = None   # DiT blocks run token-chunked (stepvideo.models.token_chunks)
 
     @property
     def moves_dit(self) -> bool:
@@ -65,6 +71,8 @@ PROFILES = {
     "48g": MemoryProfile("48g", 44.5, dit_fp8=True, dit_streamed_blocks=4, dit_on_device_for_encode=False,
                          dit_on_device_for_decode=False),
     "24g": MemoryProfile("24g", 23.5, dit_streamed_blocks=48, llm_streamed=True, vae_tile=16),
+    "16g": MemoryProfile("16g", 15.5, dit_fp8=True, dit_streamed_blocks=48, llm_streamed=True, vae_tile=16,
+                         token_chunk=DEFAULT_TOKEN_CHUNK),
     "none": MemoryProfile("none", 0.0),
 }
 
@@ -86,11 +94,11 @@ def resolve_profile(name: str, device) -> MemoryProfile:
     total = device_memory_gib(device)
     if total is None:
         return PROFILES["none"]
-    for candidate in ("141g", "80g", "48g", "24g"):
+    for candidate in ("141g", "80g", "48g", "24g", "16g"):
         if total >= PROFILES[candidate].budget_gib:
             return PROFILES[candidate]
-    logger.warning("device has %.1f GiB, less than the smallest profile (24g, 23.5 GiB); using 24g", total)
-    return PROFILES["24g"]
+    logger.warning("device has %.1f GiB, less than the smallest profile (16g, 15.5 GiB); using 16g", total)
+    return PROFILES["16g"]
 
 
 def _free(device: torch.device) -> None:
@@ -126,6 +134,8 @@ class Placement:
         if self.profile.dit_fp8:
             from .perf.fp8 import quantize_blocks
             quantize_blocks(dit)
+        if self.profile.token_chunk:
+            set_token_chunk(dit, self.profile.token_chunk)
         where = "device" if self.profile.dit_on_device_for_encode else "host"
         if where == "device" and self.profile.dit_streamed_blocks:
             self._stream_dit(dit)

@@ -37,7 +37,7 @@ def test_chunked_blocks_are_bit_identical(dtype):
     inputs = _inputs(dtype)
     with torch.no_grad():
         whole = model(**inputs)
-        for tokens in (8, 37, 64, 1000):
+        for tokens in (8, 37, 1000):
             set_token_chunk(model, tokens)
             assert token_chunk_of(model) == tokens
             assert all(type(b) is TokenChunkedBlock for b in model.transformer_blocks)

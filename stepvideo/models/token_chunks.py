@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .attention import attention
-from .blocks import StepVideoTransformerBlock, gated_residual, modulate
+from .blocks import StepVideoTransformerBlock, modulate
 from .norms import rms_norm_
 from .parallel_hooks import LocalSequence
 from .rope import signed_sin_table
@@ -78,7 +78,7 @@ class TokenChunkedBlock(StepVideoTransformerBlock):
         y = torch.empty_like(x)                                                  # the block output
         for start, stop in spans:
             o = attn1.wo(out[:, start:stop].reshape(b, stop - start, -1))
-            y[:, start:stop] = gated_residual(x[:, start:stop], gate_msa, o)
+            torch.add(x[:, start:stop], o.mul_(gate_msa), out=y[:, start:stop])   # gated_residual, in y
             del o
         del out
 

@@ -45,6 +45,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from ..models.token_chunks import set_token_chunk
+
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 
@@ -332,19 +334,21 @@ class StepMeasurement:
 
 def measure_step(video: VideoShape = VideoShape(), layout: DiTLayout = DiTLayout(), *, fp8: bool = False,
                  ti2v: bool = False, layers: int = 1, total_layers: int = 48,
-                 text_tokens: int = T2V_TEXT_TOKENS) -> StepMeasurement:
+                 text_tokens: int = T2V_TEXT_TOKENS, token_chunk: Optional[int] = None) -> StepMeasurement:
     """Trace one CFG denoising step of the real DiT: latents, CFG input, forward, guidance, Euler.
 
     ``layers`` blocks are traced; the other ``total_layers - layers`` are added as weights. That
     is exact: all blocks are alive the whole step, each block's activations die before the next
     block's peak, and the blocks are identical (checked in tests/test_memory_accounting.py).
-    The text is the longest possible (77 CLIP + 320 LLM tokens, no mask: the mask is bytes)."""
+    The text is the longest possible (77 CLIP + 320 LLM tokens, no mask: the mask is bytes).
+    ``token_chunk``: the blocks run token-chunked (:mod:`stepvideo.models.token_chunks`)."""
     if 48 % (layout.sp * layout.tp):
         raise ValueError(f"48 heads are not divisible by SP {layout.sp} x TP {layout.tp}")
     f, h, w = video.latent
     b = layout.batch
     with fake_mode():
         model = build_dit(layers, ti2v=ti2v, tp=layout.tp, fp8=fp8)
+        set_token_chunk(model, token_chunk)
         if layout.sp > 1:
             model.set_sequence_parallel(accounting_sequence(layout.sp, 0))
         latents = torch.empty(1, f, 64, h, w, dtype=torch.bfloat16)

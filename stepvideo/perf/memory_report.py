@@ -68,7 +68,7 @@ def profile_report(profile: MemoryProfile, video: acc.VideoShape = acc.VideoShap
                    ) -> ProfileReport:
     """Trace what is missing (bf16 / fp8 step, encoders, decode at the profile's tiling) and
     combine them by the profile's placement."""
-    step = step or acc.measure_step(video, fp8=profile.dit_fp8, ti2v=ti2v)
+    step = step or acc.measure_step(video, fp8=profile.dit_fp8, ti2v=ti2v, token_chunk=profile.token_chunk)
     encode = encode or acc.measure_encode()
     decode = decode or acc.measure_decode(video, tile=profile.vae_tile, chunks=1)
     if ti2v and image_encode is None:
