@@ -34,11 +34,13 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from .models.token_chunks import DEFAULT_TOKEN_CHUNK, set_token_chunk
+from .perf import host_memory
+from .perf.host_memory import GIB
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,41 @@ def resolve_profile(name: str, device) -> MemoryProfile:
     return PROFILES["16g"]
 
 
+def run_profile_name(runtime, world_size: int) -> str:
+    """The profile a run asks for: ``auto`` applies to one-GPU ``--no_service`` runs only (else ``none``)."""
+    name = runtime.memory_profile
+    if name == "auto" and not (runtime.local and world_size == 1):
+        return "none"
+    return name
+
+
+def check_host(runtime, sampling, parallel=None):
+    """Pre-flight: the run's profile against the host's RAM before any weight is read (one-line
+    ``HostMemoryError`` naming both figures and what fits; with ``auto`` a short host switches to
+    disk streaming, logged). Only one-process ``--no_service`` runs hold the encoders; others are
+    checked for the DiT alone the same way. Returns the :class:`~stepvideo.perf.host_memory.HostChoice`."""
+    world = parallel.world_size if parallel is not None else 1
+    name = run_profile_name(runtime, world)
+    profile = resolve_profile(name, _run_device())
+    choice = host_memory.decide_for_run(runtime, profile, sampling.height, sampling.width, sampling.num_frames,
+                                        auto=runtime.memory_profile == "auto", fallbacks=smaller_profiles(profile))
+    if choice.disk and not getattr(runtime, "stream_from_disk", False):
+        logger.warning("host RAM: %.1f GiB available, profile %s holds more; streaming the DiT blocks from disk "
+                       "(host peak %.1f GiB)", choice.available / GIB, profile.name, choice.plan.peak / GIB)
+    return choice
+
+
+def smaller_profiles(profile: MemoryProfile) -> List[MemoryProfile]:
+    """Profiles with a smaller device budget (``none``: all), largest first: what fits a host
+    short of RAM better (they hold less, or stream from disk)."""
+    budget = profile.budget_gib or float("inf")
+    return sorted((p for p in PROFILES.values() if 0 < p.budget_gib < budget), key=lambda p: -p.budget_gib)
+
+
+def _run_device():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -111,11 +148,22 @@ class Placement:
     """Carries out a profile for one process: where the DiT loads, when it moves, how the
     encoders and the VAE are prepared. Every move is logged in :attr:`events`."""
 
-    def __init__(self, profile: MemoryProfile, device):
+    def __init__(self, profile: MemoryProfile, device, *, disk: bool = False):
         self.profile = profile
         self.device = torch.device(device)
+        self.disk = disk and host_memory.supports_disk(profile)     # streamed blocks read from the files
+        self._disk_source = None
         self.events: List[Tuple[str, str, str]] = []
         self._dit_where: Optional[str] = None
+
+    @classmethod
+    def for_run(cls, profile: MemoryProfile, device, runtime, *, auto: bool = False) -> "Placement":
+        """The placement of a run: disk streaming when asked (``--stream_from_disk``) or when
+        ``auto`` finds the host short of RAM (the same decision as pre-flight's)."""
+        disk = bool(getattr(runtime, "stream_from_disk", False))
+        if not disk and host_memory.supports_disk(profile):
+            disk = host_memory.decide_for_run(runtime, profile, auto=auto, fallbacks=smaller_profiles(profile)).disk
+        return cls(profile, device, disk=disk)
 
     def log(self, stage: str, component: str, where: str) -> None:
         self.events.append((stage, component, where))
@@ -129,13 +177,34 @@ class Placement:
             return self.device
         return torch.device("cpu")
 
+    def dit_loader(self, default: Callable) -> Callable:
+        """The DiT loader for this placement: ``default`` (``load_parallel_dit``), or, for disk
+        streaming, one that reads only the non-block weights (:mod:`stepvideo.perf.disk_stream`)."""
+        if not self.disk:
+            return default
+
+        def load(transformer_dir, state, *, torch_dtype, device=None, attention_backend="auto"):
+            from .parallel import parallelize_dit
+            from .perf.disk_stream import load_dit_from_disk
+
+            model, self._disk_source = load_dit_from_disk(transformer_dir, torch_dtype=torch_dtype,
+                                                          device=self.device, fp8=self.profile.dit_fp8,
+                                                          attention_backend=attention_backend)
+            return parallelize_dit(model, state, shard_weights=False)
+        return load
+
     def prepare_dit(self, dit) -> None:
         """After loading: fp8 and the block streaming the profile asks for; log where it is."""
-        if self.profile.dit_fp8:
+        if self.profile.dit_fp8 and not self.disk:             # disk: quantised when built, per block when read
             from .perf.fp8 import quantize_blocks
             quantize_blocks(dit)
         if self.profile.token_chunk:
             set_token_chunk(dit, self.profile.token_chunk)
+        if self.disk:
+            from .perf.offload import enable_block_offload
+
+            enable_block_offload(dit, self.device, blocks=dit.transformer_blocks, source=self._disk_source)
+            self.log("load", "dit_blocks", "disk")
         where = "device" if self.profile.dit_on_device_for_encode else "host"
         if where == "device" and self.profile.dit_streamed_blocks:
             self._stream_dit(dit)

@@ -322,6 +322,32 @@ def block_bytes(model: nn.Module) -> int:
     return module_bytes(model.transformer_blocks[0])
 
 
+@dataclass(frozen=True)
+class DiTWeights:
+    """Weight bytes of the real-width DiT (traced shapes, nothing allocated)."""
+
+    other: int                # outside the blocks (bf16)
+    block_bf16: int
+    block_fp8: int
+    largest: int              # the largest single tensor (bf16): the loader's one tensor in flight
+    layers: int = 48
+
+    @property
+    def total_bf16(self) -> int:
+        return self.other + self.layers * self.block_bf16
+
+
+def dit_weights(ti2v: bool = False, layers: int = 48) -> DiTWeights:
+    """Bytes of the DiT's parts in bf16 and with fp8 block linears (one block built, shape-only)."""
+    with fake_mode():
+        bf16 = build_dit(1, ti2v=ti2v)
+        f8 = build_dit(1, ti2v=ti2v, fp8=True)
+        block = block_bytes(bf16)
+        largest = max(t.numel() * t.element_size() for t in bf16.state_dict().values())
+        return DiTWeights(other=module_bytes(bf16) - block, block_bf16=block, block_fp8=block_bytes(f8),
+                          largest=largest, layers=layers)
+
+
 @dataclass
 class StepMeasurement:
     """One denoising step (CFG batch) on one rank."""
