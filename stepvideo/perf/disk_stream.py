@@ -103,6 +103,19 @@ class DiskBlockSource:
         self.bytes_read += self.mapped.nbytes(key)
         return out
 
+    def _quantise(self, key: str, rows: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+        """fp8 weight and per-row scales of a stored bf16 / fp32 weight, ``rows`` rows at a time
+        (each row's scale is its own: the same numbers as one :func:`quantize_weight` call, with
+        fp32 temporaries of ``rows`` rows instead of two of the whole weight)."""
+        view = self.mapped.view(key)
+        q = torch.empty(view.shape, dtype=torch.float8_e4m3fn)
+        scale = torch.empty(view.shape[0], dtype=torch.float32)
+        for start in range(0, view.shape[0], rows):
+            q[start:start + rows], scale[start:start + rows] = quantize_weight(view[start:start + rows])
+        self.mapped.drop(key)
+        self.bytes_read += self.mapped.nbytes(key)
+        return q, scale
+
     def read(self, index: int) -> List[torch.Tensor]:
         prefix, quantised = self.prefixes[index], self.fp8[index]
         out: Dict[str, torch.Tensor] = {}
@@ -115,10 +128,7 @@ class DiskBlockSource:
                         out[f"{module}.weight"] = self._copy(key, dtype)
                         out[f"{module}.weight_scale"] = self._copy(f"{prefix}{module}.weight_scale", torch.float32)
                     else:
-                        q, scale = quantize_weight(self.mapped.view(key))
-                        self.mapped.drop(key)
-                        self.bytes_read += self.mapped.nbytes(key)
-                        out[f"{module}.weight"], out[f"{module}.weight_scale"] = q, scale
+                        out[f"{module}.weight"], out[f"{module}.weight_scale"] = self._quantise(key)
                 continue
             out[name] = self._copy(prefix + name, dtype)
         tensors = [out[name] for name, _ in self.layout[index]]
@@ -151,7 +161,8 @@ def load_dit_from_disk(transformer_dir, *, torch_dtype=torch.bfloat16, device="c
         from .fp8 import quantize_blocks
         quantize_blocks(model)                                  # meta: shapes and dtypes only
     mapped = MappedSafetensors(files)
-    outside = ((key, mapped.view(key)) for key in mapped.entries if not key.startswith("transformer_blocks."))
+    # copies (never views of the mapping): the non-block weights are held like any loaded weight
+    outside = ((key, mapped.view(key).clone()) for key in mapped.entries if not key.startswith("transformer_blocks."))
     ckpt.load_state_into_model(model, outside, dtype=dtype, device=device, strict=False, where=str(folder))
     for key in mapped.entries:
         if not key.startswith("transformer_blocks."):

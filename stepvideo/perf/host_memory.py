@@ -18,7 +18,7 @@ is read). Stages:
 
 Disk streaming (``disk=True``): the DiT blocks are not held; they are read from the
 safetensors files as needed (:mod:`.disk_stream`), so the host holds at most
-:data:`DISK_BLOCKS_IN_FLIGHT` blocks and the non-block weights pass through once.
+:data:`DISK_BLOCKS_IN_FLIGHT` blocks' bytes and the non-block weights pass through once.
 
 The RAM seam: :func:`available_host_bytes` is the only place the machine's available memory is
 read (``MemAvailable`` of ``/proc/meminfo``; ``STEPVIDEO_HOST_RAM_GIB`` overrides it, which is
@@ -38,7 +38,11 @@ from ..loading import layout
 GIB = 1024 ** 3
 HOST_RAM_ENV = "STEPVIDEO_HOST_RAM_GIB"
 HOST_MARGIN = 0.9               # plan with at most 90% of the available RAM (the rest: Python, torch, libs)
-DISK_BLOCKS_IN_FLIGHT = 3       # disk streaming: block being read, prefetched block, block running (CPU)
+# disk streaming: the block being read, the prefetched one and the running one (its host copy stays
+# referenced until the block is released), plus two of a block's largest tensors (the FFN weights,
+# a quarter block each): the mapped pages of the tensor being copied and, on CPU, the GEMM's
+# working copy of a weight. Measured: tests/test_host_memory.py, stepvideo.testing.host_rss.
+DISK_BLOCKS_IN_FLIGHT = 3.5
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ def host_plan(profile, sizes: HostSizes, *, disk: bool = False) -> HostPlan:
 
     # load
     if disk:
-        in_flight = DISK_BLOCKS_IN_FLIGHT * s.dit_block
+        in_flight = int(DISK_BLOCKS_IN_FLIGHT * s.dit_block)
         plan.stages.append(HostStage("load", 0, s.dit_other + s.largest_tensor,
                                      f"non-block weights {_g(s.dit_other)} pass through; blocks stay on disk"))
         pinned_dit = 0
