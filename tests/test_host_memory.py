@@ -113,3 +113,26 @@ def test_bench_memory_sizes_match_the_checkpoint_headers(tiny_model_dir):
     assert sizes.llm > 0 and sizes.vae > 0 and sizes.clip > 0
     fp8 = host_memory.sizes_from_checkpoint(tiny_model_dir, PROFILES["16g"], 64, 64, 17)
     assert fp8.dit_block < 0.6 * sizes.dit_block
+
+
+def test_generator_16g_streams_fp8_blocks_from_disk(tiny_model_dir, tmp_path):
+    """The 16g profile with --stream_from_disk on CPU: blocks read from the files (quantised to fp8
+    on the way), token-chunked, and a video comes out."""
+    from stepvideo.config import OutputConfig, get_preset
+    from stepvideo.generator import RuntimeConfig, VideoGenerator
+    from stepvideo.models.token_chunks import token_chunk_of
+    from stepvideo.parallel.state import ParallelState
+    from stepvideo.perf.fp8 import FP8Linear
+
+    runtime = RuntimeConfig(model_dir=str(tiny_model_dir), dtype="fp32", local=True, memory_profile="16g",
+                            stream_from_disk=True)
+    generator = VideoGenerator(runtime, ParallelState.single(device="cpu"))
+    sampling = get_preset("t2v").with_overrides(num_frames=17, height=64, width=64, num_inference_steps=1)
+    out = OutputConfig(save_path=str(tmp_path), output_path=str(tmp_path / "16g.mp4"))
+    generator.generate("a cat", sampling, out, progress=False)
+    assert ("load", "dit_blocks", "disk") in generator.placement.events
+    streamer = generator.dit._block_streamer
+    assert streamer.source is not None and streamer.source.bytes_read > 0
+    assert any(isinstance(m, FP8Linear) for m in generator.dit.modules())
+    assert token_chunk_of(generator.dit) == PROFILES["16g"].token_chunk
+    assert (tmp_path / "16g.mp4").is_file()
