@@ -126,6 +126,8 @@ def host_plan(profile, sizes: HostSizes, *, disk: bool = False) -> HostPlan:
     stream_note = (f"disk-streamed DiT blocks in flight {_g(resident_blocks_host)}" if disk
                    else f"pinned DiT blocks {_g(pinned_dit)}")
 
+    # a parked DiT (80g, 48g) is pageable as a whole; its streamed blocks are pinned once it goes to the device
+    pinned_at_encode = 0 if dit_parked else pinned_dit
     # encode
     if profile.llm_streamed:
         enc_pinned, enc_pageable = s.llm, s.clip
@@ -133,13 +135,14 @@ def host_plan(profile, sizes: HostSizes, *, disk: bool = False) -> HostPlan:
     else:
         enc_pinned, enc_pageable = 0, s.largest_tensor
         enc_note = "encoders read to the device, one tensor in flight"
-    plan.stages.append(HostStage("encode", pinned_dit + enc_pinned,
+    plan.stages.append(HostStage("encode", pinned_at_encode + enc_pinned,
                                  dit_parked + enc_pageable + resident_blocks_host,
-                                 f"{stream_note}; DiT parked {_g(dit_parked)}; {enc_note}"))
+                                 f"pinned DiT blocks {_g(pinned_at_encode)}; DiT parked {_g(dit_parked)}; {enc_note}"
+                                 if not disk else f"{stream_note}; {enc_note}"))
     # step
     plan.stages.append(HostStage("step", pinned_dit, resident_blocks_host, stream_note))
     # decode / write
-    dit_at_decode = dit_stored if (not profile.dit_on_device_for_decode and not disk) else 0
+    dit_at_decode = dit_stored - pinned_dit if (not profile.dit_on_device_for_decode and not disk) else 0
     if not profile.dit_on_device_for_decode and disk:
         dit_at_decode = s.dit_other
     plan.stages.append(HostStage("decode", pinned_dit, dit_at_decode + s.largest_tensor + s.frames_peak,
