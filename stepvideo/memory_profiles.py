@@ -28,6 +28,11 @@ T4 (16,376 MiB less the driver's share). Every profile's full-size peak (``bench
 under FakeTensorMode + MemTracker plus the stated CUDA constants) stays at least 3% under its
 budget at 544x992x204 (T2V) and 544x992x102 (TI2V); the numbers are in docs/performance.md.
 ``auto`` picks the largest profile whose budget fits the device's total memory (``none`` on CPU).
+
+Host RAM: :func:`check_host` (pre-flight, before any weight is read) compares the profile's host
+peak (:mod:`stepvideo.perf.host_memory`) with the available RAM and refuses in one line, or, with
+``auto``, switches a streaming profile to disk streaming (:mod:`stepvideo.perf.disk_stream`);
+:meth:`Placement.for_run` asks the same question for the generator.
 """
 from __future__ import annotations
 
@@ -119,6 +124,11 @@ def check_host(runtime, sampling, parallel=None):
     world = parallel.world_size if parallel is not None else 1
     name = run_profile_name(runtime, world)
     profile = resolve_profile(name, _run_device())
+    if getattr(runtime, "stream_from_disk", False) and not host_memory.supports_disk(profile):
+        streaming = ", ".join(p.name for p in PROFILES.values() if host_memory.supports_disk(p))
+        raise host_memory.HostMemoryError(
+            f"--stream_from_disk needs a profile that streams every DiT block ({streaming}); this run uses "
+            f"--memory_profile {profile.name}" + (f" (auto: {runtime.memory_profile})" if name != profile.name else ""))
     choice = host_memory.decide_for_run(runtime, profile, sampling.height, sampling.width, sampling.num_frames,
                                         auto=runtime.memory_profile == "auto", fallbacks=smaller_profiles(profile))
     if choice.disk and not getattr(runtime, "stream_from_disk", False):

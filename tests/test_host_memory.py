@@ -136,3 +136,17 @@ def test_generator_16g_streams_fp8_blocks_from_disk(tiny_model_dir, tmp_path):
     assert any(isinstance(m, FP8Linear) for m in generator.dit.modules())
     assert token_chunk_of(generator.dit) == PROFILES["16g"].token_chunk
     assert (tmp_path / "16g.mp4").is_file()
+
+
+def test_stream_from_disk_needs_a_streaming_profile(tiny_model_dir):
+    from stepvideo.config import get_preset
+    from stepvideo.generator import RuntimeConfig
+    from stepvideo.memory_profiles import check_host
+
+    sampling = get_preset("t2v").with_overrides(num_frames=17, height=64, width=64)
+    runtime = RuntimeConfig(model_dir=str(tiny_model_dir), local=True, memory_profile="80g", stream_from_disk=True)
+    with pytest.raises(host_memory.HostMemoryError, match="--stream_from_disk needs a profile .*24g, 16g"):
+        check_host(runtime, sampling)
+    ok = check_host(RuntimeConfig(model_dir=str(tiny_model_dir), local=True, memory_profile="16g",
+                                  stream_from_disk=True), sampling)
+    assert ok.disk and ok.plan.read_per_step > 0

@@ -12,6 +12,8 @@ the prefetched one) are on the device at any time.
   passes ``model.transformer.layers``).
 * ``resident``: the first ``resident`` blocks stay on the device for good (partial offload:
   stream only what does not fit).
+* ``source``: a :class:`~stepvideo.perf.disk_stream.DiskBlockSource`: the blocks are not held on
+  the host at all but read from the checkpoint files two blocks ahead (``--stream_from_disk``).
 * On CUDA the copies run on a side stream (``torch.cuda.Stream``) from pinned memory and the
   compute stream waits on an event per block; the device copies are marked with
   ``record_stream`` so the caching allocator never reuses them while a kernel still reads them.
