@@ -2,6 +2,8 @@
 
     python benchmark/bench_memory.py --profile 80g                       # 544x992x204 T2V
     python benchmark/bench_memory.py --profile 24g --mode ti2v --num_frames 102
+    python benchmark/bench_memory.py --profile 16g                       # 16 GB card
+    python benchmark/bench_memory.py --profile 16g --stream_from_disk    # host: blocks read from disk
     python benchmark/bench_memory.py --profile 48g --json out.json
     python benchmark/bench_memory.py --layouts                          # SP x TP x CFG table (minutes)
     python benchmark/bench_memory.py --service                          # caption/VAE service peak
@@ -11,7 +13,10 @@ Each stage (encode, step, decode, write) is traced with the real modules at the 
 under FakeTensorMode + MemTracker (stepvideo/perf/memory_accounting.py) and placed by the
 memory profile (stepvideo/memory_profiles.py); the CUDA context, workspaces and allocator
 reserve are added as stated constants. One line per stage; the last line is
-``peak_gib=<x> budget_gib=<y> fits=<yes|no>`` (fits: at least 3% under the budget).
+``peak_gib=<x> budget_gib=<y> fits=<yes|no> host_peak_gib=<z>`` (fits: at least 3% under the
+budget). The ``host=<stage>`` lines give the host RAM per stage (pinned and pageable weights, the
+loader's tensor in flight, decoded frames, the mp4 writer; stepvideo/perf/host_memory.py);
+``--stream_from_disk`` prints them for disk streaming, with the bytes read per step.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stepvideo.memory_profiles import PROFILES  # noqa: E402
+from stepvideo.perf import host_memory  # noqa: E402
 from stepvideo.perf import memory_accounting as acc  # noqa: E402
 from stepvideo.perf import memory_report as report  # noqa: E402
 
@@ -39,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write the numbers to this file")
     p.add_argument("--layouts", action="store_true", help="also print the per-layout step table")
     p.add_argument("--service", action="store_true", help="also print the caption/VAE service's peak")
+    p.add_argument("--stream_from_disk", action="store_true",
+                   help="host side: DiT blocks read from the safetensors files as needed (disk streaming)")
     p.add_argument("--spikes", action="store_true",
                    help="also print the FP8 layer peaks (SP 1) and the Ulysses attention-call peaks (SP 2/4/8)")
     p.add_argument("--model_dir", default=None,
@@ -168,12 +176,19 @@ def main(argv=None) -> int:
         print(checkpoint_line(args.model_dir, profile))
     for line in report.format_profile(result):
         print(line)
+    sizes = report.host_sizes(profile, video, encode, acc.dit_weights(ti2v=ti2v))
+    plan = host_memory.host_plan(profile, sizes, disk=args.stream_from_disk)
+    for line in host_memory.format_host(plan):
+        print(line)
+    data["host"] = {s.stage: {"pinned_gib": acc.gib(s.pinned), "pageable_gib": acc.gib(s.pageable),
+                              "parts": s.parts} for s in plan.stages}
     fits = "yes" if result.fits else "no"
     data.update(peak_gib=acc.gib(result.peak), budget_gib=profile.budget_gib, fits=fits,
-                seconds=time.perf_counter() - start)
+                host_peak_gib=acc.gib(plan.peak), seconds=time.perf_counter() - start)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))
-    print(f"peak_gib={acc.gib(result.peak):.2f} budget_gib={profile.budget_gib:g} fits={fits}")
+    print(f"peak_gib={acc.gib(result.peak):.2f} budget_gib={profile.budget_gib:g} fits={fits} "
+          f"host_peak_gib={acc.gib(plan.peak):.2f}")
     return 0
 
 

@@ -52,7 +52,8 @@ class RuntimeConfig:
     decode_retries: int = 2                  # extra decode/write attempts before the latents are saved
     decode_backoff: float = 2.0              # seconds before the first retry (doubles each time)
     service_wait: float = 540.0              # pre-flight: seconds to wait for a service still loading
-    memory_profile: str = "auto"             # one-GPU placement (stepvideo.memory_profiles): auto/141g/80g/48g/24g/none
+    memory_profile: str = "auto"             # one-GPU placement (stepvideo.memory_profiles): auto/141g/80g/48g/24g/16g/none
+    stream_from_disk: bool = False           # streamed DiT blocks read from the checkpoint files (perf.disk_stream)
 
 
 class GenerationError(RuntimeError):
@@ -104,7 +105,8 @@ class VideoGenerator:
         # each rank materialises only its tensor-parallel shard, then SP hooks / CFG wrapper;
         # a bad shard on any rank stops every rank with the same line
         load_device = "cpu" if runtime.cpu_offload else self.placement.dit_load_device()
-        self.model = on_all(state, lambda: load_parallel_dit(
+        load_dit = self.placement.dit_loader(load_parallel_dit)     # disk streaming reads no block here
+        self.model = on_all(state, lambda: load_dit(
             transformer_dir, state, torch_dtype=runtime.dtype, device=load_device,
             attention_backend=runtime.attention_backend))
         dit = self.dit
@@ -131,14 +133,12 @@ class VideoGenerator:
     @staticmethod
     def _memory_placement(runtime: RuntimeConfig, state):
         """The memory profile's placement (``auto`` applies to one-GPU ``--no_service`` runs only)."""
-        from .memory_profiles import Placement, resolve_profile
+        from .memory_profiles import Placement, resolve_profile, run_profile_name
 
-        name = runtime.memory_profile
-        if name == "auto" and not (runtime.local and state.world_size == 1):
-            name = "none"
+        name = run_profile_name(runtime, state.world_size)
         profile = resolve_profile(name, state.device)
         logger.info("memory profile: %s", profile.name)
-        return Placement(profile, state.device)
+        return Placement.for_run(profile, state.device, runtime, auto=runtime.memory_profile == "auto")
 
     @property
     def dit(self):

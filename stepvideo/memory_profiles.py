@@ -15,29 +15,41 @@ profile     budget      placement (DiT = 48 blocks of 1.125 GiB bf16 / 0.56 GiB 
 ``48g``     44.5 GiB    fp8 DiT weights + the 80g placement, 4 blocks stream (prefetched)
 ``24g``     23.5 GiB    bf16 DiT, every block streams with prefetch; Step-LLM layers stream the same
                         way; the VAE decodes in 16 x 16 latent tiles
+``16g``     15.5 GiB    the 24g placement with fp8 DiT blocks (half the bytes streamed) and
+                        token-chunked blocks (:mod:`stepvideo.models.token_chunks`, 8192 tokens)
 ``none``    -           today's behaviour: the DiT is loaded on the device when the generator is
                         built and stays there; encoders and VAE come and go around it
 ==========  ==========  =============================================================================
 
 The budgets are the memory a card exposes: 79 GiB of an 80 GB H100, 139 GiB of an H200, 44.5 GiB of
 a 48 GB L40S / RTX 6000 Ada (46,068 MiB), 23.5 GiB of a 24 GB RTX 4090 / L4 / A10 (24,564 MiB
-less the driver's share). Every profile's full-size peak (``benchmark/bench_memory.py``, measured
+less the driver's share), 15.5 GiB of a 16 GB RTX 4080 / 4070 Ti Super / 5070 Ti / A4000 /
+T4 (16,376 MiB less the driver's share). Every profile's full-size peak (``benchmark/bench_memory.py``, measured
 under FakeTensorMode + MemTracker plus the stated CUDA constants) stays at least 3% under its
 budget at 544x992x204 (T2V) and 544x992x102 (TI2V); the numbers are in docs/performance.md.
 ``auto`` picks the largest profile whose budget fits the device's total memory (``none`` on CPU).
+
+Host RAM: :func:`check_host` (pre-flight, before any weight is read) compares the profile's host
+peak (:mod:`stepvideo.perf.host_memory`) with the available RAM and refuses in one line, or, with
+``auto``, switches a streaming profile to disk streaming (:mod:`stepvideo.perf.disk_stream`);
+:meth:`Placement.for_run` asks the same question for the generator.
 """
 from __future__ import annotations
 
 import gc
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from .models.token_chunks import DEFAULT_TOKEN_CHUNK, set_token_chunk
+from .perf import host_memory
+from .perf.host_memory import GIB
+
 logger = logging.getLogger(__name__)
 
-PROFILE_NAMES = ("auto", "141g", "80g", "48g", "24g", "none")
+PROFILE_NAMES = ("auto", "141g", "80g", "48g", "24g", "16g", "none")
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,7 @@ class MemoryProfile:
     encoders_stay: bool = False         # text encoders / VAE stay on the device between uses
     llm_streamed: bool = False          # Step-LLM layers stream from host memory like the DiT blocks
     vae_tile: Optional[int] = None      # latent tile size of the VAE decode (None: whole 3-latent chunks)
+    token_chunk: Optional[int] = None   # DiT blocks run token-chunked (stepvideo.models.token_chunks)
 
     @property
     def moves_dit(self) -> bool:
@@ -65,6 +78,8 @@ PROFILES = {
     "48g": MemoryProfile("48g", 44.5, dit_fp8=True, dit_streamed_blocks=4, dit_on_device_for_encode=False,
                          dit_on_device_for_decode=False),
     "24g": MemoryProfile("24g", 23.5, dit_streamed_blocks=48, llm_streamed=True, vae_tile=16),
+    "16g": MemoryProfile("16g", 15.5, dit_fp8=True, dit_streamed_blocks=48, llm_streamed=True, vae_tile=16,
+                         token_chunk=DEFAULT_TOKEN_CHUNK),
     "none": MemoryProfile("none", 0.0),
 }
 
@@ -86,11 +101,51 @@ def resolve_profile(name: str, device) -> MemoryProfile:
     total = device_memory_gib(device)
     if total is None:
         return PROFILES["none"]
-    for candidate in ("141g", "80g", "48g", "24g"):
+    for candidate in ("141g", "80g", "48g", "24g", "16g"):
         if total >= PROFILES[candidate].budget_gib:
             return PROFILES[candidate]
-    logger.warning("device has %.1f GiB, less than the smallest profile (24g, 23.5 GiB); using 24g", total)
-    return PROFILES["24g"]
+    logger.warning("device has %.1f GiB, less than the smallest profile (16g, 15.5 GiB); using 16g", total)
+    return PROFILES["16g"]
+
+
+def run_profile_name(runtime, world_size: int) -> str:
+    """The profile a run asks for: ``auto`` applies to one-GPU ``--no_service`` runs only (else ``none``)."""
+    name = runtime.memory_profile
+    if name == "auto" and not (runtime.local and world_size == 1):
+        return "none"
+    return name
+
+
+def check_host(runtime, sampling, parallel=None):
+    """Pre-flight: the run's profile against the host's RAM before any weight is read (one-line
+    ``HostMemoryError`` naming both figures and what fits; with ``auto`` a short host switches to
+    disk streaming, logged). Only one-process ``--no_service`` runs hold the encoders; others are
+    checked for the DiT alone the same way. Returns the :class:`~stepvideo.perf.host_memory.HostChoice`."""
+    world = parallel.world_size if parallel is not None else 1
+    name = run_profile_name(runtime, world)
+    profile = resolve_profile(name, _run_device())
+    if getattr(runtime, "stream_from_disk", False) and not host_memory.supports_disk(profile):
+        streaming = ", ".join(p.name for p in PROFILES.values() if host_memory.supports_disk(p))
+        raise host_memory.HostMemoryError(
+            f"--stream_from_disk needs a profile that streams every DiT block ({streaming}); this run uses "
+            f"--memory_profile {profile.name}" + (f" (auto: {runtime.memory_profile})" if name != profile.name else ""))
+    choice = host_memory.decide_for_run(runtime, profile, sampling.height, sampling.width, sampling.num_frames,
+                                        auto=runtime.memory_profile == "auto", fallbacks=smaller_profiles(profile))
+    if choice.disk and not getattr(runtime, "stream_from_disk", False):
+        logger.warning("host RAM: %.1f GiB available, profile %s holds more; streaming the DiT blocks from disk "
+                       "(host peak %.1f GiB)", choice.available / GIB, profile.name, choice.plan.peak / GIB)
+    return choice
+
+
+def smaller_profiles(profile: MemoryProfile) -> List[MemoryProfile]:
+    """Profiles with a smaller device budget (``none``: all), largest first: what fits a host
+    short of RAM better (they hold less, or stream from disk)."""
+    budget = profile.budget_gib or float("inf")
+    return sorted((p for p in PROFILES.values() if 0 < p.budget_gib < budget), key=lambda p: -p.budget_gib)
+
+
+def _run_device():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _free(device: torch.device) -> None:
@@ -103,11 +158,22 @@ class Placement:
     """Carries out a profile for one process: where the DiT loads, when it moves, how the
     encoders and the VAE are prepared. Every move is logged in :attr:`events`."""
 
-    def __init__(self, profile: MemoryProfile, device):
+    def __init__(self, profile: MemoryProfile, device, *, disk: bool = False):
         self.profile = profile
         self.device = torch.device(device)
+        self.disk = disk and host_memory.supports_disk(profile)     # streamed blocks read from the files
+        self._disk_source = None
         self.events: List[Tuple[str, str, str]] = []
         self._dit_where: Optional[str] = None
+
+    @classmethod
+    def for_run(cls, profile: MemoryProfile, device, runtime, *, auto: bool = False) -> "Placement":
+        """The placement of a run: disk streaming when asked (``--stream_from_disk``) or when
+        ``auto`` finds the host short of RAM (the same decision as pre-flight's)."""
+        disk = bool(getattr(runtime, "stream_from_disk", False))
+        if not disk and host_memory.supports_disk(profile):
+            disk = host_memory.decide_for_run(runtime, profile, auto=auto, fallbacks=smaller_profiles(profile)).disk
+        return cls(profile, device, disk=disk)
 
     def log(self, stage: str, component: str, where: str) -> None:
         self.events.append((stage, component, where))
@@ -121,11 +187,34 @@ class Placement:
             return self.device
         return torch.device("cpu")
 
+    def dit_loader(self, default: Callable) -> Callable:
+        """The DiT loader for this placement: ``default`` (``load_parallel_dit``), or, for disk
+        streaming, one that reads only the non-block weights (:mod:`stepvideo.perf.disk_stream`)."""
+        if not self.disk:
+            return default
+
+        def load(transformer_dir, state, *, torch_dtype, device=None, attention_backend="auto"):
+            from .parallel import parallelize_dit
+            from .perf.disk_stream import load_dit_from_disk
+
+            model, self._disk_source = load_dit_from_disk(transformer_dir, torch_dtype=torch_dtype,
+                                                          device=self.device, fp8=self.profile.dit_fp8,
+                                                          attention_backend=attention_backend)
+            return parallelize_dit(model, state, shard_weights=False)
+        return load
+
     def prepare_dit(self, dit) -> None:
         """After loading: fp8 and the block streaming the profile asks for; log where it is."""
-        if self.profile.dit_fp8:
+        if self.profile.dit_fp8 and not self.disk:             # disk: quantised when built, per block when read
             from .perf.fp8 import quantize_blocks
             quantize_blocks(dit)
+        if self.profile.token_chunk:
+            set_token_chunk(dit, self.profile.token_chunk)
+        if self.disk:
+            from .perf.offload import enable_block_offload
+
+            enable_block_offload(dit, self.device, blocks=dit.transformer_blocks, source=self._disk_source)
+            self.log("load", "dit_blocks", "disk")
         where = "device" if self.profile.dit_on_device_for_encode else "host"
         if where == "device" and self.profile.dit_streamed_blocks:
             self._stream_dit(dit)

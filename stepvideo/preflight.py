@@ -170,6 +170,13 @@ def check_services(runtime, needs_vae_encode: bool = False, timeout: float = 10.
                                  f"(started with --no_{'caption' if route == 'caption' else 'vae'}?)")
 
 
+def check_host_memory(runtime, sampling, parallel=None) -> None:
+    """The memory profile's host peak against the available RAM (stepvideo.memory_profiles.check_host)."""
+    from .memory_profiles import check_host
+
+    check_host(runtime, sampling, parallel)
+
+
 def preflight(runtime, sampling, output, parallel=None, first_image=None, check_output_target: bool = True) -> None:
     """Every check above, cheapest first."""
     check_sampling(sampling, parallel)
@@ -178,3 +185,4 @@ def preflight(runtime, sampling, output, parallel=None, first_image=None, check_
     check_first_image(first_image)
     check_kind(runtime.model_dir, has_image=first_image is not None)
     check_services(runtime, needs_vae_encode=first_image is not None)
+    check_host_memory(runtime, sampling, parallel)

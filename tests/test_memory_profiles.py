@@ -10,7 +10,7 @@ from stepvideo.perf.offload import disable_block_offload, enable_block_offload, 
 
 def test_resolve_profile_names_and_auto_on_cpu():
     assert resolve_profile("auto", "cpu").name == "none"
-    for name in ("141g", "80g", "48g", "24g", "none"):
+    for name in ("141g", "80g", "48g", "24g", "16g", "none"):
         assert resolve_profile(name, "cpu").name == name
     with pytest.raises(ValueError, match="--memory_profile"):
         resolve_profile("12g", "cpu")

@@ -168,12 +168,12 @@ def test_hostile_bodies_get_4xx_naming_the_field_and_queue_nothing(env):
         r = _raw_json(url, text)
         assert r.status_code == status, (text[:80], r.text[:300])
         body = r.json()
-        assert words in body["error"] and len(r.content) < 1000, body
+        assert words in body["error"]["message"] and len(r.content) < 1000, body
         if field is not None:
-            assert body["field"] == field, body
+            assert body["error"]["param"] == field, body
     for value in ("inf", "nan", "-Infinity", "1e999"):           # the same numbers in a multipart form
         r = _post(url, files={"prompt": (None, "a"), "cfg_scale": (None, value)})
-        assert r.status_code in (400, 422) and r.json()["field"] == "cfg_scale", r.text
+        assert r.status_code in (400, 422) and r.json()["error"]["param"] == "cfg_scale", r.text
 
     ready = requests.get(url + "/ready", headers=_auth(), timeout=10).json()
     limits = ready["job_limits"]                       # learned from the service's /ready at start-up
@@ -185,18 +185,18 @@ def test_hostile_bodies_get_4xx_naming_the_field_and_queue_nothing(env):
     side = min(159, math.isqrt(fits // 3) + 2)         # 3 latent frames x side^2 tokens, within --max_tokens
     if 3 * side * side > fits:
         r = _post(url, json={"prompt": "a", "num_frames": 17, "height": side * 16, "width": side * 16})
-        assert r.status_code == 422 and "memory" in r.json()["error"], r.text
+        assert r.status_code == 422 and "memory" in r.json()["error"]["message"], r.text
 
     # a 10 MB multipart prompt: 413 naming the per-field limit, not the 32 MiB body limit
     r = _post(url, files={"prompt": (None, "x" * (10 << 20))})
-    assert r.status_code == 413 and "33554432" not in r.text and "text field" in r.json()["error"], r.text[:300]
+    assert r.status_code == 413 and "33554432" not in r.text and "text field" in r.json()["error"]["message"], r.text[:300]
     # 200k unknown url-encoded fields: refused before parsing, with a short body
     start = time.perf_counter()
     r = _post(url, data="&".join(f"f{i}=1" for i in range(200_000)),
               headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 413 and len(r.content) < 500 and time.perf_counter() - start < 5, r.text[:300]
     r = _post(url, json={"prompt": "a", **{f"unknown{i}": 1 for i in range(1000)}})
-    assert r.status_code == 400 and "and 995 more" in r.json()["error"] and len(r.content) < 1000, r.text[:300]
+    assert r.status_code == 400 and "and 995 more" in r.json()["error"]["message"] and len(r.content) < 1000, r.text[:300]
     assert env["server"].client.list()["data"] == []           # nothing was queued
 
 
@@ -564,7 +564,7 @@ def test_internal_errors_name_no_path_or_exception(tmp_path):
     try:
         store.close()
         r = requests.get(f"http://127.0.0.1:{server.port}/v1/videos", timeout=10)
-        assert r.status_code == 500 and "reference err_" in r.json()["error"], r.text
+        assert r.status_code == 500 and "reference err_" in r.json()["error"]["message"], r.text
         assert "ProgrammingError" not in r.text and str(tmp_path) not in r.text and "closed" not in r.text
     finally:
         server.close()

@@ -39,11 +39,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile every DiT block (stepvideo.perf.compile.compile_blocks); the first step "
                         "is slower while it compiles")
-    g.add_argument("--memory_profile", default="auto", choices=["auto", "141g", "80g", "48g", "24g", "none"],
+    g.add_argument("--memory_profile", default="auto",
+                   choices=["auto", "141g", "80g", "48g", "24g", "16g", "none"],
                    help="one-GPU placement by card size (docs/performance.md): 141g everything resident; 80g "
                         "encoders before the DiT, DiT off the device while the VAE decodes; 48g fp8 DiT + 80g; "
-                        "24g DiT blocks and Step-LLM layers streamed with prefetch, tiled VAE decode; none: keep everything as "
-                        "loaded; auto (default): by the device's memory for one-GPU --no_service runs, else none")
+                        "24g DiT blocks and Step-LLM layers streamed with prefetch, tiled VAE decode; 16g the 24g "
+                        "placement with fp8 blocks and token-chunked blocks; none: keep everything as "
+                        "loaded; auto (default): by the device's memory for one-GPU --no_service runs, else none; "
+                        "the host's RAM is checked before any weight is read")
+    g.add_argument("--stream_from_disk", action="store_true",
+                   help="read the streamed DiT blocks from the checkpoint files as they are needed (memory-mapped, "
+                        "prefetched) instead of holding them in RAM; --memory_profile auto picks it when RAM is short")
     g.add_argument("--vae_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
     g.add_argument("--caption_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
     g.add_argument("--service_token", default=None,
@@ -199,6 +205,7 @@ def runtime_config(args: argparse.Namespace):
                          caption_url=args.caption_url, service_token=args.service_token, fp8=args.fp8,
                          cpu_offload=args.use_cpu_offload, compile=args.compile,
                          decode_retries=args.decode_retries, memory_profile=args.memory_profile,
+                         stream_from_disk=getattr(args, "stream_from_disk", False),
                          # the other ranks wait in a collective meanwhile: stay inside --dist_timeout
                          service_wait=min(540.0, 0.9 * getattr(args, "dist_timeout", 600.0)))
 

@@ -63,13 +63,21 @@ class SelfAttention(nn.Module):
         """``x [B, L, D]`` -> ``[B, L, D]``; ``rope`` = (cos, sin) rows of this chunk ``[L, Dh]``."""
         b, length, _ = x.shape
         cos, sin = rope
-        signed_sin = signed_sin_table(sin)
-        qkv = self.wqkv(x).view(b, length, -1, 3 * self.head_dim)     # [B, L, N, 3Dh]
+        qkv = self.qkv(x, cos, signed_sin_table(sin))                  # [B, L, N, 3Dh]
         q, k, v = qkv.split(self.head_dim, dim=-1)                     # [B, L, N, Dh] each (views)
-        q = qk_norm_rope(q, self.q_norm, cos, signed_sin)              # in place inside qkv
-        k = qk_norm_rope(k, self.k_norm, cos, signed_sin)
         out = sequence.attention(q, k, v, lambda q_, k_, v_: attention(q_, k_, v_, backend=backend))
         return self.wo(out.reshape(b, length, -1))                     # [B, L, N*Dh] -> [B, L, D]
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """``x [B, L, D]`` -> ``qkv [B, L, N, 3Dh]`` with q and k QK-normed and rotated in place;
+        ``cos``, ``signed_sin`` are the RoPE rows of these ``L`` tokens (token-wise: any token
+        chunk gives the same rows, see :mod:`stepvideo.models.token_chunks`)."""
+        b, length, _ = x.shape
+        qkv = self.wqkv(x).view(b, length, -1, 3 * self.head_dim)
+        q, k, _ = qkv.split(self.head_dim, dim=-1)
+        qk_norm_rope(q, self.q_norm, cos, signed_sin)                  # in place inside qkv
+        qk_norm_rope(k, self.k_norm, cos, signed_sin)
+        return qkv
 
 
 class CrossAttention(nn.Module):
@@ -94,11 +102,15 @@ class CrossAttention(nn.Module):
         b, length, _ = x.shape
         q = self.wq(x).view(b, length, -1, self.head_dim)                        # [B, L, N, Dh]
         q = rms_norm_(q, self.q_norm.weight, self.q_norm.eps)
-        kv = self.wkv(context).view(b, context.shape[1], -1, 2 * self.head_dim)  # [B, Lkv, N, 2Dh]
-        k, v = kv.split(self.head_dim, dim=-1)
-        k = rms_norm_(k, self.k_norm.weight, self.k_norm.eps)
+        k, v = self.context_kv(context)
         out = attention(q, k, v, mask=mask, backend=backend)
         return self.wo(out.reshape(b, length, -1))
+
+    def context_kv(self, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``context [B, Lkv, D]`` -> QK-normed ``k`` and ``v`` ``[B, Lkv, N, Dh]`` (views of one tensor)."""
+        kv = self.wkv(context).view(context.shape[0], context.shape[1], -1, 2 * self.head_dim)
+        k, v = kv.split(self.head_dim, dim=-1)
+        return rms_norm_(k, self.k_norm.weight, self.k_norm.eps), v
 
 
 class GELUProjection(nn.Module):

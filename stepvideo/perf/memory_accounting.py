@@ -45,6 +45,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from ..models.token_chunks import set_token_chunk
+
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 
@@ -320,6 +322,32 @@ def block_bytes(model: nn.Module) -> int:
     return module_bytes(model.transformer_blocks[0])
 
 
+@dataclass(frozen=True)
+class DiTWeights:
+    """Weight bytes of the real-width DiT (traced shapes, nothing allocated)."""
+
+    other: int                # outside the blocks (bf16)
+    block_bf16: int
+    block_fp8: int
+    largest: int              # the largest single tensor (bf16): the loader's one tensor in flight
+    layers: int = 48
+
+    @property
+    def total_bf16(self) -> int:
+        return self.other + self.layers * self.block_bf16
+
+
+def dit_weights(ti2v: bool = False, layers: int = 48) -> DiTWeights:
+    """Bytes of the DiT's parts in bf16 and with fp8 block linears (one block built, shape-only)."""
+    with fake_mode():
+        bf16 = build_dit(1, ti2v=ti2v)
+        f8 = build_dit(1, ti2v=ti2v, fp8=True)
+        block = block_bytes(bf16)
+        largest = max(t.numel() * t.element_size() for t in bf16.state_dict().values())
+        return DiTWeights(other=module_bytes(bf16) - block, block_bf16=block, block_fp8=block_bytes(f8),
+                          largest=largest, layers=layers)
+
+
 @dataclass
 class StepMeasurement:
     """One denoising step (CFG batch) on one rank."""
@@ -332,19 +360,21 @@ class StepMeasurement:
 
 def measure_step(video: VideoShape = VideoShape(), layout: DiTLayout = DiTLayout(), *, fp8: bool = False,
                  ti2v: bool = False, layers: int = 1, total_layers: int = 48,
-                 text_tokens: int = T2V_TEXT_TOKENS) -> StepMeasurement:
+                 text_tokens: int = T2V_TEXT_TOKENS, token_chunk: Optional[int] = None) -> StepMeasurement:
     """Trace one CFG denoising step of the real DiT: latents, CFG input, forward, guidance, Euler.
 
     ``layers`` blocks are traced; the other ``total_layers - layers`` are added as weights. That
     is exact: all blocks are alive the whole step, each block's activations die before the next
     block's peak, and the blocks are identical (checked in tests/test_memory_accounting.py).
-    The text is the longest possible (77 CLIP + 320 LLM tokens, no mask: the mask is bytes)."""
+    The text is the longest possible (77 CLIP + 320 LLM tokens, no mask: the mask is bytes).
+    ``token_chunk``: the blocks run token-chunked (:mod:`stepvideo.models.token_chunks`)."""
     if 48 % (layout.sp * layout.tp):
         raise ValueError(f"48 heads are not divisible by SP {layout.sp} x TP {layout.tp}")
     f, h, w = video.latent
     b = layout.batch
     with fake_mode():
         model = build_dit(layers, ti2v=ti2v, tp=layout.tp, fp8=fp8)
+        set_token_chunk(model, token_chunk)
         if layout.sp > 1:
             model.set_sequence_parallel(accounting_sequence(layout.sp, 0))
         latents = torch.empty(1, f, 64, h, w, dtype=torch.bfloat16)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..memory_profiles import MemoryProfile
+from . import host_memory
 from . import memory_accounting as acc
 
 PCIE_GBPS = {"PCIe 4 x16": 25.0, "PCIe 5 x16": 50.0}     # achievable host->device GB/s (stated)
@@ -68,7 +69,7 @@ def profile_report(profile: MemoryProfile, video: acc.VideoShape = acc.VideoShap
                    ) -> ProfileReport:
     """Trace what is missing (bf16 / fp8 step, encoders, decode at the profile's tiling) and
     combine them by the profile's placement."""
-    step = step or acc.measure_step(video, fp8=profile.dit_fp8, ti2v=ti2v)
+    step = step or acc.measure_step(video, fp8=profile.dit_fp8, ti2v=ti2v, token_chunk=profile.token_chunk)
     encode = encode or acc.measure_encode()
     decode = decode or acc.measure_decode(video, tile=profile.vae_tile, chunks=1)
     if ti2v and image_encode is None:
@@ -146,3 +147,25 @@ def layout_rows(video: acc.VideoShape = acc.VideoShape(), layouts=None, *, ti2v:
                         for k in ("bf16", "fp8", "bf16_offload", "fp8_offload")}
         rows.append(row)
     return rows
+
+
+def host_sizes(profile: MemoryProfile, video: acc.VideoShape, encode: acc.EncodeMeasurement,
+               dit: acc.DiTWeights) -> host_memory.HostSizes:
+    """:class:`~stepvideo.perf.host_memory.HostSizes` from the traced module sizes (the Step-LLM
+    embedding and the largest DiT tensor bound the loader's one tensor in flight)."""
+    block = dit.block_fp8 if profile.dit_fp8 else dit.block_bf16
+    peak, frames, frame = host_memory.frame_bytes(video.height, video.width, video.num_frames)
+    vae = _vae_weights()
+    return host_memory.HostSizes(
+        dit_loaded=dit.total_bf16, dit_other=dit.other, dit_block=block, dit_blocks=dit.layers * block,
+        llm=encode.llm_weights, clip=encode.clip_weights, vae=vae,
+        largest_tensor=max(dit.largest, encode.llm_other), frames_peak=peak, frames=frames, frame=frame)
+
+
+def _vae_weights() -> int:
+    import torch
+
+    from ..models.vae import AutoencoderKL
+
+    with acc.fake_mode(), acc.default_dtype(torch.bfloat16):
+        return acc.module_bytes(AutoencoderKL())

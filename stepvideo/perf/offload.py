@@ -12,6 +12,8 @@ the prefetched one) are on the device at any time.
   passes ``model.transformer.layers``).
 * ``resident``: the first ``resident`` blocks stay on the device for good (partial offload:
   stream only what does not fit).
+* ``source``: a :class:`~stepvideo.perf.disk_stream.DiskBlockSource`: the blocks are not held on
+  the host at all but read from the checkpoint files two blocks ahead (``--stream_from_disk``).
 * On CUDA the copies run on a side stream (``torch.cuda.Stream``) from pinned memory and the
   compute stream waits on an event per block; the device copies are marked with
   ``record_stream`` so the caching allocator never reuses them while a kernel still reads them.
@@ -37,14 +39,23 @@ def _tensors(block: nn.Module) -> List[torch.Tensor]:
 
 
 class BlockStreamer:
-    """Holds the host copies of the streamed blocks and moves them to ``device`` on demand."""
+    """Holds the host copies of the streamed blocks and moves them to ``device`` on demand.
 
-    def __init__(self, blocks: List[nn.Module], device: torch.device, pin_memory: bool):
+    With a ``source`` (:class:`~stepvideo.perf.disk_stream.DiskBlockSource`) nothing is held: a
+    block's host tensors are read from disk on a background thread two blocks ahead, and the
+    block's tensors point at 0-element placeholders while it is not loaded."""
+
+    def __init__(self, blocks: List[nn.Module], device: torch.device, pin_memory: bool, source=None):
         self.blocks = blocks
         self.device = device
         self.tensors = [_tensors(b) for b in blocks]
+        self.source = source
+        self._reads: Dict[int, object] = {}          # disk: index -> Future of its host tensors
         self.host: List[List[torch.Tensor]] = []
         for tensors in self.tensors:
+            if source is not None:                   # the placeholders stand in for the host copies
+                self.host.append([t.data for t in tensors])
+                continue
             copies = []
             for t in tensors:
                 cpu = t.data.to("cpu")
@@ -58,25 +69,38 @@ class BlockStreamer:
         self._loaded: Dict[int, tuple] = {}          # index -> (device copies, ready event or None)
         self.loads = 0                               # blocks copied so far (tests, benchmarks)
 
+    def _host_tensors(self, index: int) -> List[torch.Tensor]:
+        if self.source is None:
+            return self.host[index]
+        future = self._reads.pop(index, None)
+        return future.result() if future is not None else self.source.read(index)
+
+    def _read_ahead(self, index: int) -> None:
+        """Disk: start reading block ``index`` on the background thread (if not loaded or queued)."""
+        if self.source is not None and index not in self._loaded and index not in self._reads:
+            self._reads[index] = self.source.submit(index)
+
     def _load(self, index: int) -> None:
         if index in self._loaded:
             return
+        host = self._host_tensors(index)
         if self.use_streams:
             self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.side_stream):
-                copies = [cpu.to(self.device, non_blocking=True) for cpu in self.host[index]]
+                copies = [cpu.to(self.device, non_blocking=True) for cpu in host]
                 event = torch.cuda.Event()
                 event.record(self.side_stream)
         else:
-            copies = [cpu.to(self.device) for cpu in self.host[index]]
+            copies = [cpu.to(self.device) for cpu in host]
             event = None
-        self._loaded[index] = (copies, event)
+        # disk: the pinned host tensors stay referenced until the block is released (async copy)
+        self._loaded[index] = (copies, event, host if self.source is not None else None)
         self.loads += 1
 
     def activate(self, index: int) -> None:
         """Block ``index`` is about to run: its weights on the device, then prefetch the next."""
         self._load(index)
-        copies, event = self._loaded[index]
+        copies, event, _ = self._loaded[index]
         if event is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(event)
@@ -85,6 +109,7 @@ class BlockStreamer:
         for t, c in zip(self.tensors[index], copies):
             t.data = c
         self._load((index + 1) % len(self.blocks))          # overlaps with this block's compute
+        self._read_ahead((index + 2) % len(self.blocks))    # disk: read two ahead
 
     def release(self, index: int) -> None:
         """Block ``index`` finished: point its tensors back at the host copies, drop the device ones."""
@@ -96,6 +121,9 @@ class BlockStreamer:
         """Drop every device copy, the prefetched one included (the model leaves the device)."""
         for index in list(self._loaded):
             self.release(index)
+        for future in self._reads.values():
+            future.result()
+        self._reads.clear()
 
     def device_blocks(self) -> int:
         return len(self._loaded)
@@ -106,12 +134,17 @@ def streamed_bytes(model: nn.Module) -> int:
     streamer = getattr(model, "_block_streamer", None)
     if streamer is None:
         return 0
+    if streamer.source is not None:
+        return streamer.source.bytes_per_pass()
     return sum(t.numel() * t.element_size() for copies in streamer.host for t in copies)
 
 
 def enable_block_offload(model: nn.Module, device, pin_memory: Optional[bool] = None, *,
-                         blocks: Optional[nn.ModuleList] = None, resident: int = 0) -> nn.Module:
-    """Stream ``blocks[resident:]`` from host memory; everything else goes to ``device``."""
+                         blocks: Optional[nn.ModuleList] = None, resident: int = 0, source=None) -> nn.Module:
+    """Stream ``blocks[resident:]`` from host memory (from disk with a ``source``, which then
+    covers every block: ``resident`` must be 0); everything else goes to ``device``."""
+    if source is not None and resident:
+        raise ValueError("disk streaming streams every block (resident must be 0)")
     device = torch.device(device)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
@@ -125,7 +158,7 @@ def enable_block_offload(model: nn.Module, device, pin_memory: Optional[bool] = 
     _move_except(model, device, streamed_ids)
     handles: List = []
     if streamed:
-        streamer = BlockStreamer(streamed, device, pin_memory)
+        streamer = BlockStreamer(streamed, device, pin_memory, source=source)
         for index, block in enumerate(streamed):
             handles.append(block.register_forward_pre_hook(
                 lambda module, args, index=index: streamer.activate(index)))
