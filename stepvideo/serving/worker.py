@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..config import OutputConfig, SamplingConfig
+from ..io.image import to_rgb
 from . import jobs as js
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
             try:
                 from PIL import Image
 
-                first_image = Image.open(io.BytesIO(store.image(job_id))).convert("RGB")
+                first_image, _ = to_rgb(Image.open(io.BytesIO(store.image(job_id))))   # 16-bit, CMYK, ...
             except Exception as err:  # noqa: BLE001 - checked at submission; reported on the job if it happens
                 image_error = f"the stored first image cannot be read: {type(err).__name__}: {err}"
     if settings.get("image") and channel.flag(state.is_main and image_error is not None):   # all ranks skip it
