@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # Install (first run only) and run the test suite on CPU.
 #   bash scripts/test.sh [pytest args]
-# Installs nothing outside ./.venv. The gallery render test needs a headless Chromium
-# (/usr/bin/chromium) and is skipped, with the reason, without one. To let this script install
-# Debian's chromium system-wide (as root, with apt-get), opt in:
+# Installs nothing outside ./.venv. The gallery render tests need a headless Chromium
+# (/usr/bin/chromium) and are skipped, with the reason, without one; the Chinese-text checks
+# also need a CJK font. To let this script install Debian's chromium and fonts-noto-cjk
+# system-wide (as root, with apt-get), opt in:
 #   STEPVIDEO_INSTALL_BROWSER=1 bash scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-if [ "${STEPVIDEO_INSTALL_BROWSER:-0}" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+_browser_packages=()
+[ -x /usr/bin/chromium ] || _browser_packages+=(chromium)
+[ -n "$(fc-list :lang=zh 2>/dev/null | head -n 1)" ] || _browser_packages+=(fonts-noto-cjk)
+if [ "${STEPVIDEO_INSTALL_BROWSER:-0}" = 1 ] && [ "${#_browser_packages[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "[stepvideo] STEPVIDEO_INSTALL_BROWSER=1: installing Debian's chromium system-wide (apt-get) ..." >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
-            || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
-            || echo "[stepvideo] chromium not installed; the gallery render test will be skipped" >&2
+        echo "[stepvideo] STEPVIDEO_INSTALL_BROWSER=1: installing ${_browser_packages[*]} system-wide (apt-get) ..." >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${_browser_packages[@]}" >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 \
+                 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${_browser_packages[@]}" >/dev/null 2>&1; } \
+            || echo "[stepvideo] ${_browser_packages[*]} not installed; the gallery render tests may be skipped or fail" >&2
     else
-        echo "[stepvideo] STEPVIDEO_INSTALL_BROWSER=1 needs root and apt-get; the gallery render test will be skipped" >&2
+        echo "[stepvideo] STEPVIDEO_INSTALL_BROWSER=1 needs root and apt-get; the gallery render tests will be skipped" >&2
     fi
 fi
 exec "$STEPVIDEO_PY" -m pytest -q --timeout 600 "$@" tests
