@@ -7,7 +7,8 @@ value seen and the rule: the output target (writable, not a directory), the firs
 (exists, is a file, decodes, has a pixel format we can convert; a conversion, an upscale or a
 large crop is logged as one warning line each), the checkpoint kind against the image (an image with a T2V
 checkpoint, or no image with a TI2V one), the sampling settings against the layout, and the
-caption/VAE services (``GET /ready`` with the token, the needed models loaded).
+caption/VAE services (``GET /ready`` with the token, the needed models loaded). A prompt longer
+than the text encoders read is reported in one warning line (it runs as the reference runs it).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .errors import PreflightError
 from .geometry import round_size
 from .io.image import describe_fit, to_rgb
 from .loading import layout
+from .text_encoders.prompt_length import check_prompt_length
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +189,14 @@ def check_services(runtime, needs_vae_encode: bool = False, timeout: float = 10.
                                  f"(started with --no_{'caption' if route == 'caption' else 'vae'}?)")
 
 
-def preflight(runtime, sampling, output, parallel=None, first_image=None, check_output_target: bool = True) -> None:
-    """Every check above, cheapest first."""
+def preflight(runtime, sampling, output, parallel=None, first_image=None, check_output_target: bool = True,
+              prompt: Optional[str] = None) -> None:
+    """Every check above, cheapest first; with ``prompt``, its length against the text encoders."""
     check_sampling(sampling, parallel)
     if check_output_target:
         check_output(output)
     check_first_image(first_image, round_size(sampling.height), round_size(sampling.width))
     check_kind(runtime.model_dir, has_image=first_image is not None)
+    if prompt is not None:
+        check_prompt_length(runtime.model_dir, prompt, sampling.pos_magic)
     check_services(runtime, needs_vae_encode=first_image is not None)

@@ -176,6 +176,7 @@ def _start_http(config: ServerConfig, runtime, options: dict, holder: dict) -> N
 
 
 def _mark_ready(ctx, generator, state) -> None:
+    from ..text_encoders.prompt_length import PromptLengthCounter
     from .requests import ModelInfo
 
     config = generator.transformer_config
@@ -185,7 +186,8 @@ def _mark_ready(ctx, generator, state) -> None:
                                     "tensor_parallel_degree": state.config.tensor_parallel_degree,
                                     "cfg_degree": state.config.cfg_degree}}
     ctx.model = ModelInfo(is_ti2v=generator.pipeline.is_ti2v, num_heads=int(config.get("num_attention_heads", 48)),
-                          parallel=state.config, world_size=state.world_size)
+                          parallel=state.config, world_size=state.world_size,
+                          prompt_length=PromptLengthCounter.from_model_dir(generator.root))
 
 
 def _stop_http(holder: dict) -> None:

@@ -155,7 +155,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
 
     job_id = message["id"]
     settings = message["settings"]
-    sampling = SamplingConfig(**{k: v for k, v in settings.items() if k not in ("preset", "image")})
+    sampling = SamplingConfig(**{k: v for k, v in settings.items() if k not in ("preset", "image", "prompt_tokens")})
     listener = None
     first_image = None
     if state.is_main:
