@@ -7,7 +7,7 @@ Pure numpy arithmetic (float64, no randomness, no fonts, no drawing library), so
 the same on every machine; PIL only encodes the PNG. Shapes are signed distances turned into
 coverage with a one-pixel smooth edge, so every edge is anti-aliased.
 
-Coordinates: ``y`` runs 0 (top) .. 1 (horizon-independent bottom) and ``x`` runs 0 .. width/height,
+Coordinates: ``y`` runs 0 (top) .. 1 (bottom) and ``x`` runs 0 .. width/height,
 so circles stay round at any aspect ratio. The scene is laid out from the horizon line and the
 image's width, which keeps every element in view in the 992x544 landscape and the 544x992
 portrait variant.
