@@ -11,8 +11,10 @@ setup(
     description="Inference toolkit for the Step-Video T2V / TI2V models",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["stepvideo", "stepvideo.*"]),
-    package_data={"stepvideo.serving": ["ui/*.html"]},
+    # assets/ (the demo images, one copy in the repository) is installed as stepvideo/assets/
+    packages=find_packages(include=["stepvideo", "stepvideo.*"]) + ["stepvideo.assets"],
+    package_dir={"stepvideo.assets": "assets"},
+    package_data={"stepvideo.assets": ["*.png", "README.md"], "stepvideo.serving": ["ui/*.html"]},
     install_requires=[
         "torch>=2.3",
         "safetensors>=0.4",

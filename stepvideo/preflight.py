@@ -4,9 +4,11 @@
 
 Each check raises :class:`~stepvideo.errors.PreflightError` with one line naming the flag, the
 value seen and the rule: the output target (writable, not a directory), the first image
-(exists, is a file, decodes), the checkpoint kind against the image (an image with a T2V
+(exists, is a file, decodes, has a pixel format we can convert; a conversion, an upscale or a
+large crop is logged as one warning line each), the checkpoint kind against the image (an image with a T2V
 checkpoint, or no image with a TI2V one), the sampling settings against the layout, and the
-caption/VAE services (``GET /ready`` with the token, the needed models loaded).
+caption/VAE services (``GET /ready`` with the token, the needed models loaded). A prompt longer
+than the text encoders read is reported in one warning line (it runs as the reference runs it).
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import PreflightError
+from .geometry import round_size
+from .io.image import describe_fit, to_rgb
 from .loading import layout
+from .text_encoders.prompt_length import check_prompt_length
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +58,9 @@ def check_output(output) -> None:
         _check_creatable_dir(Path(output.save_path), "--save_path")
 
 
-def check_first_image(path) -> None:
-    """The image exists, is a file and decodes as an image."""
+def check_first_image(path, height: Optional[int] = None, width: Optional[int] = None) -> None:
+    """The image exists, is a file, decodes as an image and converts to RGB; with the target
+    ``height``/``width``, says (one warning line) how it will be upscaled or cropped."""
     if path is None:
         return
     p = Path(path)
@@ -64,11 +70,24 @@ def check_first_image(path) -> None:
         raise PreflightError(f"--first_image_path {str(p)!r} is a directory; expected an image file")
     from PIL import Image, UnidentifiedImageError
 
+    note = refusal = None
     try:
         with Image.open(p) as img:
             img.load()
+            size = img.size
+            try:
+                _, note = to_rgb(img)
+            except ValueError as err:
+                refusal = str(err)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise PreflightError(f"--first_image_path {str(p)!r} cannot be read as an image ({err})") from None
+    if refusal:
+        raise PreflightError(f"--first_image_path {str(p)!r} {refusal}")
+    if note:
+        logger.warning("--first_image_path %r %s", str(p), note)
+    fit = describe_fit(*size, height, width) if height and width else None
+    if fit:
+        logger.warning("--first_image_path %r: %s", str(p), fit)
 
 
 def checkpoint_kind(model_dir) -> Optional[str]:
@@ -177,12 +196,15 @@ def check_host_memory(runtime, sampling, parallel=None) -> None:
     check_host(runtime, sampling, parallel)
 
 
-def preflight(runtime, sampling, output, parallel=None, first_image=None, check_output_target: bool = True) -> None:
-    """Every check above, cheapest first."""
+def preflight(runtime, sampling, output, parallel=None, first_image=None, check_output_target: bool = True,
+              prompt: Optional[str] = None) -> None:
+    """Every check above, cheapest first; with ``prompt``, its length against the text encoders."""
     check_sampling(sampling, parallel)
     if check_output_target:
         check_output(output)
-    check_first_image(first_image)
+    check_first_image(first_image, round_size(sampling.height), round_size(sampling.width))
     check_kind(runtime.model_dir, has_image=first_image is not None)
+    if prompt is not None:
+        check_prompt_length(runtime.model_dir, prompt, sampling.pos_magic)
     check_services(runtime, needs_vae_encode=first_image is not None)
     check_host_memory(runtime, sampling, parallel)

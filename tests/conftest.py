@@ -138,3 +138,27 @@ def tiny_generation_server(tiny_model_dir, tiny_service, tmp_path_factory):
     with running_server(tiny_model_dir, tiny_service, tmp_path_factory.mktemp("generation-server"),
                         max_queue=4) as server:
         yield server
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture()
+def headless_chromium(tmp_path):
+    """``run(*args, timeout=90) -> CompletedProcess``: Debian's headless Chromium with a private
+    profile and no network chatter; the test is skipped, naming the reason, without it."""
+    import subprocess
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing (STEPVIDEO_INSTALL_BROWSER=1 bash scripts/test.sh installs Debian's "
+                    "chromium and fonts-noto-cjk as root)")
+
+    def run(*args: str, timeout: float = 90) -> "subprocess.CompletedProcess":
+        cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res
+
+    return run

@@ -116,6 +116,46 @@ def test_inductor_cache_dir_precedence(tmp_path, monkeypatch):
     assert (tmp_path / "explicit").is_dir()
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPILE_LINE = "compiling 2 DiT blocks on first use"
+
+
+def _cli_cache_line(model_dir, tmp_path, env) -> str:
+    """``run_parallel.py --no_service --compile`` on the tiny model, up to its "compiling ...
+    Inductor cache DIR" log line (the compilation itself, about a minute on CPU, is not waited for)."""
+    cmd = [sys.executable, os.path.join(REPO, "run_parallel.py"), "--no_service", "--compile", "--model_dir",
+           str(model_dir), "--prompt", "x", "--num_frames", "17", "--height", "16", "--width", "16",
+           "--infer_steps", "1", "--dtype", "fp32", "--save_path", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if COMPILE_LINE in line:
+                return line.split("Inductor cache ", 1)[1].strip()
+    finally:
+        proc.kill()
+        proc.wait()
+    raise AssertionError("no compile log line:\n" + "".join(seen[-30:]))
+
+
+def test_cli_compile_uses_the_documented_cache_unless_the_user_set_one(tiny_model_dir, tmp_path):
+    """Through the real CLI, where importing torch._dynamo puts Inductor's /tmp default into
+    TORCHINDUCTOR_CACHE_DIR before compile_blocks runs."""
+    env = {k: v for k, v in os.environ.items() if k != compile_mod.CACHE_ENV}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    documented = tmp_path / "xdg" / "stepvideo" / "inductor"
+    assert _cli_cache_line(tiny_model_dir, tmp_path, env) == str(documented)
+    assert documented.is_dir()
+    mine = tmp_path / "mine"
+    assert _cli_cache_line(tiny_model_dir, tmp_path, {**env, compile_mod.CACHE_ENV: str(mine)}) == str(mine)
+    # the library call after a bare `import torch._dynamo` (the repro of the bug)
+    code = "import torch._dynamo; from stepvideo.perf.compile import use_inductor_cache; print(use_inductor_cache())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == str(documented), out.stderr
+
+
 def test_import_has_no_side_effects(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != compile_mod.CACHE_ENV}
     code = ("import os, stepvideo.perf.compile, stepvideo.models.dit; "

@@ -3,9 +3,11 @@
 Commands are rewritten, never paraphrased: ``--model_dir`` points at the tiny T2V (or, with an
 image or a ``ti2v`` path, TI2V) dir, ``--vae_url``/``--caption_url`` at one shared tiny service,
 ``torchrun --nproc_per_node N`` runs one rank (the Ulysses degree follows; several gloo ranks
-are covered by tests/test_end_to_end.py and tests/test_faults.py), paths go
-to a temporary folder, ``t2v-eval`` becomes a one-prompt file, GPUs become the CPU, and the tiny
-sampling flags are appended. Identical commands after the rewrite run once. Then:
+are covered by tests/test_end_to_end.py and tests/test_faults.py; an image-to-video command
+runs 2), output paths go to a temporary folder, ``t2v-eval`` becomes a one-prompt file, GPUs
+become the CPU, and the tiny sampling flags are appended (image-to-video keeps its preset's 102
+frames). Files of this repository that a command names (``assets/demo.png``, scripts) are used
+as written and must exist. Identical commands after the rewrite run once. Then:
 
 - a service command starts the service and waits for ``GET /ready``;
 - a ``run_parallel.py --serve`` command starts the generation server in the background; the
@@ -33,10 +35,14 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from stepvideo.cli.demo import TINY_TI2V_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_RANKS = 1                # keeps this test fast; multi-rank runs are tested elsewhere
+TI2V_RANKS = 2               # the README's image-to-video command: through the service on 2 ranks
 TINY = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2", "--dtype", "fp32"]
+TINY_TI2V = TINY_TI2V_ARGS + ["--dtype", "fp32"]        # the preset's 102 frames, the demo image's aspect
+REPO_DIRS = ("assets", "api", "benchmark", "scripts", "stepvideo", "docs", "tests")
 SKIPPED = {("pip",): "installs packages from the network",
            ("bash", "scripts/test.sh"): "the test suite itself",
            ("bash", "scripts/demo.sh"): "runs in tests/test_end_to_end.py::test_readme_main_job",
@@ -76,6 +82,17 @@ def documented_commands() -> List[Tuple[str, str]]:
     return found
 
 
+def is_ti2v(argv: List[str]) -> bool:
+    return "--first_image_path" in argv or any("ti2v" in a for a in argv)
+
+
+def missing_repo_files(argv: List[str]) -> List[str]:
+    """Arguments naming a file of this repository (``assets/demo.png``, ``benchmark/x.py``) that
+    does not exist."""
+    named = [a for a in argv if not a.startswith("-") and Path(a).suffix and a.split("/")[0] in REPO_DIRS]
+    return [a for a in named if not (REPO / a).is_file()]
+
+
 def _flag_values(argv: List[str]) -> Dict[str, str]:
     return {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
 
@@ -83,22 +100,21 @@ def _flag_values(argv: List[str]) -> Dict[str, str]:
 class Rewriter:
     """Turns a documented command into one that runs here on the tiny model."""
 
-    def __init__(self, tmp: Path, t2v: Path, ti2v: Path, service_url: str, latents: Path, image: Path,
-                 prompts: Path):
+    def __init__(self, tmp: Path, t2v: Path, ti2v: Path, service_url: str, latents: Path, prompts: Path):
         self.tmp, self.t2v, self.ti2v, self.url = tmp, t2v, ti2v, service_url
-        self.latents, self.image, self.prompts = latents, image, prompts
+        self.latents, self.prompts = latents, prompts
         self.quantized: Dict[str, Path] = {}      # documented --out of stepvideo.quantize -> its tiny output
 
     def entry(self, argv: List[str]) -> Tuple[str, List[str], List[str], int]:
         """``(kind, [python, ..., script or -m module], flags, nproc)``; torchrun becomes
         ``python -m torch.distributed.run`` on a free loopback port."""
-        nproc = 1
+        nproc, max_ranks = 1, TI2V_RANKS if is_ti2v(argv) else MAX_RANKS
         if argv[0] == "torchrun":
             rest, launcher = argv[1:], []
             while rest and rest[0].startswith("--") and rest[0] not in ("-m",):
                 name, value = rest[0], rest[1]
                 if name == "--nproc_per_node":
-                    nproc = min(int(value), MAX_RANKS)
+                    nproc = min(int(value), max_ranks)
                     value = str(nproc)
                 launcher += [name, value]
                 rest = rest[2:]
@@ -130,7 +146,7 @@ class Rewriter:
 
     def flags(self, kind: str, argv: List[str], nproc: int) -> List[str]:
         out, i = [], 0
-        ti2v = "--first_image_path" in argv or any("ti2v" in a for a in argv)
+        ti2v = is_ti2v(argv)
         while i < len(argv):
             arg = argv[i]
             value = argv[i + 1] if i + 1 < len(argv) else None
@@ -159,8 +175,6 @@ class Rewriter:
                 out += [arg, str(self.tmp / "results")]
             elif arg == "--output_path":
                 out += [arg, str(self.tmp / "results" / Path(value).name)]
-            elif arg == "--first_image_path":
-                out += [arg, str(self.image)]
             elif arg == "--prompts":
                 out += [arg, str(self.prompts)]
             elif arg == "--prompt":
@@ -177,7 +191,7 @@ class Rewriter:
                 continue
             i += 2
         if kind in ("generate", "evaluate") and "--gallery_only" not in out:
-            out += TINY
+            out += TINY_TI2V if ti2v and kind == "generate" else TINY
         if kind == "service" and "--device" not in out:
             out += ["--device", "cpu"]
         return out
@@ -242,14 +256,12 @@ def _run_against_server(lines: List[str], address: str, tmp: Path, env) -> None:
 
 def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_service, tmp_path):
     import torch
-    from PIL import Image
 
     from stepvideo.config import OutputConfig, get_preset
+    from stepvideo.io.video import read_mp4
     from stepvideo.vae.latents_file import run_metadata, save_latents
 
     url, token = tiny_service
-    image = tmp_path / "demo.png"
-    Image.new("RGB", (80, 64), (30, 120, 200)).save(image)
     prompts = tmp_path / "t2v-eval.jsonl"
     prompts.write_text(json.dumps({"prompt": "一只猫", "category": "Animals"}, ensure_ascii=False) + "\n")
     latents = tmp_path / "saved" / "video.latents.safetensors"
@@ -259,12 +271,12 @@ def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_servi
     save_latents(latents, noise, run_metadata("x", get_preset("t2v"), OutputConfig(),
                                               video_path=str(tmp_path / "saved" / "video.mp4"),
                                               decoder="service-uint8", model_dir=""))
-    rewriter = Rewriter(tmp_path, tiny_model_dir, tiny_ti2v_model_dir, url, latents, image, prompts)
+    rewriter = Rewriter(tmp_path, tiny_model_dir, tiny_ti2v_model_dir, url, latents, prompts)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "STEPVIDEO_SERVICE_TOKEN": token}
 
     commands = documented_commands()
     assert any("--no_service" in c for _, c in commands), "the README's one-GPU command is not in a bash block"
-    seen, ran, skipped, unknown = set(), [], [], []
+    seen, ran, skipped, unknown, missing = set(), [], [], [], []
     helped: Dict[str, str] = {}
     server, server_lines = None, []          # (process, host:port); commands that talk to it
     try:
@@ -276,6 +288,7 @@ def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_servi
             argv = [a for a in argv if a != "&"]          # a background service runs in the foreground here
             while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
                 argv = argv[1:]                     # CUDA_VISIBLE_DEVICES=... and the like
+            missing += [f"{source}: `{command}` names {name}" for name in missing_repo_files(argv)]
             reason = next((why for prefix, why in SKIPPED.items() if tuple(argv[:len(prefix)]) == prefix), None)
             if reason:
                 skipped.append((command, reason))
@@ -328,6 +341,8 @@ def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_servi
             last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
             if kind == "generate" or kind == "decode":
                 assert last.endswith(".mp4") and Path(last).is_file(), f"{source}: `{command}`\n{res.stdout[-1000:]}"
+                if kind == "generate" and is_ti2v(argv):          # the ti2v preset's 102 frames, read back
+                    assert read_mp4(Path(last))[0].shape[0] == 102, f"{source}: `{command}`"
             elif "--gallery_only" in cmd:
                 assert Path(last).name == "index.html" and Path(last).is_file(), res.stdout[-1000:]
             else:
@@ -341,6 +356,7 @@ def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_servi
         if server is not None:
             server[0].terminate()
             server[0].wait(timeout=120)
+    assert not missing, "documented commands name files this repository lacks:\n" + "\n".join(missing)
     assert not unknown, "documented commands without a rule in this test:\n" + "\n".join(unknown)
     assert len(ran) >= 6, ran
     assert {why for _, why in skipped} <= set(SKIPPED.values())

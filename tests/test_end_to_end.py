@@ -49,11 +49,11 @@ def _torchrun(model_dir, url, save_path, *extra, nproc=2):
            "--save_path", str(save_path), *TINY_ARGS, *extra]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    return Path(res.stdout.strip().splitlines()[-1])
+    return Path(res.stdout.strip().splitlines()[-1]), res.stderr
 
 
 def test_t2v_two_ranks_through_the_service(models, service, tmp_path):
-    path = _torchrun(models["t2v"], service, tmp_path, "--prompt", "一只猫在月球上散步", "--seed", "7")
+    path, _ = _torchrun(models["t2v"], service, tmp_path, "--prompt", "一只猫在月球上散步", "--seed", "7")
     assert path.parent == tmp_path and path.suffix == ".mp4" and "seed7" in path.name
     frames, meta = read_mp4(path)
     assert frames.shape == (17, 64, 64, 3)
@@ -61,7 +61,7 @@ def test_t2v_two_ranks_through_the_service(models, service, tmp_path):
     assert frames.std() > 0                            # not a blank video
     assert not list(tmp_path.glob(".*partial*"))       # no temporary file left behind
     # automatic names never overwrite: same prompt and seed again -> a second file
-    again = _torchrun(models["t2v"], service, tmp_path, "--prompt", "一只猫在月球上散步", "--seed", "7")
+    again, _ = _torchrun(models["t2v"], service, tmp_path, "--prompt", "一只猫在月球上散步", "--seed", "7")
     assert again != path and again.is_file() and path.is_file()
     np.testing.assert_array_equal(read_mp4(again)[0], frames)      # same seed, same video
 
@@ -73,10 +73,13 @@ def test_ti2v_two_ranks_with_an_image(models, service, tmp_path):
     yy, xx = np.mgrid[0:80, 0:120]
     Image.fromarray(np.stack([xx * 2, yy * 3, (xx + yy)], -1).astype(np.uint8)).save(image)
     out = tmp_path / "out" / "ti2v.mp4"
-    path = _torchrun(models["ti2v"], service, tmp_path, "--prompt", "a gradient comes alive",
-                     "--first_image_path", str(image), "--motion_score", "5", "--seed", "3",
-                     "--output_path", str(out))
+    path, log = _torchrun(models["ti2v"], service, tmp_path, "--prompt", "a gradient comes alive",
+                          "--first_image_path", str(image), "--motion_score", "5", "--seed", "3",
+                          "--output_path", str(out))
     assert path == out                                 # an explicit output path is honoured
+    # 120x80 into 64x64: one pre-flight warning line, from rank 0 only
+    fit = [line for line in log.splitlines() if "WARNING" in line and "--first_image_path" in line]
+    assert len(fit) == 1 and "resized to 96x64 and centre-cropped to 64x64, cutting 33% of its width" in fit[0], log
     frames, _ = read_mp4(path)
     assert frames.shape == (17, 64, 64, 3)
 
@@ -104,3 +107,22 @@ def test_readme_main_job(tmp_path):
     path = Path(res.stdout.strip().splitlines()[-1])
     assert path.is_file() and path.parent == tmp_path
     assert read_mp4(path)[0].shape == (17, 64, 64, 3)
+
+
+def test_demo_ti2v_animates_the_demo_image(models, tmp_path):
+    """``bash scripts/demo.sh --ti2v``: the packaged demo image, the tiny TI2V model behind the
+    service, 2 ranks, the ti2v preset's 102 frames; the mp4's path is the last line."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tiny-model-ti2v").symlink_to(models["ti2v"])        # the module's tiny TI2V dir, not a new one
+    res = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--ti2v", "--save_path", str(tmp_path)],
+                         env={**ENV, "STEPVIDEO_CACHE": str(cache), "STEPVIDEO_PY": sys.executable},
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    path = Path(res.stdout.strip().splitlines()[-1])
+    assert path.is_file() and path.parent == tmp_path
+    assert "assets/demo.png" in res.stderr                         # the image the demo says it animates
+    warnings = [line for line in res.stderr.splitlines() if "WARNING" in line]
+    assert not [line for line in warnings if "--first_image_path" in line], warnings    # the image fits as is
+    frames = read_mp4(path)[0]
+    assert frames.shape == (102, 64, 112, 3) and frames.std() > 0

@@ -209,6 +209,7 @@ def test_end_to_end_kill_resume_and_gallery(tiny_model_dir, service, tmp_path):
         assert frames.shape == (17, 64, 64, 3)
         assert r["sampling"]["num_inference_steps"] == 2 and r["seed"] == int(r["id"])
         assert r["model_dir"] and "denoise_s" in r["timings"]
+        assert r["prompt_tokens"]["truncated"] is False and r["prompt_tokens"]["step_llm_reads"] == 320
     leftovers = [p for p in root.rglob("*") if "partial" in p.name or p.name.endswith(".tmp")]
     assert not leftovers
     assert len(list(root.rglob("*.mp4"))) == 4

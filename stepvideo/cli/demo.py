@@ -1,17 +1,20 @@
 """The README's main job: the whole decoupled system, end to end.
 
     bash scripts/demo.sh [--model_dir DIR] [--prompt TEXT] [--nproc 2] [--first_image_path IMG]
+    bash scripts/demo.sh --ti2v # image-to-video: animates assets/demo.png (102 frames)
     stepvideo-demo ...          # the same from an installed package (python -m stepvideo.cli.demo)
 
 1. Without ``--model_dir``, writes the built-in tiny model dir (once, cached under
-   ``$STEPVIDEO_CACHE`` or ``~/.cache/stepvideo``).
+   ``$STEPVIDEO_CACHE`` or ``~/.cache/stepvideo``): the TI2V one with ``--ti2v`` or
+   ``--first_image_path``, else the T2V one.
 2. Starts the caption/VAE service (``python -m stepvideo.cli.service``) on a free loopback port
    and waits for ``/ready``.
 3. Runs ``torchrun --nproc_per_node N -m stepvideo.cli.generate ...`` with Ulysses degree N
    (gloo on CPU, NCCL on GPUs), pointing it at the service.
 4. Stops the service and prints the mp4's path as the last line.
 
-Nothing is looked up relative to the repository: the demo works from an installed package.
+Nothing is looked up relative to the repository: the demo works from an installed package
+(``--ti2v`` takes the demo image packaged with it, see :mod:`stepvideo.io.demo_image`).
 """
 from __future__ import annotations
 
@@ -23,12 +26,16 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..io.demo_image import demo_image_path
 from ..parallel.launch import free_port
 
 CACHE_ENV = "STEPVIDEO_CACHE"
 DEFAULT_PROMPT = "一名宇航员在月球上发现一块石碑，上面印有“stepfun”字样，闪闪发光"
-# tiny-model generation settings: seconds on a CPU
+TI2V_PROMPT = "夕阳下的湖面，一艘帆船缓缓驶过，树叶随风摇动，水面波光粼粼"
+# tiny-model generation settings: seconds on a CPU. TI2V keeps its preset's 102 frames, at the
+# demo image's aspect ratio (64x112 vs 544x992: a 4% crop, no resize warning)
 TINY_ARGS = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2"]
+TINY_TI2V_ARGS = ["--height", "64", "--width", "112", "--infer_steps", "2"]
 
 
 def cache_dir() -> Path:
@@ -85,16 +92,21 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", default=None, help="real checkpoint (default: the built-in tiny model)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--prompt", default=None, help="default: a Chinese prompt that suits the mode")
     parser.add_argument("--first_image_path", default=None, help="run image-to-video with this image")
+    parser.add_argument("--ti2v", action="store_true",
+                        help="image-to-video with the packaged demo image (assets/demo.png)")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun ranks (Ulysses degree)")
     parser.add_argument("--save_path", default="results", help="output folder (default %(default)s)")
     parser.add_argument("--service_device", default=None, help="device of the service (default: auto)")
     parser.add_argument("--ready_timeout", type=float, default=600.0)
     args, passthrough = parser.parse_known_args(argv)
 
+    if args.ti2v and not args.first_image_path:
+        args.first_image_path = str(demo_image_path())
     tiny = args.model_dir is None
     variant = "ti2v" if args.first_image_path else "t2v"
+    prompt = args.prompt or (TI2V_PROMPT if args.first_image_path else DEFAULT_PROMPT)
     model_dir = ensure_tiny_model(cache_dir(), variant) if tiny else Path(args.model_dir)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -108,12 +120,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         wait_ready(url, timeout=args.ready_timeout, abort=process_exited(server))
         print(f"[demo] service ready at {url}", file=sys.stderr)
         worker_cmd = generate_command(args.nproc, "--model_dir", str(model_dir), "--vae_url", url, "--caption_url",
-                                      url, "--ulysses_degree", str(args.nproc), "--prompt", args.prompt,
+                                      url, "--ulysses_degree", str(args.nproc), "--prompt", prompt,
                                       "--save_path", args.save_path)
         if args.first_image_path:
             worker_cmd += ["--first_image_path", args.first_image_path]
         if tiny:
-            worker_cmd += TINY_ARGS + ["--dtype", "fp32"]
+            worker_cmd += (TINY_TI2V_ARGS if args.first_image_path else TINY_ARGS) + ["--dtype", "fp32"]
         worker_cmd += list(passthrough)
         print(f"[demo] running: {' '.join(worker_cmd)}", file=sys.stderr)
         result = subprocess.run(worker_cmd, env=env, stdout=subprocess.PIPE, text=True)

@@ -44,7 +44,8 @@ def generate(args: argparse.Namespace) -> int:
     (sampling, output, parallel, runtime), state = cli.start_ranks(args)
 
     def work():
-        on_main(state, lambda: preflight(runtime, sampling, output, parallel, first_image=args.first_image_path))
+        on_main(state, lambda: preflight(runtime, sampling, output, parallel, first_image=args.first_image_path,
+                                         prompt=args.prompt))
         generator = VideoGenerator(runtime, state, sequence_tokens=cli.token_count(sampling))
         return generator.generate(args.prompt, sampling, output, first_image=args.first_image_path)
 

@@ -29,7 +29,12 @@ INDEX = "index.html"
 _SHOWN_PARAMS = ("num_inference_steps", "guidance_scale", "time_shift", "num_frames", "height", "width",
                  "motion_score")
 
-CSS = """body{font-family:sans-serif;margin:1.5em;background:#fafafa}
+# Latin faces first, then the common CJK faces of Linux (Noto/Source Han, WenQuanYi), macOS
+# (PingFang, Hiragino) and Windows (Microsoft YaHei/JhengHei); T2V-Eval prompts are Chinese
+FONT_STACK = ('system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,"Noto Sans",'
+              '"Noto Sans CJK SC","Source Han Sans SC","PingFang SC","Hiragino Sans GB","Microsoft YaHei",'
+              '"Microsoft JhengHei","WenQuanYi Micro Hei","Noto Sans CJK JP","Noto Sans CJK KR",sans-serif')
+CSS = "body{font-family:" + FONT_STACK + """;margin:1.5em;background:#fafafa}
 .entry{display:flex;gap:1em;border:1px solid #ddd;background:#fff;padding:.7em;margin:.6em 0}
 .entry.failed{border-color:#d33}.entry video{max-width:360px}.entry img{max-width:160px}
 .prompt{font-size:1.05em;margin:.2em 0}.params{color:#555;font-size:.85em}.error{color:#d33}
@@ -78,6 +83,15 @@ def _contact_sheet(root: Path, thumbs: List[str], cell: int = 128, columns: int 
     return CONTACT_SHEET
 
 
+REFERENCE_NOISE = "reference noise"
+
+
+def seed_label(seed) -> str:
+    """A seed as people read it: the number, or "reference noise" for ``None`` (the reference's
+    fixed initial noise, the T2V-Eval default). Machine-readable records keep ``None``."""
+    return REFERENCE_NOISE if seed is None else str(seed)
+
+
 def _scores_text(scores) -> str:
     """``alignment 0.2712, temporal_consistency 0.9810, motion 3.41`` (whatever is present)."""
     from ..quality.score_summary import METRICS
@@ -92,7 +106,7 @@ def _entry(record: dict, thumb: Optional[str]) -> str:
     e = html.escape
     sampling = record.get("sampling") or {}
     params = ", ".join(f"{k}={sampling[k]}" for k in _SHOWN_PARAMS if k in sampling)
-    params = f"seed={record.get('seed')}, {params}"
+    params = f"seed: {seed_label(record.get('seed'))}, {params}"
     ok = record.get("status") == mf.STATUS_OK and record.get("path")
     parts = [f'<div class="entry{"" if ok else " failed"}" id="item-{e(slugify(str(record["id"])))}" '
              f'data-id="{e(str(record["id"]))}">']

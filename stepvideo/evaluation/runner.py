@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 from ..config import OutputConfig, SamplingConfig
 from ..errors import UserError, is_service_error
 from ..parallel.agree import on_main
+from ..text_encoders.prompt_length import PromptLengthCounter
 from . import manifest as mf
 from .sets import EvalItem, load_items, select_items, sha256_file
 
@@ -148,6 +149,7 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
     manifest_path = root / mf.manifest_name(shard)
     summary = EvalSummary(skipped=len(plan.skipped))
     info = model_info(getattr(generator, "root", None) or generator.runtime.model_dir)
+    lengths = PromptLengthCounter.from_model_dir(info["model_dir"]) if state.is_main else None
     bar = None
     if state.is_main and progress:
         from tqdm.auto import tqdm
@@ -157,6 +159,7 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
         params = item_sampling(item, sampling)
         rel = mf.relative_video_path(item)
         item_output = replace(output, save_path=str(root), output_path=str(root / rel))
+        length = None if lengths is None else lengths.check(item.prompt, params.pos_magic, f"item {item.id}'s prompt")
         start = time.perf_counter()
         error, result, service_failure = None, None, False
         try:
@@ -181,6 +184,8 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
             else:
                 record = make_record(item, params, info, mf.STATUS_FAILED, seconds=seconds, error=error)
                 summary.failed += 1
+            if length is not None:
+                record["prompt_tokens"] = length.to_dict()
             mf.append_record(manifest_path, record)
             if bar is not None:
                 bar.set_postfix(done=summary.done, failed=summary.failed)

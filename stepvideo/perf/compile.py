@@ -20,6 +20,8 @@ makes later runs with the same shapes reuse the compiled kernels: if the user ha
 :func:`compile_blocks` sets it (at call time, never at import) to ``cache_dir`` or to
 :func:`default_cache_dir` (``$XDG_CACHE_HOME/stepvideo/inductor``, else
 ``~/.cache/stepvideo/inductor``), which survives reboots unlike Inductor's own ``/tmp`` default.
+Importing ``torch._dynamo`` writes Inductor's default into ``TORCHINDUCTOR_CACHE_DIR`` itself,
+so a value equal to that default is taken for torch's, not the user's (:func:`user_cache_dir`).
 """
 from __future__ import annotations
 
@@ -44,14 +46,40 @@ def default_cache_dir() -> Path:
     return Path(base) / "stepvideo" / "inductor"
 
 
+def inductor_default_cache_dir() -> str:
+    """Inductor's own default, ``$TMPDIR/torchinductor_$USER``, which importing ``torch._dynamo``
+    writes into ``TORCHINDUCTOR_CACHE_DIR``."""
+    try:    # a private torch module (2.4+); the same formula below for other versions
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+        return os.path.abspath(torch_default())
+    except (ImportError, AttributeError):
+        import getpass
+        import tempfile
+
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+        return os.path.abspath(os.path.join(tempfile.gettempdir(), "torchinductor_" + user))
+
+
+def user_cache_dir() -> Optional[str]:
+    """``TORCHINDUCTOR_CACHE_DIR`` when the user set it; None when it is unset or holds the
+    default that importing ``torch._dynamo`` wrote there."""
+    value = os.environ.get(CACHE_ENV)
+    if not value or os.path.abspath(value) == inductor_default_cache_dir():
+        return None
+    return value
+
+
 def use_inductor_cache(cache_dir: Optional[Union[str, os.PathLike]] = None) -> str:
     """Choose the Inductor cache directory and return it.
 
-    Precedence: ``cache_dir`` (an explicit request), then an existing ``TORCHINDUCTOR_CACHE_DIR``,
-    then :func:`default_cache_dir`. The choice is written to ``TORCHINDUCTOR_CACHE_DIR`` (which
+    Precedence: ``cache_dir`` (an explicit request), then the user's ``TORCHINDUCTOR_CACHE_DIR``
+    (:func:`user_cache_dir`), then :func:`default_cache_dir`. The choice is written to ``TORCHINDUCTOR_CACHE_DIR`` (which
     Inductor reads on each use, and spawned workers inherit).
     """
-    if cache_dir is None and os.environ.get(CACHE_ENV):
+    if cache_dir is None and user_cache_dir() is not None:
         return os.environ[CACHE_ENV]
     chosen = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     chosen.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..evaluation.gallery import CSS
+from ..evaluation.gallery import CSS, seed_label
 from ..io.atomic import atomic_write_bytes
 from ..io.video import slugify
 from .compare import RunComparison, format_psnr, summarize
@@ -100,6 +100,9 @@ def _item_html(item: dict, out: Path, root_a: Path, root_b: Path, heatmap: Optio
                      f'<figcaption>{label}</figcaption></figure>')
     parts.append("</div><div>")
     parts.append(f'<p class="prompt"><b>{e(item["id"])}</b> {e(item.get("prompt", ""))}</p>')
+    seed_a, seed_b = seed_label(item.get("seed_a")), seed_label(item.get("seed_b"))
+    seeds = f"seed: {seed_a}" if seed_a == seed_b else f"seed: A {seed_a}, B {seed_b}"
+    parts.append(f'<p class="params seed">{e(seeds)}</p>')
     if "error" in item:
         parts.append(f'<p class="error">not compared: {e(item["error"])}</p>')
     else:

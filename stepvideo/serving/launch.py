@@ -195,6 +195,7 @@ def _start_http(config: ServerConfig, runtime, options: dict, holder: dict) -> N
 
 
 def _mark_ready(ctx, generator, state, decode_limits: dict) -> None:
+    from ..text_encoders.prompt_length import PromptLengthCounter
     from .capacity import JobLimits, free_memory_bytes, tokens_that_fit
     from .openai_fields import served_model_name
     from .requests import ModelInfo
@@ -215,7 +216,8 @@ def _mark_ready(ctx, generator, state, decode_limits: dict) -> None:
                                     "tensor_parallel_degree": state.config.tensor_parallel_degree,
                                     "cfg_degree": state.config.cfg_degree}}
     ctx.model = ModelInfo(is_ti2v=is_ti2v, num_heads=int(config.get("num_attention_heads", 48)),
-                          parallel=state.config, world_size=state.world_size, name=name, limits=limits)
+                          parallel=state.config, world_size=state.world_size, name=name, limits=limits,
+                          prompt_length=PromptLengthCounter.from_model_dir(generator.root))
 
 
 def _stop_http(holder: dict) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from .. import geometry
+from . import guards
 from .requests import API_FIELDS, RequestError, parse_form
 
 DEFAULT_FPS = 25
@@ -69,9 +70,10 @@ def parse_form_values(form: Mapping[str, str]) -> Dict[str, Any]:
 def to_native(fields: Mapping[str, Any], served_model: str) -> NativeFields:
     """The request in our names; raises :class:`RequestError` for an unknown field, a wrong
     ``model``, a malformed ``size``/``seconds`` or a setting given twice with different values."""
-    unknown = sorted(set(fields) - set(ACCEPTED))
+    unknown = sorted(set(fields) - set(ACCEPTED), key=str)
     if unknown:
-        raise RequestError(f"unknown field(s) {unknown}; accepted: {list(ACCEPTED)}", unknown[0])
+        raise RequestError(f"unknown field(s) {guards.name_some(unknown)}; accepted: {list(ACCEPTED)}",
+                           guards.show_name(unknown[0]))
     native = {k: v for k, v in fields.items() if k not in SHARED_FIELDS}
     sent_as = {k: k for k in native}
 

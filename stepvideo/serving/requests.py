@@ -59,6 +59,7 @@ class ModelInfo:
     world_size: int
     name: str = "stepvideo-t2v"     # the id clients send as ``model`` (openai_fields.served_model_name)
     limits: Optional[JobLimits] = None     # the service's decode limits and the layout's memory
+    prompt_length: Any = None    # text_encoders.prompt_length.PromptLengthCounter (None: not counted)
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,12 @@ class JobRequest:
     sampling: SamplingConfig
     preset: str
     image: Optional[bytes]
+    prompt_tokens: Optional[Dict[str, Any]] = None     # PromptLength.to_dict(): what the text encoders read
 
     def settings(self) -> Dict[str, Any]:
         """What the job runs with, as the API reports it."""
-        return {"preset": self.preset, **self.sampling.to_dict(), "image": self.image is not None}
+        extra = {} if self.prompt_tokens is None else {"prompt_tokens": self.prompt_tokens}
+        return {"preset": self.preset, **self.sampling.to_dict(), "image": self.image is not None, **extra}
 
 
 def read_json_body(data: bytes) -> Any:
@@ -157,7 +160,10 @@ def build_job(fields: Mapping[str, Any], server_options: Mapping[str, Any], mode
     if sampling.seed is None:
         sampling = replace(sampling, seed=secrets.randbelow(2 ** 31))
     _check_cost(sampling, model, config)
-    return JobRequest(prompt=prompt, sampling=sampling, preset=preset, image=image)
+    length = model.prompt_length.check(prompt, sampling.pos_magic) if model.prompt_length is not None else None
+    tokens = None if length is None else {**length.to_dict(), **({"warning": length.warning()} if length.truncated
+                                                                 else {})}
+    return JobRequest(prompt=prompt, sampling=sampling, preset=preset, image=image, prompt_tokens=tokens)
 
 
 def _check_cost(sampling: SamplingConfig, model: ModelInfo, config: ServerConfig) -> None:

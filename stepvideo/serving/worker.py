@@ -23,12 +23,13 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..config import OutputConfig, SamplingConfig
+from ..io.image import to_rgb
 from . import jobs as js
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 60.0
-JOB_ONLY_SETTINGS = ("preset", "image", "fps", "model")     # job settings that are not SamplingConfig fields
+JOB_ONLY_SETTINGS = ("preset", "image", "fps", "model", "prompt_tokens")     # job settings that are not SamplingConfig fields
 CONTROL_TIMEOUT = timedelta(seconds=30 * 60)
 
 
@@ -202,7 +203,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
             try:
                 from PIL import Image
 
-                first_image = Image.open(io.BytesIO(store.image(job_id))).convert("RGB")
+                first_image, _ = to_rgb(Image.open(io.BytesIO(store.image(job_id))))   # 16-bit, CMYK, ...
             except Exception as err:  # noqa: BLE001 - checked at submission; reported on the job if it happens
                 logger.error("job %s: the stored first image cannot be read: %s: %s", job_id, type(err).__name__, err)
                 image_error = "the stored first image cannot be read"
