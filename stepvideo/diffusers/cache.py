@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from contextlib import ExitStack
-from typing import Optional
+from typing import Callable, List
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, HookRegis
                              apply_mag_cache, apply_taylorseer_cache)
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK, FBCHeadBlockHook
+from diffusers.hooks.mag_cache import _MAG_CACHE_LEADER_BLOCK_HOOK
 from diffusers.models.cache_utils import CacheMixin
 
 from ..models.blocks import StepVideoTransformerBlock
@@ -59,6 +60,13 @@ def prepare_config(config):
     if isinstance(config, TaylorSeerCacheConfig) and not config.use_lite_mode and not config.cache_identifiers:
         config = dataclasses.replace(config, cache_identifiers=list(TAYLORSEER_IDENTIFIERS))
     return config
+
+
+def refresh_hook_registry(model: torch.nn.Module) -> None:
+    """diffusers 0.38 caches a model's list of hooked submodules at the first ``cache_context``
+    and never rebuilds it; after switching caches (e.g. First-Block-Cache on the blocks, then
+    TaylorSeer on the attention modules) the new hooks would get no context. Drop that list."""
+    HookRegistry.check_if_exists_or_initialize(model)._child_registries_cache = None
 
 
 def cache_config(kind: str, value: float):
@@ -137,9 +145,24 @@ def apply_cache(model: torch.nn.Module, config, group=None) -> ActiveCache:
     apply = {FirstBlockCacheConfig: apply_first_block_cache, MagCacheConfig: apply_mag_cache,
              TaylorSeerCacheConfig: apply_taylorseer_cache}[type(config)]
     apply(model, config)
+    refresh_hook_registry(model)
     model._cache_config = config                 # what CacheMixin.disable_cache reads
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
     if distributed and isinstance(config, FirstBlockCacheConfig):
         _agree_first_block(model, group)
     return ActiveCache(model, config)
 
+
+
+def calibrate_mag_ratios(model: torch.nn.Module, run: Callable[[], object], num_inference_steps: int) -> List[float]:
+    """MagCache's per-step magnitude ratios for ``model``: ``run()`` one generation of
+    ``num_inference_steps`` steps with diffusers' calibrate mode on (nothing is skipped)."""
+    active = apply_cache(model, MagCacheConfig(calibrate=True, num_inference_steps=num_inference_steps))
+    try:
+        hook = HookRegistry.check_if_exists_or_initialize(model.transformer_blocks[0]).get_hook(
+            _MAG_CACHE_LEADER_BLOCK_HOOK)
+        ratios = hook.state_manager.get_state().calibration_ratios   # the list the run appends to
+        run()
+    finally:
+        active.remove()
+    return list(ratios)

@@ -2,9 +2,8 @@
 mixins (``SchedulerMixin`` / ``ModelMixin`` + ``ConfigMixin``), so ``DiffusionPipeline`` can
 load and save them. Each is our class itself (subclass), never a second implementation.
 
-Saved layouts are the official ones: ``vae/vae_v2.safetensors`` (+ ``config.json``), and the
-caption encoder's ``step_llm/`` + ``hunyuan_clip/`` folders, so a saved pipeline folder is also
-a model dir for ``run_parallel.py`` and the caption/VAE service.
+Saved layouts are the official ones inside each component folder: ``vae/vae_v2.safetensors``
+(+ ``config.json``), and ``caption_encoder/step_llm/`` + ``caption_encoder/hunyuan_clip/``.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.cache_utils import CacheMixin
 
 from ..models.dit import StepVideoModel
-from .cache import prepare_config, register_block
+from .cache import prepare_config, refresh_hook_registry, register_block
 from .components import drop_loader_kwargs
 
 
@@ -92,3 +92,4 @@ class StepVideoTransformer3DModel(StepVideoModel, ModelMixin, ConfigMixin, Cache
         (First-Block-Cache, MagCache, TaylorSeer; see :func:`stepvideo.diffusers.cache.prepare_config`)."""
         register_block()
         super().enable_cache(prepare_config(config))
+        refresh_hook_registry(self)

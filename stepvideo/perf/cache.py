@@ -78,3 +78,29 @@ def cache_applied(model, text: Optional[str], group=None) -> Iterator[Optional[o
         yield active
     finally:
         active.remove()
+
+
+class BlockEvaluations:
+    """Counts what a cache skips, by forward hooks on modules that run only when really computed:
+    ``blocks`` (a block's first norm: FBC / MagCache skip whole blocks) and ``attention``
+    (self- and cross-attention input projections: TaylorSeer predicts attention outputs)."""
+
+    def __init__(self, model):
+        self.blocks = 0
+        self.attention = 0
+        self._handles = []
+        for block in model.transformer_blocks:
+            self._handles.append(block.norm1.register_forward_hook(self._count_block))
+            for projection in (block.attn1.wqkv, block.attn2.wq):
+                self._handles.append(projection.register_forward_hook(self._count_attention))
+
+    def _count_block(self, *_):
+        self.blocks += 1
+
+    def _count_attention(self, *_):
+        self.attention += 1
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
