@@ -29,7 +29,10 @@ setup(
     ],
     extras_require={
         "hub": ["huggingface_hub>=0.20"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        # diffusers' pipelines and caches on our models (stepvideo.diffusers, --cache); 0.38: newer
+        # releases need huggingface-hub >= 1.x, which transformers 4.48 does not accept
+        "diffusers": ["diffusers>=0.38,<0.39", "huggingface-hub<1.0"],
+        "test": ["pytest>=7", "pytest-timeout", "diffusers>=0.38,<0.39", "huggingface-hub<1.0"],
         "gpu": ["flash-attn"],
     },
     entry_points={

@@ -90,7 +90,8 @@ class _StepVideoDiffusersPipeline(DiffusionPipeline):
         """An official checkpoint folder or Hub repo id (no ``model_index.json`` needed), or a
         folder written by :meth:`save_pretrained`.
 
-        ``torch_dtype`` (default bf16 for official folders) applies to the transformer and VAE;
+        ``torch_dtype`` (default bf16 for official folders) applies to the transformer and VAE, or
+        per component as a dict (``{"transformer": torch.float32, "default": torch.bfloat16}``);
         the text encoders keep the reference dtypes. Components given as keywords (``vae=None``,
         ``caption_encoder=None``) replace or skip the stored ones: without them, use
         :meth:`setup_service` or pass ``prompt_embeds``.
@@ -109,17 +110,22 @@ class _StepVideoDiffusersPipeline(DiffusionPipeline):
         ``step_llm/`` + ``hunyuan_clip/``); absent text-encoder / VAE folders leave them ``None``."""
         from ..loading.hub import resolve_model_dir
 
+        def dtype(name):
+            if isinstance(torch_dtype, dict):
+                return torch_dtype.get(name, torch_dtype.get("default", torch.bfloat16))
+            return torch_dtype
+
         root = resolve_model_dir(model_dir, allow_patterns=layout.DIT_PATTERNS + layout.SERVICE_PATTERNS
                                  + [f"{layout.VAE_DIR}/*"])
         if "transformer" not in components:
-            components["transformer"] = StepVideoTransformer3DModel.from_pretrained(root, torch_dtype=torch_dtype,
+            components["transformer"] = StepVideoTransformer3DModel.from_pretrained(root, torch_dtype=dtype("transformer"),
                                                                                      device=device)
         if "scheduler" not in components:
             components["scheduler"] = StepVideoFlowMatchScheduler.from_pretrained(root)
         if "vae" not in components:
             has_vae = (root / layout.VAE_DIR / layout.VAE_V2_FILE).is_file()
             components["vae"] = AutoencoderKLStepVideo.from_pretrained(
-                root, subfolder=layout.VAE_DIR, torch_dtype=torch_dtype, device=device) if has_vae else None
+                root, subfolder=layout.VAE_DIR, torch_dtype=dtype("vae"), device=device) if has_vae else None
         if "caption_encoder" not in components:
             has_text = (root / layout.LLM_DIR).is_dir() and (root / layout.CLIP_DIR).is_dir()
             components["caption_encoder"] = StepVideoCaptionEncoder.from_pretrained(root, device=device) \
