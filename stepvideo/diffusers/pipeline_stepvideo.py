@@ -210,12 +210,13 @@ class _StepVideoDiffusersPipeline(DiffusionPipeline):
                 step_latents.copy_(result["latents"])              # the loop goes on from the new latents
 
         cache = self.transformer.cache_context(CONTEXT) if self.transformer.is_cache_enabled else nullcontext()
+        progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         try:
             with cache:
                 latents = stages.denoise(latents, y, y_mask, clip, pick(num_inference_steps, "num_inference_steps"),
                                          pick(guidance_scale, "guidance_scale"), pick(time_shift, "time_shift"),
                                          condition, pick(motion_score, "motion_score"), on_step,
-                                         progress=not self._progress_bar_config.get("disable", False))
+                                         progress=progress)
         finally:
             if self.transformer.is_cache_enabled:
                 self.transformer._reset_stateful_cache()
