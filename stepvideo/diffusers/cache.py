@@ -8,11 +8,12 @@
   they are refused with that reason. TaylorSeer's default module patterns (``...attn``) match no
   name here; ours (``transformer_blocks.N.attn1|attn2``) are filled in.
 * :func:`apply_cache` installs a config on a plain ``StepVideoModel`` (the runtime's model) with
-  diffusers' own ``apply_*`` functions, and takes it off with ``CacheMixin.disable_cache``. Under Ulysses / tensor / CFG parallelism every rank
-  must skip the same steps: MagCache and TaylorSeer decide from step counts (the same on every
-  rank); First-Block-Cache decides from the first block's output, which differs per rank (token
-  chunk, CFG row), so its head hook is replaced by :class:`AgreedFirstBlockHook`, which sums the
-  metric's numerator and denominator over the ranks before deciding.
+  diffusers' own ``apply_*`` functions, and takes it off with ``CacheMixin.disable_cache``.
+  Under Ulysses / tensor / CFG parallelism every rank must skip the same steps: MagCache and
+  TaylorSeer decide from step counts (the same on every rank); First-Block-Cache decides from
+  the first block's output, which differs per rank (token chunk, CFG row), so its head hook is
+  replaced by :class:`AgreedFirstBlockHook`, which sums the metric's numerator and denominator
+  over the ranks before deciding.
 """
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ class _StepVideoDiffusersPipeline(DiffusionPipeline):
     preset = "t2v"
 
     def __init__(self, transformer: StepVideoTransformer3DModel, scheduler: StepVideoFlowMatchScheduler,
-                 vae: Optional[AutoencoderKLStepVideo] = None, caption_encoder: Optional[StepVideoCaptionEncoder] = None):
+                 vae: Optional[AutoencoderKLStepVideo] = None,
+                 caption_encoder: Optional[StepVideoCaptionEncoder] = None):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, caption_encoder=caption_encoder)
         self.caption_url: Optional[str] = None
@@ -118,8 +119,8 @@ class _StepVideoDiffusersPipeline(DiffusionPipeline):
         root = resolve_model_dir(model_dir, allow_patterns=layout.DIT_PATTERNS + layout.SERVICE_PATTERNS
                                  + [f"{layout.VAE_DIR}/*"])
         if "transformer" not in components:
-            components["transformer"] = StepVideoTransformer3DModel.from_pretrained(root, torch_dtype=dtype("transformer"),
-                                                                                     device=device)
+            components["transformer"] = StepVideoTransformer3DModel.from_pretrained(
+                root, torch_dtype=dtype("transformer"), device=device)
         if "scheduler" not in components:
             components["scheduler"] = StepVideoFlowMatchScheduler.from_pretrained(root)
         if "vae" not in components:
