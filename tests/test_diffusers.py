@@ -42,11 +42,14 @@ def _call(pipe, **kwargs):
     return pipe("a red fox in the snow", generator=torch.Generator().manual_seed(SEED), **{**SIZE, **kwargs})
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_model_dir):
-    pipe = StepVideoTextToVideoPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+def _quiet(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return _quiet(StepVideoTextToVideoPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +60,7 @@ def frames(pipe):
 @pytest.fixture(scope="module")
 def pipe_bf16(tiny_model_dir):
     """The default dtype (bf16 DiT and VAE): what ``run_parallel.py`` runs by default."""
-    pipe = StepVideoTextToVideoPipeline.from_pretrained(tiny_model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _quiet(StepVideoTextToVideoPipeline.from_pretrained(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +77,7 @@ def saved(pipe_bf16, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stock(saved):
-    pipe = DiffusionPipeline.from_pretrained(saved, trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _quiet(DiffusionPipeline.from_pretrained(saved, trust_remote_code=True))
 
 
 def test_import_stepvideo_does_not_import_diffusers():
@@ -162,8 +161,7 @@ def test_golden_pipelines_through_diffusers(golden, case):
     transformer.load_state_dict(golden.dit_model(case).state_dict(), strict=True)
     scheduler = StepVideoFlowMatchScheduler(**spec["constructor"]["scheduler_kwargs"])
     cls = StepVideoImageToVideoPipeline if case == "pipeline_ti2v" else StepVideoTextToVideoPipeline
-    pipe = cls(transformer.eval(), scheduler)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _quiet(cls(transformer.eval(), scheduler))
     kwargs = dict(spec["call"]["kwargs"])
     extra = {}
     if case == "pipeline_ti2v":

@@ -85,14 +85,6 @@ class AutoencoderKLStepVideo(AutoencoderKL, ModelMixin, ConfigMixin):
         super().__init__(in_channels, out_channels, z_channels, num_res_blocks, model_path, weight_dict, world_size,
                          version, encoder_ch, encoder_ch_mult, decoder_ch, decoder_ch_mult)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return AutoencoderKL.dtype.fget(self)
-
-    @property
-    def device(self) -> torch.device:
-        return AutoencoderKL.device.fget(self)
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, *,
                         torch_dtype: Optional[Union[torch.dtype, str]] = torch.bfloat16,

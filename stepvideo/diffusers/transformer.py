@@ -8,12 +8,12 @@ Loading goes through our streaming loader (``StepVideoModel.from_pretrained``), 
 """
 from __future__ import annotations
 
+import inspect
 import os
-from typing import List, Optional, Union
+from typing import Optional, Union
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
 from diffusers.models.cache_utils import CacheMixin
 
 from ..models.dit import StepVideoModel
@@ -34,28 +34,13 @@ class StepVideoTransformer3DModel(StepVideoModel, ModelMixin, ConfigMixin, Cache
     ignore_for_config = ["attention_backend"]
     _supports_gradient_checkpointing = False
 
-    @register_to_config
-    def __init__(
-        self,
-        num_attention_heads: int = 48,
-        attention_head_dim: int = 128,
-        in_channels: int = 64,
-        out_channels: Optional[int] = 64,
-        num_layers: int = 48,
-        dropout: float = 0.0,
-        patch_size: int = 1,
-        norm_type: str = "ada_norm_single",
-        norm_elementwise_affine: bool = False,
-        norm_eps: float = 1e-6,
-        use_additional_conditions: Optional[bool] = False,
-        caption_channels: Optional[Union[int, List[int], tuple]] = (6144, 1024),
-        attention_type: Optional[str] = "parallel",
-        *,
-        attention_backend: str = "auto",
-    ):
-        super().__init__(num_attention_heads, attention_head_dim, in_channels, out_channels, num_layers, dropout,
-                         patch_size, norm_type, norm_elementwise_affine, norm_eps, use_additional_conditions,
-                         caption_channels, attention_type, attention_backend=attention_backend)
+    def __init__(self, *args, **kwargs):
+        """``StepVideoModel``'s constructor arguments; all but ``attention_backend`` go to ``config.json``."""
+        super().__init__(*args, **kwargs)
+        arguments = inspect.signature(StepVideoModel.__init__).bind(self, *args, **kwargs)
+        arguments.apply_defaults()
+        self.register_to_config(**{name: value for name, value in arguments.arguments.items()
+                                   if name not in ("self", *self.ignore_for_config)})
 
     # ``StepVideoModel`` keeps its DiTConfig in ``self.config``; diffusers reads ``config`` as the
     # registered FrozenDict. Both live side by side: the FrozenDict answers ``.config``.
@@ -66,14 +51,6 @@ class StepVideoTransformer3DModel(StepVideoModel, ModelMixin, ConfigMixin, Cache
     @config.setter
     def config(self, value) -> None:
         self.__dict__["dit_config"] = value
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return StepVideoModel.dtype.fget(self)
-
-    @property
-    def device(self) -> torch.device:
-        return StepVideoModel.device.fget(self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], *,
