@@ -126,6 +126,14 @@ def test_same_frames_as_run_parallel(tmp_path, tiny_model_dir, stock):
     np.testing.assert_array_equal(read_mp4(out)[0], read_mp4(mine)[0])
 
 
+def test_caption_and_vae_through_the_service(tiny_service, pipe_bf16, frames_bf16):
+    """No local text encoders or VAE: the caption/VAE service gives the same frames."""
+    url, token = tiny_service
+    remote = _quiet(StepVideoTextToVideoPipeline(pipe_bf16.transformer, pipe_bf16.scheduler))
+    remote.setup_service(caption_url=url, vae_url=url, token=token)
+    np.testing.assert_array_equal(_call(remote).frames, frames_bf16)
+
+
 def test_output_types_and_export_to_video(pipe, frames, tmp_path):
     pt = _call(pipe, output_type="pt").frames
     assert pt.shape == (1, 17, 3, 64, 64)
@@ -182,12 +190,18 @@ def test_golden_pipelines_through_diffusers(golden, case):
 CACHE_STEPS = dict(SIZE, num_inference_steps=8)
 
 
-def _cached_run(pipe, config):
+@pytest.fixture(scope="module")
+def embeds(pipe):
+    """The prompt encoded once for the cache runs."""
+    return dict(zip(("y", "y_mask", "clip_embedding"), pipe._stages().encode_prompt("a red fox in the snow")))
+
+
+def _cached_run(pipe, embeds, config):
     if config is not None:
         pipe.transformer.enable_cache(config)
     counter = BlockEvaluations(pipe.transformer)
     try:
-        latents = _call(pipe, output_type="latent", **CACHE_STEPS).frames
+        latents = _call(pipe, output_type="latent", prompt_embeds=embeds, **CACHE_STEPS).frames
     finally:
         counter.close()
         if config is not None:
@@ -196,20 +210,21 @@ def _cached_run(pipe, config):
 
 
 @pytest.fixture(scope="module")
-def uncached(pipe):
-    return _cached_run(pipe, None)
+def uncached(pipe, embeds):
+    return _cached_run(pipe, embeds, None)
 
 
 @pytest.fixture(scope="module")
-def mag_ratios(pipe):
+def mag_ratios(pipe, embeds):
     """MagCache needs per-step ratios: calibrate them on this model (diffusers' calibrate mode)."""
-    ratios = calibrate_mag_ratios(pipe.transformer, lambda: _call(pipe, output_type="latent", **CACHE_STEPS), 8)
+    run = lambda: _call(pipe, output_type="latent", prompt_embeds=embeds, **CACHE_STEPS)       # noqa: E731
+    ratios = calibrate_mag_ratios(pipe.transformer, run, 8)
     assert len(ratios) == 8 and ratios[0] == 1.0
     return ratios
 
 
 @pytest.mark.parametrize("kind", ["fbc", "taylorseer", "mag"])
-def test_cache_reduces_work_and_threshold_zero_changes_nothing(pipe, uncached, mag_ratios, kind):
+def test_cache_reduces_work_and_threshold_zero_changes_nothing(pipe, embeds, uncached, mag_ratios, kind):
     base, full = uncached
     assert (full.blocks, full.attention) == (16, 32)                  # 2 blocks x 8 steps
     if kind == "fbc":
@@ -220,9 +235,9 @@ def test_cache_reduces_work_and_threshold_zero_changes_nothing(pipe, uncached, m
     else:
         off = TaylorSeerCacheConfig(cache_interval=1, disable_cache_before_step=0)
         on = TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=1)
-    latents, counter = _cached_run(pipe, off)
+    latents, counter = _cached_run(pipe, embeds, off)
     assert torch.equal(latents, base) and counter.attention == full.attention
-    latents, counter = _cached_run(pipe, on)
+    latents, counter = _cached_run(pipe, embeds, on)
     assert counter.attention < full.attention and not torch.equal(latents, base)
 
 
