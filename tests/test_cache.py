@@ -65,9 +65,14 @@ def _rank_worker():
 
 
 @pytest.fixture(scope="module")
-def single():
-    model = _model()
-    return {spec: _generate(model, model, spec) for spec in (None, "none", "fbc:0", SPEC)}
+def single_model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def single(single_model):
+    """One process: no cache, the hooks in place but never skipping (threshold 0), and SPEC."""
+    return {spec: _generate(single_model, single_model, spec) for spec in (None, "fbc:0", SPEC)}
 
 
 def test_spec_parsing():
@@ -108,17 +113,15 @@ def test_job_field_is_validated():
 def test_off_changes_nothing_bit_for_bit(single):
     blocks, latents = single[None]
     assert blocks == 2 * STEPS
-    for spec in ("none", "fbc:0"):                      # off; and the hooks in place but never skipping
-        assert single[spec][0] == blocks and torch.equal(single[spec][1], latents), spec
+    assert single["fbc:0"][0] == blocks and torch.equal(single["fbc:0"][1], latents)
     cached_blocks, cached = single[SPEC]
     assert cached_blocks < blocks and not torch.equal(cached, latents)
 
 
-def test_cache_is_removed_after_the_generation(single):
-    model = _model()
-    _generate(model, model, SPEC)
-    assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in model.modules())
-    assert torch.equal(_generate(model, model, None)[1], single[None][1])
+def test_cache_is_removed_after_the_generation(single, single_model):
+    """The fixture's last generation used SPEC: no hook is left and the numbers are uncached again."""
+    assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in single_model.modules())
+    assert torch.equal(_generate(single_model, single_model, None)[1], single[None][1])
 
 
 def test_gloo_ranks_skip_the_same_steps_as_one_process(single):
