@@ -32,8 +32,12 @@ setup(
     ],
     extras_require={
         "hub": ["huggingface_hub>=0.20"],
-        # the OpenAI SDK and a real browser (Selenium) are the acceptance tests of the generation server
-        "test": ["pytest>=7", "pytest-timeout", "openai==3.51.0", "selenium==4.39.0"],
+        # diffusers' pipelines and caches on our models (stepvideo.diffusers, --cache); 0.38: newer
+        # releases need huggingface-hub >= 1.x, which transformers 4.48 does not accept
+        "diffusers": ["diffusers>=0.38,<0.39", "huggingface-hub<1.0"],
+        # the OpenAI SDK, a real browser (Selenium) and stock diffusers are acceptance tests
+        "test": ["pytest>=7", "pytest-timeout", "openai==3.51.0", "selenium==4.39.0", "diffusers>=0.38,<0.39",
+                 "huggingface-hub<1.0"],
         "gpu": ["flash-attn"],
     },
     entry_points={

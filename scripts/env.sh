@@ -7,7 +7,7 @@
 _repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 _stepvideo_env_ok() {
-    "$1" -c "import torch, stepvideo, safetensors, sentencepiece, transformers, flask, waitress, imageio_ffmpeg, prometheus_client, openai, selenium" >/dev/null 2>&1
+    "$1" -c "import torch, stepvideo, safetensors, sentencepiece, transformers, flask, waitress, imageio_ffmpeg, prometheus_client, openai, selenium, diffusers" >/dev/null 2>&1
 }
 
 if [ -n "${STEPVIDEO_PY:-}" ]; then

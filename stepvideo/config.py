@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from . import geometry
+from .perf.cache import parse_cache
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,10 @@ class SamplingConfig:
     pos_magic: str = T2V_POS_MAGIC
     neg_magic: str = T2V_NEG_MAGIC
     seed: Optional[int] = None
+    cache: Optional[str] = None       # diffusers step cache, e.g. "fbc:0.03" (stepvideo.perf.cache); None: off
 
     def __post_init__(self):
+        parse_cache(self.cache)       # a bad spec (or diffusers missing) fails here, before any work
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.time_shift <= 0:

@@ -30,6 +30,7 @@ from .config import DiTConfig, OutputConfig, SamplingConfig
 from .geometry import round_size
 from .loading import checkpoint as ckpt
 from .loading import fp8_checkpoint, layout
+from .perf.cache import cache_applied
 
 logger = logging.getLogger(__name__)
 
@@ -244,9 +245,10 @@ class VideoGenerator:
 
         def denoise():
             try:
-                return pipe(prompt=prompt, sampling=sampling, prompt_embeds=inputs["embeds"],
-                            condition_latents=inputs.get("condition"), output_type="latent", progress=progress,
-                            callback=after_step)
+                with cache_applied(self.dit, sampling.cache):       # --cache: diffusers' hooks; off: untouched
+                    return pipe(prompt=prompt, sampling=sampling, prompt_embeds=inputs["embeds"],
+                                condition_latents=inputs.get("condition"), output_type="latent", progress=progress,
+                                callback=after_step)
             except GenerationCancelled as cancelled:     # not a failure: every rank stops at this step
                 return cancelled
 

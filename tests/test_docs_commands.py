@@ -23,6 +23,10 @@ as written and must exist. Identical commands after the rewrite run once. Then:
   (``tests/test_end_to_end.py::test_readme_main_job``), GPU-only scripts and ``curl`` against a
   server started by hand are skipped with the reason (``SKIPPED``);
 - a command no rule knows fails the test: add a rule when you document a new command.
+
+``python`` blocks of the files in ``PYTHON_DOCS`` run too, all blocks of a file as one script in
+a temporary folder (``test_documented_python_runs``): Hub ids become the tiny dirs, ``height=``,
+``width=``, ``num_frames=`` and ``num_inference_steps=`` the tiny values.
 """
 from __future__ import annotations
 
@@ -56,6 +60,8 @@ SERVICE = ("api/call_remote_server.py", "stepvideo.cli.service", "stepvideo-serv
 DECODE = ("stepvideo.decode", "stepvideo-decode")
 QUANTIZE = ("stepvideo.quantize",)
 BENCH_LOAD = ("benchmark/bench_load.py",)
+PYTHON_DOCS = ("docs/diffusers.md",)
+TINY_KWARGS = {"height": 64, "width": 64, "num_frames": 17, "num_inference_steps": 2}
 
 
 def documented_commands() -> List[Tuple[str, str]]:
@@ -360,3 +366,39 @@ def test_documented_commands_run(tiny_model_dir, tiny_ti2v_model_dir, tiny_servi
     assert not unknown, "documented commands without a rule in this test:\n" + "\n".join(unknown)
     assert len(ran) >= 6, ran
     assert {why for _, why in skipped} <= set(SKIPPED.values())
+
+
+def documented_python(doc: Path) -> str:
+    """The ``python`` fenced blocks of ``doc``, in order, as one script."""
+    blocks, fence, lines = [], None, []
+    for line in doc.read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith("```"):
+            if fence is None:
+                fence, lines = line.strip()[3:].strip().lower(), []
+                continue
+            if fence == "python":
+                blocks.append("\n".join(lines))
+            fence = None
+            continue
+        if fence is not None:
+            lines.append(line)
+    return "\n\n".join(blocks)
+
+
+def test_documented_python_runs(tiny_model_dir, tiny_ti2v_model_dir, tmp_path):
+    for name in PYTHON_DOCS:
+        script = documented_python(REPO / name)
+        assert script, f"{name} has no python block"
+        script = script.replace('"stepfun-ai/stepvideo-ti2v"', repr(str(tiny_ti2v_model_dir)))
+        script = script.replace('"stepfun-ai/stepvideo-t2v"', repr(str(tiny_model_dir)))
+        for key, value in TINY_KWARGS.items():
+            script = re.sub(rf"\b{key}=\d+", f"{key}={value}", script)
+        res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, f"{name}: the python example failed:\n{script}\n{res.stderr[-3000:]}"
+        written = [p.name for p in tmp_path.glob("*.mp4")]
+        assert written, f"{name}: the example wrote no video"
+        from stepvideo.io.video import read_mp4
+
+        for path in tmp_path.glob("*.mp4"):
+            assert read_mp4(path)[0].shape[0] == TINY_KWARGS["num_frames"], path

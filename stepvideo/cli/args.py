@@ -81,6 +81,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, with_prompt: bool = True)
     g.add_argument("--neg_magic", default=None, help="the negative prompt")
     g.add_argument("--seed", type=int, default=None,
                    help="seed the initial noise (default: the reference's fixed noise, same for every run)")
+    g.add_argument("--cache", default=None,
+                   help="diffusers step cache: fbc:THRESHOLD (First-Block-Cache, e.g. fbc:0.03) or taylorseer:N; "
+                        "needs stepvideo[diffusers] (default: none)")
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
@@ -130,12 +133,12 @@ def sampling_options(args: argparse.Namespace) -> dict:
     return {"preset": args.preset, "num_inference_steps": args.infer_steps, "guidance_scale": args.cfg_scale,
             "time_shift": args.time_shift, "num_frames": args.num_frames, "height": args.height,
             "width": args.width, "motion_score": args.motion_score, "pos_magic": args.pos_magic,
-            "neg_magic": args.neg_magic, "seed": args.seed}
+            "neg_magic": args.neg_magic, "seed": args.seed, "cache": args.cache}
 
 
 _OPTION_TYPES = {"num_inference_steps": int, "num_frames": int, "height": int, "width": int, "seed": int,
                  "guidance_scale": float, "time_shift": float, "motion_score": float,
-                 "pos_magic": str, "neg_magic": str, "preset": str}
+                 "pos_magic": str, "neg_magic": str, "preset": str, "cache": str}
 
 
 def sampling_from_options(options: dict, has_image: bool = False) -> SamplingConfig:

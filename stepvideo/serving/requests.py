@@ -31,7 +31,7 @@ from .config import ServerConfig
 API_FIELDS = {"prompt": None, "negative_prompt": "neg_magic", "height": "height", "width": "width",
               "num_frames": "num_frames", "num_inference_steps": "num_inference_steps",
               "cfg_scale": "guidance_scale", "time_shift": "time_shift", "motion_score": "motion_score",
-              "seed": "seed", "preset": "preset", "image": None}
+              "seed": "seed", "preset": "preset", "cache": "cache", "image": None}
 _API_NAME = {sampling: api for api, sampling in API_FIELDS.items() if sampling is not None}
 _FORM_TYPES = {"height": int, "width": int, "num_frames": int, "num_inference_steps": int, "seed": int,
                "cfg_scale": float, "time_shift": float, "motion_score": float}
