@@ -4,7 +4,7 @@ r"""Turn saved latents into the mp4: the same frames as the run that saved them.
     python -m stepvideo.decode results/cat.latents.safetensors --model_dir ckpts -o cat.mp4
 
 When decoding or writing fails after the denoising loop (the VAE service is down, the disk is
-full), the generator saves the final latents ``[B, F, C, h, w]`` next to the intended output as
+full), ``StepVideoPipeline.write_video`` saves the final latents ``[B, F, C, h, w]`` next to the intended output as
 ``<name>.latents.safetensors`` (written atomically), with the prompt and the sampling and
 output settings in its metadata. This command decodes them with the service (``--vae_url``,
 uint8 frames converted on the server, as the generator does) or a local VAE
@@ -19,45 +19,11 @@ import logging
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 logger = logging.getLogger(__name__)
-
-
-def decode_or_keep_latents(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, path, output, *,
-                           prompt: str, sampling, remote: bool, model_dir: Optional[str], decode_flag: str,
-                           retries: int = 2, backoff: float = 2.0, timings: Optional[Dict[str, float]] = None,
-                           on_stage: Optional[Callable[[str], None]] = None):
-    """:func:`~stepvideo.vae.codec.latents_to_mp4` with ``decode``, retried ``retries`` times with
-    exponential backoff; returns the ``uint8 [T, H, W, 3]`` frames written. When every attempt
-    failed, save the latents next to ``path`` and raise ``GenerationError`` saying where and how
-    to make the video from them (``decode_flag``: ``--vae_url URL`` or ``--model_dir DIR``)."""
-    import time
-
-    from .errors import one_line
-    from .generator import GenerationError
-    from .vae.codec import latents_to_mp4
-    from .vae.latents_file import latents_path, run_metadata, save_latents
-
-    attempts = max(0, retries) + 1
-    for attempt in range(attempts):
-        try:
-            return latents_to_mp4(decode, latents, path, output, timings=timings, on_stage=on_stage)[1]
-        except Exception as exc:         # retried, then the latents are kept
-            failure = exc
-            if attempt + 1 < attempts:
-                delay = backoff * 2 ** attempt
-                logger.warning("decoding/writing %s failed (%s: %s); retry %d of %d in %.0f s", path,
-                               type(exc).__name__, exc, attempt + 1, attempts - 1, delay)
-                time.sleep(delay)
-    metadata = run_metadata(prompt, sampling, output, video_path=str(path),
-                            decoder="service-uint8" if remote else "local", model_dir=model_dir or "")
-    saved = save_latents(latents_path(path), latents.detach().float(), metadata)
-    logger.warning("saved the denoised latents in %s", saved)
-    raise GenerationError(f"{one_line(failure)}; the denoised latents are saved in {saved}: make the video with "
-                          f"`python -m stepvideo.decode {saved} {decode_flag}`") from failure
 
 
 def remote_decoder(url: str, token: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
