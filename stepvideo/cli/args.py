@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 from .. import geometry
 from ..config import PRESETS, OutputConfig, SamplingConfig, get_preset
 from ..models.attention import BACKENDS as ATTENTION_BACKENDS
+from ..sampling import sampling_from_options, sampling_options, token_count  # noqa: F401  (re-exported by stepvideo.cli)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -119,57 +120,6 @@ def sampling_config(args: argparse.Namespace, has_image: Optional[bool] = None) 
     return sampling_from_options(sampling_options(args), has_image=has_image)
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
-    """The sampling flags as ``SamplingConfig`` field names (``None`` = unset), plus ``preset``."""
-    return {"preset": args.preset, "num_inference_steps": args.infer_steps, "guidance_scale": args.cfg_scale,
-            "time_shift": args.time_shift, "num_frames": args.num_frames, "height": args.height,
-            "width": args.width, "motion_score": args.motion_score, "pos_magic": args.pos_magic,
-            "neg_magic": args.neg_magic, "seed": args.seed}
-
-
-_OPTION_TYPES = {"num_inference_steps": int, "num_frames": int, "height": int, "width": int, "seed": int,
-                 "guidance_scale": float, "time_shift": float, "motion_score": float,
-                 "pos_magic": str, "neg_magic": str, "preset": str}
-
-
-def sampling_from_options(options: dict, has_image: bool = False) -> SamplingConfig:
-    """The one way from plain values to a ``SamplingConfig`` (flags, and generation-server requests).
-
-    ``options`` maps ``SamplingConfig`` field names (and ``preset``) to values; ``None`` means
-    unset. The preset (``options["preset"]``, else ``ti2v`` with an image, else ``t2v``) is applied
-    first and set values win. Raises ``ValueError`` naming the option for an unknown name, a
-    wrong type or a value ``SamplingConfig`` rejects.
-    """
-    unknown = sorted(set(options) - set(_OPTION_TYPES))
-    if unknown:
-        raise ValueError(f"unknown sampling option(s) {unknown}; known: {sorted(_OPTION_TYPES)}")
-    for name, value in options.items():
-        kind = _OPTION_TYPES[name]
-        ok = value is None or (isinstance(value, kind) and not isinstance(value, bool)) or (
-            kind is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            wanted = {float: "a number", int: "an integer", str: "a string"}[kind]
-            raise ValueError(f"{name} must be {wanted}, got {type(value).__name__} {value!r}")
-    for name in ("height", "width"):
-        value = options.get(name)
-        if value is not None and value != geometry.round_size(value):
-            low = geometry.round_size(value)
-            step = geometry.SPATIAL_COMPRESSION
-            raise ValueError(f"{name} {value} is not a multiple of {step} (the VAE and the DiT patches need it); "
-                             f"use {low or step} or {low + step}")
-    num_frames = options.get("num_frames")
-    if num_frames is not None and num_frames >= geometry.FRAMES_PER_CHUNK and \
-            num_frames != geometry.round_frames(num_frames):
-        rounded = geometry.round_frames(num_frames)
-        logging.getLogger(__name__).warning("num_frames %d is not a multiple of %d; using %d", num_frames,
-                                            geometry.FRAMES_PER_CHUNK, rounded)
-        options = {**options, "num_frames": rounded}
-    preset = get_preset(options.get("preset") or ("ti2v" if has_image else "t2v"))
-    overrides = {k: (float(v) if _OPTION_TYPES[k] is float and v is not None else v)
-                 for k, v in options.items() if k != "preset"}
-    return preset.with_overrides(**overrides)
-
-
 def output_config(args: argparse.Namespace) -> OutputConfig:
     return OutputConfig(save_path=args.save_path, output_file_name=args.output_file_name,
                         name_suffix=args.name_suffix, output_path=args.output_path,
@@ -201,11 +151,6 @@ def runtime_config(args: argparse.Namespace):
                          decode_retries=args.decode_retries, memory_profile=args.memory_profile,
                          # the other ranks wait in a collective meanwhile: stay inside --dist_timeout
                          service_wait=min(540.0, 0.9 * getattr(args, "dist_timeout", 600.0)))
-
-
-def token_count(sampling: SamplingConfig) -> int:
-    """DiT tokens per sample ``F * h * w`` for the (rounded) sampling sizes."""
-    return geometry.token_count(sampling.height, sampling.width, sampling.num_frames)
 
 
 class LaunchConfigs(NamedTuple):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import args as cli
-from .process import run_main, run_ranks, watch_launcher
+from ..process import run_main, run_ranks, watch_launcher
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import args as cli
-from .process import run_main, run_ranks, watch_launcher
+from ..process import run_main, run_ranks, watch_launcher
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     cli.configure_logging()
     if args.serve:                      # the persistent generation server (docs/server.md)
         from ..serving.launch import serve
-        return run_main(lambda: serve(args), debug=args.debug)
+        return run_main(lambda: serve(args, cli.start_ranks), debug=args.debug)
     return run_main(lambda: generate(args), debug=args.debug)
 
 

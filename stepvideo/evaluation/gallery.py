@@ -80,7 +80,7 @@ def _contact_sheet(root: Path, thumbs: List[str], cell: int = 128, columns: int 
 
 def _scores_text(scores) -> str:
     """``alignment 0.2712, temporal_consistency 0.9810, motion 3.41`` (whatever is present)."""
-    from ..quality.score_summary import METRICS
+    from .score_summary import METRICS
 
     if not isinstance(scores, dict):
         return ""
@@ -138,7 +138,7 @@ def build_gallery(root, title: str = "Step-Video evaluation") -> Path:
     model = next((r.get("model_dir") for r in records if r.get("model_dir")), None)
     if model:
         body.append(f"<p class=\"params\">model: {e(str(model))}</p>")
-    from ..quality.score_summary import category_means
+    from .score_summary import category_means
 
     means = category_means(records)
     if "overall" in means:

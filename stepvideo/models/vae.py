@@ -33,6 +33,7 @@ from ..loading.checkpoint import (assert_materialized, constructor_kwargs, find_
 from ..loading.hub import looks_like_repo_id, resolve_model_dir
 from .vae_decoder import VideoDecoder
 from .vae_encoder import VideoEncoder
+from .vae_rank_split import decode_rank_split
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class AutoencoderKL(nn.Module):
             Prefer :meth:`from_pretrained`, which builds on the meta device.
         weight_dict: optional state dict (checkpoint key names) loaded strictly.
         world_size: > 1 makes :meth:`decode` split its chunks over the ranks of the default
-            ``torch.distributed`` group (see :mod:`stepvideo.parallel.vae_decode`).
+            ``torch.distributed`` group (see :mod:`stepvideo.models.vae_rank_split`).
         version: only 2 (the released VAE) is implemented.
         encoder_ch, encoder_ch_mult, decoder_ch, decoder_ch_mult: trunk widths (the defaults
             are the released model; the tiny test model shrinks them).
@@ -366,7 +367,6 @@ class AutoencoderKL(nn.Module):
         """
         self._check_latents(z)
         if self.world_size > 1:
-            from ..parallel.vae_decode import decode_rank_split
             return decode_rank_split(self, z)
         b, f, _, h, w = z.shape
         s = self.spatial_compression

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.atomic import atomic_write_bytes
-from .score_summary import METRICS, category_means, summary_lines  # noqa: F401 (re-exported)
+from ..evaluation.score_summary import METRICS, category_means, summary_lines  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 

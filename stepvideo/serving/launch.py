@@ -94,19 +94,19 @@ def _check_services(runtime) -> None:
                              f"--{'caption' if 'caption' in missing else 'vae'}_url at one that does")
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Every rank: start-up checks, load the DiT, run jobs until stopped. Returns the exit code."""
-    from .. import cli
-
-    from ..cli.process import exit_now, report
+def serve(args: argparse.Namespace, start_ranks) -> int:
+    """Every rank: start-up checks, load the DiT, run jobs until stopped. Returns the exit code.
+    ``start_ranks(args)``: the command line's config builder (``stepvideo.cli.start_ranks``)."""
     from ..errors import UserError, debug_requested
+    from ..process import exit_now, report
+    from ..sampling import sampling_from_options, sampling_options
 
     if getattr(args, "prompt", None):
         raise UserError("--prompt is not used with --serve; POST prompts to /v1/videos (see docs/server.md)")
     config = server_config(args)
-    options = cli.sampling_options(args)
-    cli.sampling_from_options(options)         # the launch's sampling flags are valid
-    (_, output, _, runtime), state = cli.start_ranks(args)
+    options = sampling_options(args)
+    sampling_from_options(options)         # the launch's sampling flags are valid
+    (_, output, _, runtime), state = start_ranks(args)
     _die_with_launcher()
 
     from ..generator import VideoGenerator
