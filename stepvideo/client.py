@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
+from .io.atomic import atomic_write_bytes
+from .service.client import normalize_service_url
 from .serving.config import DEFAULT_PORT, TOKEN_ENV
 
 __all__ = ["VideoClient", "ServerError", "JobFailed", "main"]
@@ -56,8 +58,6 @@ class VideoClient:
 
     def __init__(self, url: str = f"http://127.0.0.1:{DEFAULT_PORT}", token: Optional[str] = None,
                  timeout: float = 60.0):
-        from .service.client import normalize_service_url
-
         self.url = normalize_service_url(url, default_port=DEFAULT_PORT)
         self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
         self.timeout = timeout
@@ -154,7 +154,6 @@ class VideoClient:
 
     def download(self, job_id: str, path: Union[str, os.PathLike]) -> Path:
         """Write a completed job's mp4 to ``path`` (atomically) and return the path."""
-        from .io.atomic import atomic_write_bytes
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

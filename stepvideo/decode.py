@@ -22,13 +22,23 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+from .components import LocalVAE
+from .config import OutputConfig
+from .io.video import output_video_path
+from .loading import layout
+from .loading.hub import resolve_model_dir
+from .models.vae import AutoencoderKL
+from .preflight import check_output, check_services
+from .process import run_main
+from .service.client import RemoteVAE
+from .vae.codec import latents_to_mp4
+from .vae.latents_file import load_latents, video_path_for
 
 logger = logging.getLogger(__name__)
 
 
 def remote_decoder(url: str, token: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The service's decode with uint8 output, as the generator uses it."""
-    from .service.client import RemoteVAE
 
     vae = RemoteVAE(url, token=token, output="uint8")
     return lambda latents: vae.decode(latents.detach().float().cpu())
@@ -37,11 +47,6 @@ def remote_decoder(url: str, token: Optional[str] = None) -> Callable[[torch.Ten
 def local_decoder(model_dir, device: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The decode of a local VAE from ``model_dir/vae``, as ``--no_service`` runs use it (float
     video on CPU; the VAE casts the latents to its device and dtype)."""
-    from .components import LocalVAE
-    from .loading import layout
-    from .loading.hub import resolve_model_dir
-    from .models.vae import AutoencoderKL
-
     root = resolve_model_dir(model_dir, allow_patterns=layout.SERVICE_PATTERNS)
     return LocalVAE(AutoencoderKL.from_pretrained(root / layout.VAE_DIR, device=device), output="float").decode
 
@@ -62,20 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .process import run_main
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_main(lambda: _decode(args), debug=args.debug)
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from .config import OutputConfig
-    from .io.video import output_video_path
-    from .preflight import check_output, check_services
-    from .vae.codec import latents_to_mp4
-    from .vae.latents_file import load_latents, video_path_for
-
     latents, metadata = load_latents(args.latents)
     settings = metadata.get("output") if isinstance(metadata.get("output"), dict) else {}
     out_path = Path(args.output or metadata.get("video_path") or video_path_for(args.latents))

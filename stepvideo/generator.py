@@ -5,7 +5,7 @@ is read), applies tensor / sequence / CFG parallelism, and generates one video p
 
 1. rank 0: ``StepVideoPipeline.encode_inputs`` (service, or local encoders loaded on demand with
    ``--no_service``) and, for TI2V, the first image; the results are broadcast to every rank;
-2. every rank: ``StepVideoPipeline.denoise``, the identical loop on its share of the work;
+2. every rank: ``StepVideoPipeline.denoise_inputs``, the identical loop on its share of the work;
 3. rank 0: ``StepVideoPipeline.write_video`` decodes (service or local VAE) and writes the mp4,
    retrying with backoff; if that still fails, the final latents are saved next to the intended
    output (``<name>.latents.safetensors``, see :mod:`stepvideo.decode`) so no denoising is lost.
@@ -41,6 +41,7 @@ from .pipelines.outputs import StepVideoPipelineOutput
 from .pipelines.pipeline import KeepLatents, StepVideoPipeline
 from .placed_components import PlacedCaptionEncoder, PlacedVAE
 from .schedulers.flow_match_euler import FlowMatchDiscreteScheduler
+from .service.client import READY_TIMEOUT_S
 from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class RuntimeConfig:
     compile: bool = False                    # torch.compile every DiT block (stepvideo.perf.compile)
     decode_retries: int = 2                  # extra decode/write attempts before the latents are saved
     decode_backoff: float = 2.0              # seconds before the first retry (doubles each time)
-    service_wait: float = 540.0              # pre-flight: seconds to wait for a service still loading
+    service_wait: float = READY_TIMEOUT_S    # seconds to wait for a service still loading (pre-flight, --serve)
     memory_profile: str = "auto"             # one-GPU placement (stepvideo.memory_profiles): auto/141g/80g/48g/24g/none
 
 
@@ -171,7 +172,7 @@ class VideoGenerator:
 
     def _denoise_on_all(self, inputs, sampling: SamplingConfig, progress: bool, timer: StageTimer,
                         should_cancel: Optional[Callable[[int], bool]]):
-        """Every rank: the DiT to where the profile wants it, then ``pipeline.denoise``; a cancel
+        """Every rank: the DiT to where the profile wants it, then ``pipeline.denoise_inputs``; a cancel
         stops every rank at the same step."""
 
         def after_step(i, t, latents):
@@ -181,7 +182,8 @@ class VideoGenerator:
         def denoise():
             self.placement.enter("denoise", self.dit)
             try:
-                return self.pipeline.denoise(inputs, sampling, callback=after_step, progress=progress, timer=timer)
+                return self.pipeline.denoise_inputs(inputs, sampling, callback=after_step, progress=progress,
+                                                    timer=timer)
             except GenerationCancelled as cancelled:     # not a failure: every rank stops at this step
                 return cancelled
 

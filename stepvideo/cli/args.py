@@ -15,19 +15,24 @@ import argparse
 import logging
 from typing import NamedTuple, Optional
 
-from .. import geometry
-from ..config import PRESETS, OutputConfig, SamplingConfig, get_preset
+from ..config import PRESETS, OutputConfig, SamplingConfig
+from ..generator import RuntimeConfig
+from ..memory_profiles import PROFILE_NAMES
 from ..models.attention import BACKENDS as ATTENTION_BACKENDS
+from ..parallel.state import ParallelConfig, ParallelState
 from ..sampling import sampling_from_options, sampling_options, token_count  # noqa: F401  (re-exported by stepvideo.cli)
+from ..service.client import READY_TIMEOUT_S
 
+
+_RUNTIME, _OUTPUT = RuntimeConfig(), OutputConfig()      # the argparse defaults come from these
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model_dir", default=None,
                    help="checkpoint folder or Hub repo id (e.g. stepfun-ai/stepvideo-t2v); "
                         "default ./ckpts")
-    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="DiT weight dtype")
-    g.add_argument("--attention_backend", default="auto", choices=list(ATTENTION_BACKENDS),
+    g.add_argument("--dtype", default=_RUNTIME.dtype, choices=["bf16", "fp16", "fp32"], help="DiT weight dtype")
+    g.add_argument("--attention_backend", default=_RUNTIME.attention_backend, choices=list(ATTENTION_BACKENDS),
                    help="DiT self-attention kernel (auto: flash-attn 3 on Hopper, flash-attn 2 on CUDA, else SDPA)")
     g.add_argument("--fp8", action="store_true",
                    help="FP8 (e4m3, per-channel scales) weights for the DiT block linears (scaled matmul on Hopper)")
@@ -40,13 +45,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile every DiT block (stepvideo.perf.compile.compile_blocks); the first step "
                         "is slower while it compiles")
-    g.add_argument("--memory_profile", default="auto", choices=["auto", "141g", "80g", "48g", "24g", "none"],
+    g.add_argument("--memory_profile", default=_RUNTIME.memory_profile, choices=list(PROFILE_NAMES),
                    help="one-GPU placement by card size (docs/performance.md): 141g everything resident; 80g "
                         "encoders before the DiT, DiT off the device while the VAE decodes; 48g fp8 DiT + 80g; "
                         "24g DiT blocks and Step-LLM layers streamed with prefetch, tiled VAE decode; none: keep everything as "
                         "loaded; auto (default): by the device's memory for one-GPU --no_service runs, else none")
-    g.add_argument("--vae_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
-    g.add_argument("--caption_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
+    g.add_argument("--vae_url", default=_RUNTIME.vae_url,
+                   help="service address: http://host:port or a bare host (port 8080)")
+    g.add_argument("--caption_url", default=_RUNTIME.caption_url,
+                   help="service address: http://host:port or a bare host (port 8080)")
     g.add_argument("--service_token", default=None,
                    help="shared token of the service (default: env STEPVIDEO_SERVICE_TOKEN)")
     # reference flags kept for compatibility; they have no effect (documented)
@@ -80,13 +87,14 @@ def add_sampling_args(parser: argparse.ArgumentParser, with_prompt: bool = True)
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output")
-    g.add_argument("--save_path", default="./results", help="output folder")
-    g.add_argument("--output_file_name", default="", help="file name stem (default: from the prompt)")
+    g.add_argument("--save_path", default=_OUTPUT.save_path, help="output folder")
+    g.add_argument("--output_file_name", default=_OUTPUT.output_file_name,
+                   help="file name stem (default: from the prompt)")
     g.add_argument("--output_path", default=None, help="explicit mp4 path (used as given)")
-    g.add_argument("--name_suffix", default="", help="appended to automatic file names")
+    g.add_argument("--name_suffix", default=_OUTPUT.name_suffix, help="appended to automatic file names")
     g.add_argument("--no_crop", action="store_true", help="skip the reference's 540p centre crop")
     g.add_argument("--no_denoise_filter", action="store_true", help="skip ffmpeg's atadenoise filter")
-    g.add_argument("--decode_retries", type=int, default=2,
+    g.add_argument("--decode_retries", type=int, default=_RUNTIME.decode_retries,
                    help="extra decode/write attempts (backoff 2 s, doubling) before the denoised latents are "
                         "saved as <name>.latents.safetensors for `python -m stepvideo.decode` (default %(default)s)")
 
@@ -130,8 +138,6 @@ def parallel_config(args: argparse.Namespace, world_size: Optional[int] = None):
     """``ParallelConfig`` from the flags; an unset ``--ulysses_degree`` takes the remaining ranks."""
     import os
 
-    from ..parallel.state import ParallelConfig
-
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     cfg = 2 if args.cfg_parallel else 1
     ulysses = args.ulysses_degree
@@ -142,15 +148,13 @@ def parallel_config(args: argparse.Namespace, world_size: Optional[int] = None):
 
 
 def runtime_config(args: argparse.Namespace):
-    from ..generator import RuntimeConfig
-
     return RuntimeConfig(model_dir=args.model_dir or "./ckpts", dtype=args.dtype,
                          attention_backend=args.attention_backend, local=args.local, vae_url=args.vae_url,
                          caption_url=args.caption_url, service_token=args.service_token, fp8=args.fp8,
                          cpu_offload=args.use_cpu_offload, compile=args.compile,
                          decode_retries=args.decode_retries, memory_profile=args.memory_profile,
                          # the other ranks wait in a collective meanwhile: stay inside --dist_timeout
-                         service_wait=min(540.0, 0.9 * getattr(args, "dist_timeout", 600.0)))
+                         service_wait=min(READY_TIMEOUT_S, 0.9 * getattr(args, "dist_timeout", 600.0)))
 
 
 class LaunchConfigs(NamedTuple):
@@ -188,8 +192,6 @@ def start_ranks(args: argparse.Namespace, has_image: Optional[bool] = None):
     any process group exists.
     """
     from datetime import timedelta
-
-    from ..parallel.state import ParallelState
 
     configs = launch_configs(args, has_image=has_image)
     if args.dist_timeout <= 0:

@@ -321,7 +321,7 @@ class AutoencoderKL(nn.Module):
         bounds, frame = [], 0
         for start in range(0, num_latents, self.latent_len):
             stop = min(start + self.latent_len, num_latents)
-            frames = 8 * (stop - start) - 7
+            frames = geometry.pixel_frames(stop - start)
             bounds.append((start, stop, frame, frame + frames))
             frame += frames
         return bounds
@@ -344,7 +344,8 @@ class AutoencoderKL(nn.Module):
         """Tiled :meth:`decode_chunk` for ``z [B, z, F_c, h, w]``; returns ``[B, T_c, 3, H, W]``."""
         cfg, s = self.tiling, self.spatial_compression
         b, _, f, h, w = z.shape
-        out = torch.zeros(b, 8 * f - 7, self.out_channels, h * s, w * s, dtype=torch.float32, device=z.device)
+        out = torch.zeros(b, geometry.pixel_frames(f), self.out_channels, h * s, w * s, dtype=torch.float32,
+                          device=z.device)
         weight = torch.zeros(h * s, w * s, dtype=torch.float32, device=z.device)
         for y0, y1, lead_y, trail_y in _tile_spans(h, cfg.tile_size, cfg.overlap):
             wy = _ramp((y1 - y0) * s, lead_y * s, trail_y * s, z.device)

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from ..loading import checkpoint as ckpt
+from ..models.dit import StepVideoModel
 
 PLAN_STYLES = ("colwise", "rowwise")
 
@@ -74,7 +76,6 @@ class TensorParallelPlan:
 
 def default_plan() -> TensorParallelPlan:
     """The plan of ``StepVideoModel`` (what :func:`shard_tensor` uses when given none)."""
-    from ..models.dit import StepVideoModel
 
     return TensorParallelPlan.of(StepVideoModel)
 
@@ -193,9 +194,6 @@ def load_tensor_parallel_dit(pretrained_model_name_or_path: Union[str, os.PathLi
     The model is built on ``meta``, sharded with :func:`apply_tensor_parallel`, and every
     checkpoint tensor is cut by :func:`shard_tensor` before it is cast and moved to ``device``.
     """
-    from ..loading import checkpoint as ckpt
-    from ..models.dit import StepVideoModel
-
     folder, config, files = StepVideoModel.locate_checkpoint(pretrained_model_name_or_path)
     dtype = ckpt.parse_dtype(torch_dtype) if torch_dtype is not None else None
     with torch.device("meta"):

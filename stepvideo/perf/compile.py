@@ -32,6 +32,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from ..models.parallel_hooks import LocalSequence
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,6 @@ class EagerSequenceHooks:
 
 
 def _keep_sequence_hooks_eager(model: nn.Module) -> None:
-    from ..models.parallel_hooks import LocalSequence
-
     hooks = getattr(model, "sequence_parallel", None)
     if hooks is None or isinstance(hooks, (LocalSequence, EagerSequenceHooks)):
         return

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from ..memory_profiles import MemoryProfile
 from . import memory_accounting as acc
 
 PCIE_GBPS = {"PCIe 4 x16": 25.0, "PCIe 5 x16": 50.0}     # achievable host->device GB/s (stated)
@@ -35,7 +34,7 @@ class StagePeak:
 
 @dataclass
 class ProfileReport:
-    profile: MemoryProfile
+    profile: "MemoryProfile"          # stepvideo.memory_profiles (which imports perf: not imported here)
     video: acc.VideoShape
     ti2v: bool
     stages: List[StagePeak] = field(default_factory=list)
@@ -62,7 +61,7 @@ def dit_resident(step: acc.StepMeasurement, streamed: int, layers: int = 48) -> 
     return step.weights - streamed * step.block + min(2, streamed) * step.block
 
 
-def profile_report(profile: MemoryProfile, video: acc.VideoShape = acc.VideoShape(), *, ti2v: bool = False,
+def profile_report(profile: "MemoryProfile", video: acc.VideoShape = acc.VideoShape(), *, ti2v: bool = False,
                    step: Optional[acc.StepMeasurement] = None, encode: Optional[acc.EncodeMeasurement] = None,
                    decode: Optional[acc.DecodeMeasurement] = None, image_encode: Optional[int] = None
                    ) -> ProfileReport:

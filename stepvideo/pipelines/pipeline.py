@@ -5,7 +5,8 @@ Three stages, and ``__call__`` is these three calls, top to bottom:
 
 1. :meth:`~StepVideoPipeline.encode_inputs` (rank 0): prompt embeddings from the caption encoder
    (or precomputed ones) and, for TI2V, the first image's latent -> :class:`EncodedInputs`;
-2. :meth:`~StepVideoPipeline.denoise` (every rank): noise, then the CFG + Euler loop -> latents;
+2. :meth:`~StepVideoPipeline.denoise_inputs` (every rank): noise, then the CFG + Euler loop
+   (:meth:`~StepVideoPipeline.denoise`) -> latents;
 3. :meth:`~StepVideoPipeline.write_video` (rank 0): decode, post-process, write the mp4, retried;
    when every attempt fails the latents are kept next to the intended output
    (``<name>.latents.safetensors``, see :mod:`stepvideo.decode`) and it raises ``GenerationError``.
@@ -29,7 +30,6 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
@@ -39,13 +39,18 @@ from .. import geometry
 from ..components import check_vae_output
 from ..config import PIPELINE_CALL_DEFAULTS, PIPELINE_CALL_TI2V_FRAMES, OutputConfig, SamplingConfig
 from ..errors import GenerationError, one_line
+from ..io.frames import decoded_to_frames
 from ..io.image import prepare_first_image
 from ..io.video import output_video_path
+from ..loading import layout
+from ..loading.hub import resolve_model_dir
+from ..models.dit import StepVideoModel
+from ..schedulers.flow_match_euler import FlowMatchDiscreteScheduler
+from ..service.client import RemoteCaptionEncoder, RemoteVAE
 from ..timing import StageTimer
 from ..vae.codec import latents_to_mp4
 from ..vae.latents_file import latents_path, run_metadata, save_latents
 from .outputs import StepVideoPipelineOutput
-from ..io.frames import decoded_to_frames
 
 logger = logging.getLogger(__name__)
 
@@ -141,11 +146,6 @@ class StepVideoPipeline:
     def from_pretrained(cls, model_dir: Union[str, os.PathLike], *, torch_dtype=torch.bfloat16,
                         device: Union[str, torch.device] = "cpu", **kwargs) -> "StepVideoPipeline":
         """Load ``transformer/`` and ``scheduler/`` of a model dir (or Hub repo id)."""
-        from ..loading import layout
-        from ..loading.hub import resolve_model_dir
-        from ..models.dit import StepVideoModel
-        from ..schedulers.flow_match_euler import FlowMatchDiscreteScheduler
-
         root = resolve_model_dir(model_dir, allow_patterns=layout.DIT_PATTERNS)
         transformer = StepVideoModel.from_pretrained(root, torch_dtype=torch_dtype, device=device,
                                                      progress=kwargs.pop("progress", False))
@@ -154,7 +154,6 @@ class StepVideoPipeline:
 
     def setup_api(self, vae_url: str, caption_url: str) -> None:
         """Point the pipeline at a running caption/VAE service (the reference's method)."""
-        from ..service.client import RemoteCaptionEncoder, RemoteVAE
 
         self.vae_url, self.caption_url = vae_url, caption_url
         self.caption_encoder = RemoteCaptionEncoder(caption_url, token=self.service_token)
@@ -278,7 +277,7 @@ class StepVideoPipeline:
         image = prepare_first_image(first_image, height, width)
         return encode_image(self._vae(), image, seed).cpu()
 
-    def sample_loop(self, latents, y, y_mask, clip, num_inference_steps: int, guidance_scale: float,
+    def denoise(self, latents, y, y_mask, clip, num_inference_steps: int, guidance_scale: float,
                     time_shift: float, condition=None, motion_score: Optional[float] = None,
                     callback: Optional[Callable] = None, progress: bool = True) -> torch.Tensor:
         """The CFG + Euler loop; returns the final latents (fp32)."""
@@ -338,11 +337,11 @@ class StepVideoPipeline:
                                                  geometry.round_size(sampling.width), sampling.seed)
         return EncodedInputs(embeds=prompt_embeds, condition=condition)
 
-    def denoise(self, inputs: EncodedInputs, sampling: SamplingConfig, *, latents: Optional[torch.Tensor] = None,
+    def denoise_inputs(self, inputs: EncodedInputs, sampling: SamplingConfig, *, latents: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None,
                 progress: bool = True, timer: Optional[StageTimer] = None) -> torch.Tensor:
         """Stage 2 (every rank): the initial noise (or ``latents``), the TI2V condition, then
-        :meth:`sample_loop`; returns the final latents ``[1, F, C, h, w]`` (fp32).
+        :meth:`denoise` (the loop); returns the final latents ``[1, F, C, h, w]`` (fp32).
         ``callback(step, t, latents)`` runs after each step."""
         y, y_mask, clip = self.encode_prompt(None, prompt_embeds=inputs.embeds)
         shape = self.latent_shape(sampling.height, sampling.width, sampling.num_frames)
@@ -359,7 +358,7 @@ class StepVideoPipeline:
             if callback is not None:
                 callback(i, t, step_latents)
 
-        return self.sample_loop(latents, y, y_mask, clip, sampling.num_inference_steps, sampling.guidance_scale,
+        return self.denoise(latents, y, y_mask, clip, sampling.num_inference_steps, sampling.guidance_scale,
                                 sampling.time_shift, condition, sampling.motion_score, after_step, progress)
 
     def write_video(self, latents: torch.Tensor, path: Union[str, os.PathLike], output: OutputConfig, *,
@@ -455,7 +454,7 @@ class StepVideoPipeline:
 
         inputs = self.encode_inputs(prompt, settings, first_image, prompt_embeds=prompt_embeds,
                                     condition_latents=condition_latents, timer=timer)
-        latents = self.denoise(inputs, settings, latents=latents, generator=generator, callback=callback,
+        latents = self.denoise_inputs(inputs, settings, latents=latents, generator=generator, callback=callback,
                                progress=progress, timer=timer)
         if self.rank != 0 or output_type == "latent":
             timer.finish()

@@ -239,7 +239,7 @@ def ready(call: Call) -> Response:
 
 
 def ready_info(state: ServiceState, comps: ServiceComponents) -> Dict[str, Any]:
-    from .routes import ROUTES
+    from .routes import ROUTES          # cycle: routes.py imports these handlers
 
     config = state.config
     info: Dict[str, Any] = {

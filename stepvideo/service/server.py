@@ -27,7 +27,6 @@ from .config import ServiceConfig
 from .cost import RequestTooCostly
 from .gate import DeviceBusy
 from .handlers import LOADING_RETRY_AFTER, Call, error_response
-from .host import ServiceServer  # noqa: F401  (re-exported: the host used to live here)
 from .protocol import JSON_CONTENT_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, ProtocolError, encode_json
 from .routes import ROUTES, ROUTES_BY_PATH, Route, route_list
 from .state import ComponentsArg, NotReady, ServiceState

@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Dict, Mapping, Optional
 
 from ..config import SamplingConfig
+from ..parallel.state import validate_before_loading
+from ..pipelines.pipeline import StepVideoPipeline
 from ..sampling import sampling_from_options, token_count
 from .config import ServerConfig
 
@@ -120,8 +122,6 @@ def build_job(fields: Mapping[str, Any], server_options: Mapping[str, Any], mode
         raise _named(err) from None
     preset = options.get("preset") or ("ti2v" if image is not None else "t2v")
 
-    from ..pipelines.pipeline import StepVideoPipeline
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # the rounding is reported through the settings
         height, width, frames = StepVideoPipeline.check_inputs(sampling.height, sampling.width, sampling.num_frames)
@@ -133,8 +133,6 @@ def build_job(fields: Mapping[str, Any], server_options: Mapping[str, Any], mode
 
 
 def _check_cost(sampling: SamplingConfig, model: ModelInfo, config: ServerConfig) -> None:
-    from ..parallel.state import validate_before_loading
-
     if sampling.num_inference_steps > config.max_steps:
         raise RequestError(f"field 'num_inference_steps' is {sampling.num_inference_steps}; this server runs at most "
                            f"{config.max_steps} steps per job (--max_steps)", "num_inference_steps", 422)

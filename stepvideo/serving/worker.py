@@ -23,6 +23,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..config import OutputConfig, SamplingConfig
+from ..generator import GenerationCancelled
+from ..timing import StageTimer
 from . import jobs as js
 
 logger = logging.getLogger(__name__)
@@ -149,9 +151,6 @@ def serve_jobs(generator, state, channel: ControlChannel, output: OutputConfig, 
 
 def run_job(generator, state, channel: ControlChannel, output: OutputConfig, message: Dict[str, Any], ctx) -> None:
     """One job on every rank; rank 0 records the outcome."""
-    from ..generator import GenerationCancelled
-    from ..timing import StageTimer
-
     job_id = message["id"]
     settings = message["settings"]
     sampling = SamplingConfig(**{k: v for k, v in settings.items() if k not in ("preset", "image")})

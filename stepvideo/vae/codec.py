@@ -22,16 +22,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import geometry
 from ..components import LocalVAE, VAEComponent
 from ..io.frames import decoded_to_frames
 from ..io.video import write_mp4
 from ..models.vae import AutoencoderKL, mix_chunk_seams_
+from ..service.client import RemoteVAE
 
 logger = logging.getLogger(__name__)
 
-FRAME_LEN = 17          # pixel frames per encode chunk
-LATENT_LEN = 3          # latent frames per decode chunk
-SPATIAL = 16
+FRAME_LEN = geometry.FRAMES_PER_CHUNK          # pixel frames per encode chunk
+LATENT_LEN = geometry.LATENTS_PER_CHUNK        # latent frames per decode chunk
+SPATIAL = geometry.SPATIAL_COMPRESSION
 FRAME_POLICIES = ("refuse", "pad", "trim")
 
 
@@ -42,8 +44,6 @@ def open_vae(model_dir: Optional[str] = None, vae_url: Optional[str] = None, *, 
     if (model_dir is None) == (vae_url is None):
         raise ValueError("give exactly one of --model_dir (run the VAE here) or --vae_url (use the service)")
     if vae_url is not None:
-        from ..service.client import RemoteVAE
-
         vae = RemoteVAE(vae_url, token=token, output="float")
         vae.z_channels                              # fail now if the service has no VAE or is down
         return vae
