@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
+from .http_errors import read_error
 from .io.atomic import atomic_write_bytes
 from .service.client import normalize_service_url
 from .serving.config import DEFAULT_PORT, TOKEN_ENV
@@ -78,11 +79,7 @@ class VideoClient:
             raise ServerError(f"cannot reach the generation server at {self.url}: {type(err).__name__}: {err}") \
                 from None
         if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = {"error": resp.text.strip()[:500]}
-            message = body.get("error", resp.reason)
+            message, body = read_error(resp.content, resp.headers.get("Content-Type", ""), fallback=resp.reason)
             retry = resp.headers.get("Retry-After")
             hint = f" (retry after {retry} s)" if retry else ""
             raise ServerError(f"{method} {route} -> HTTP {resp.status_code}: {message}{hint}", resp.status_code, body)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 import torch
 
 from .. import geometry
+from ..http_errors import read_error
 from ..text_encoders.caption import check_prompts
 from .config import DEFAULT_PORT, TOKEN_ENV
 from .protocol import (FLOAT_DTYPES, JSON_CONTENT_TYPE, PROTOCOL_VERSION, TENSOR_CONTENT_TYPE, ProtocolError,
@@ -116,17 +117,7 @@ def _is_connect_failure(err: BaseException) -> bool:
 
 def _error_message(body: bytes, content_type: str) -> str:
     """The server's ``{"error": ...}`` text, or a short excerpt of whatever else came back."""
-    if media_type(content_type) == JSON_CONTENT_TYPE:
-        try:
-            import json
-
-            obj = json.loads(body.decode("utf-8"))
-            if isinstance(obj, dict) and isinstance(obj.get("error"), str):
-                return obj["error"]
-        except ValueError:
-            pass
-    text = " ".join(body[:300].decode("utf-8", errors="replace").split())
-    return text or "(empty body)"
+    return read_error(body, content_type)[0]
 
 
 class ServiceClient:
