@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
+
 from .io.frames import to_uint8_frames
 
 VAE_OUTPUTS = ("float", "uint8")

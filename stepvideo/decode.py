@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+
 from .components import LocalVAE
 from .config import OutputConfig
 from .io.video import output_video_path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
+
 from ..service.cli import main as service_main
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
 from ..loading import checkpoint as ckpt
 from ..models.dit import StepVideoModel
 

@@ -32,6 +32,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+
 from ..models.parallel_hooks import LocalSequence
 
 logger = logging.getLogger(__name__)

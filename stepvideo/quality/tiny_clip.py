@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
 from ..testing.tiny_text import bert_vocab
 
 IMAGE_SIZE = 32

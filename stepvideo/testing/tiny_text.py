@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 from typing import List
+
 from ..loading import layout, save_sharded
 from ..text_encoders.step_llm import Step1Model
 from .init import init_random_weights
