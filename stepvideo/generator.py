@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -154,7 +155,7 @@ class VideoGenerator:
         inputs = on_main(state, lambda: pipe.encode_inputs(prompt, sampling, first_image))
         latents = self._denoise_on_all(inputs, sampling, progress, timer, should_cancel)
         written = {}             # rank 0 only: the frames stay where they were written, not broadcast
-        on_main(state, lambda: written.update(self._write(latents, prompt, sampling, output, timer)))
+        on_main(state, partial(self._write, written, latents, prompt, sampling, output, timer))
         timer.finish()
         if not state.is_main:
             return None
@@ -162,13 +163,15 @@ class VideoGenerator:
         return StepVideoPipelineOutput(video=written["frames"], latents=latents, path=written["path"],
                                        timings=timer.as_dict())
 
-    def _write(self, latents, prompt: str, sampling: SamplingConfig, output: OutputConfig, timer) -> dict:
-        """Rank 0: the mp4 path (unique at write time), then ``pipeline.write_video``."""
+    def _write(self, written: dict, latents, prompt: str, sampling: SamplingConfig, output: OutputConfig,
+               timer) -> None:
+        """Rank 0: the mp4 path (unique at write time), then ``pipeline.write_video``; fills ``written``
+        with ``path`` and ``frames``."""
         path = output_video_path(output.save_path, prompt or "video", seed=sampling.seed,
                                  output_file_name=output.output_file_name, name_suffix=output.name_suffix,
                                  output_path=output.output_path)
         frames = self.pipeline.write_video(latents, path, output, prompt=prompt, sampling=sampling, timer=timer)
-        return {"path": path, "frames": frames}
+        written.update(path=path, frames=frames)
 
     def _denoise_on_all(self, inputs, sampling: SamplingConfig, progress: bool, timer: StageTimer,
                         should_cancel: Optional[Callable[[int], bool]]):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import Optional, Sequence
 
 from ..errors import UserError
@@ -59,8 +60,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     args = build_parser(prog).parse_args(argv)
     configure_logging()
     if args.serve:                      # the persistent generation server (docs/server.md)
-        return run_main(lambda: serve(args, start_ranks), debug=args.debug)
-    return run_main(lambda: generate(args), debug=args.debug)
+        return run_main(partial(serve, args, start_ranks), debug=args.debug)
+    return run_main(partial(generate, args), debug=args.debug)
 
 
 if __name__ == "__main__":

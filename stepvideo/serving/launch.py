@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import fields
 from typing import Optional
 
 from ..errors import UserError, debug_requested
@@ -34,31 +35,31 @@ from .worker import ControlChannel, Dispatcher, serve_jobs
 logger = logging.getLogger("stepvideo.serving")
 
 
-_SERVER = ServerConfig()          # the --serve flags' defaults
+_SERVER = {f.name: f.default for f in fields(ServerConfig)}      # the --serve flags' defaults
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     """The ``--serve`` group of ``run_parallel.py``."""
     g = parser.add_argument_group("generation server (--serve; see docs/server.md)")
     g.add_argument("--serve", action="store_true",
                    help="load the DiT once and serve POST /v1/videos jobs over HTTP instead of one --prompt")
-    g.add_argument("--host", default=_SERVER.host,
+    g.add_argument("--host", default=_SERVER["host"],
                    help="interface to bind (default %(default)s; 0.0.0.0 exposes the server: set a token)")
-    g.add_argument("--port", type=int, default=_SERVER.port, help="TCP port (default %(default)s; 0 = any free)")
-    g.add_argument("--state_dir", default=_SERVER.state_dir,
+    g.add_argument("--port", type=int, default=_SERVER["port"], help="TCP port (default %(default)s; 0 = any free)")
+    g.add_argument("--state_dir", default=_SERVER["state_dir"],
                    help="job database and videos; jobs survive restarts on the same dir (default %(default)s)")
-    g.add_argument("--max_queue", type=int, default=_SERVER.max_queue,
+    g.add_argument("--max_queue", type=int, default=_SERVER["max_queue"],
                    help="queued jobs before 429 (default %(default)s)")
     g.add_argument("--token", default=None,
                    help=f"clients must send 'Authorization: Bearer <token>' (default ${TOKEN_ENV}; prefer the "
                         "environment variable: command lines are visible to other users)")
-    g.add_argument("--http_threads", type=int, default=_SERVER.threads,
+    g.add_argument("--http_threads", type=int, default=_SERVER["threads"],
                    help="HTTP worker threads (default %(default)s)")
-    g.add_argument("--max_steps", type=int, default=_SERVER.max_steps,
+    g.add_argument("--max_steps", type=int, default=_SERVER["max_steps"],
                    help="most denoising steps per job (default %(default)s)")
-    g.add_argument("--max_tokens", type=int, default=_SERVER.max_tokens,
+    g.add_argument("--max_tokens", type=int, default=_SERVER["max_tokens"],
                    help="most DiT tokens (latent frames x h/16 x w/16) per job (default %(default)s: 204 frames "
                         "at 544x992)")
-    g.add_argument("--max_body_mb", type=float, default=_SERVER.max_body_bytes // MiB,
+    g.add_argument("--max_body_mb", type=float, default=_SERVER["max_body_bytes"] // MiB,
                    help="largest request body in MiB (default %(default)s)")
 
 

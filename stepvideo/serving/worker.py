@@ -23,9 +23,9 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..config import OutputConfig, SamplingConfig
-from ..generator import GenerationCancelled
+from ..errors import GenerationCancelled
 from ..timing import StageTimer
-from . import jobs as js
+from .jobs import CANCELLED, COMPLETED, FAILED, Job, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ CONTROL_TIMEOUT = timedelta(seconds=30 * 60)
 class Dispatcher:
     """Rank 0's hand-off between the HTTP threads (notify, cancel) and the worker loop."""
 
-    def __init__(self, store: js.JobStore):
+    def __init__(self, store: JobStore):
         self.store = store
         self._cond = threading.Condition()
         self._stopping = False
@@ -56,7 +56,7 @@ class Dispatcher:
     def stopping(self) -> bool:
         return self._stopping
 
-    def next_job(self, timeout: float) -> Optional[js.Job]:
+    def next_job(self, timeout: float) -> Optional[Job]:
         """The next job (now ``in_progress``), or ``None`` after ``timeout`` s or on stop."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -176,7 +176,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
                 image_error = f"the stored first image cannot be read: {type(err).__name__}: {err}"
     if settings.get("image") and channel.flag(state.is_main and image_error is not None):   # all ranks skip it
         if state.is_main:
-            ctx.store.finish(job_id, js.FAILED, error=image_error)
+            ctx.store.finish(job_id, FAILED, error=image_error)
             ctx.dispatcher.done()
             ctx.job_finished()
         return
@@ -188,21 +188,21 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
         return channel.flag(state.is_main and (ctx.dispatcher.cancel_requested() or ctx.dispatcher.stopping))
 
     start = time.perf_counter()
-    status, error = js.COMPLETED, None
+    status, error = COMPLETED, None
     try:
         generator.generate(message["prompt"], sampling, job_output, first_image=first_image, progress=False,
                            timer=timer, should_cancel=should_cancel)
     except GenerationCancelled:
-        status = js.CANCELLED
+        status = CANCELLED
     except Exception as err:  # noqa: BLE001 - recorded on the job; the server goes on
-        status, error = js.FAILED, f"{type(err).__name__}: {err}"
+        status, error = FAILED, f"{type(err).__name__}: {err}"
         if state.is_main:
             logger.error("job %s failed: %s", job_id, error)
     if not state.is_main:
         return
     seconds = time.perf_counter() - start
     timings = timer.as_dict()
-    if status == js.CANCELLED and not ctx.dispatcher.cancel_requested():      # stopped by a shutdown
+    if status == CANCELLED and not ctx.dispatcher.cancel_requested():      # stopped by a shutdown
         ctx.store.requeue(job_id)
         ctx.dispatcher.done()
         logger.info("job %s interrupted by the shutdown; re-queued", job_id)
@@ -211,7 +211,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
     ctx.dispatcher.done()
     ctx.job_finished()
     ctx.metrics.job_finished(status, timings, seconds)
-    if status == js.COMPLETED:
+    if status == COMPLETED:
         ctx.note_job_seconds(seconds)
     logger.info("job %s %s in %.2f s; %s", job_id, status, seconds, timings["summary"])
 
