@@ -16,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from ..config import DiTConfig
 from . import memory_accounting as acc
 
+LAYERS = DiTConfig().num_layers          # DiT blocks of the released model
 PCIE_GBPS = {"PCIe 4 x16": 25.0, "PCIe 5 x16": 50.0}     # achievable host->device GB/s (stated)
 
 
@@ -55,7 +57,7 @@ class ProfileReport:
         return self.budget > 0 and self.peak <= 0.97 * self.budget
 
 
-def dit_resident(step: acc.StepMeasurement, streamed: int, layers: int = 48) -> float:
+def dit_resident(step: acc.StepMeasurement, streamed: int, layers: int = LAYERS) -> float:
     """DiT bytes on the device during a step with ``streamed`` blocks streaming (two in flight)."""
     streamed = min(streamed, layers)
     return step.weights - streamed * step.block + min(2, streamed) * step.block
@@ -75,8 +77,8 @@ def profile_report(profile: "MemoryProfile", video: acc.VideoShape = acc.VideoSh
     gib = acc.gib
 
     dit_step = dit_resident(step, profile.dit_streamed_blocks)
-    if profile.dit_streamed_blocks >= 48:
-        dit_idle = dit_resident(step, 48) - step.block      # between steps: one prefetched block
+    if profile.dit_streamed_blocks >= LAYERS:
+        dit_idle = dit_resident(step, LAYERS) - step.block      # between steps: one prefetched block
     else:
         dit_idle = dit_step
     encoders = encode.llm_weights + encode.clip_weights
@@ -106,7 +108,7 @@ def profile_report(profile: "MemoryProfile", video: acc.VideoShape = acc.VideoSh
                             + (f" + encoders {gib(keep):.1f}" if keep else "")))
     stages.append(StagePeak("write", keep + dit_at_decode, "host-side mp4 writing; device keeps the resident models"))
 
-    moved_step = min(profile.dit_streamed_blocks, 48) * step.block
+    moved_step = min(profile.dit_streamed_blocks, LAYERS) * step.block
     moved_video = 0.0
     if profile.moves_dit:
         moved_video += 2 * dit_step                                  # on before the loop, off before decode
@@ -140,7 +142,7 @@ def layout_rows(video: acc.VideoShape = acc.VideoShape(), layouts=None, *, ti2v:
         for name, m in (("bf16", bf16), ("fp8", fp8)):
             row[name] = m.peak
             row[name + "_weights"] = m.weights
-            row[name + "_offload"] = m.peak - m.weights + dit_resident(m, 48)
+            row[name + "_offload"] = m.peak - m.weights + dit_resident(m, LAYERS)
         row["total"] = {k: row[k] + acc.overhead_bytes(row[k], layout.world_size)
                         for k in ("bf16", "fp8", "bf16_offload", "fp8_offload")}
         rows.append(row)

@@ -20,6 +20,7 @@ import sys
 from dataclasses import fields
 from typing import Optional
 
+from ..config import DiTConfig
 from ..errors import UserError, debug_requested
 from ..generator import VideoGenerator
 from ..parallel.agree import on_main
@@ -185,7 +186,7 @@ def _mark_ready(ctx, generator, state) -> None:
                          "layout": {"ulysses_degree": state.config.ulysses_degree,
                                     "tensor_parallel_degree": state.config.tensor_parallel_degree,
                                     "cfg_degree": state.config.cfg_degree}}
-    ctx.model = ModelInfo(is_ti2v=generator.pipeline.is_ti2v, num_heads=int(config.get("num_attention_heads", 48)),
+    ctx.model = ModelInfo(is_ti2v=generator.pipeline.is_ti2v, num_heads=DiTConfig.from_dict(config).num_attention_heads,
                           parallel=state.config, world_size=state.world_size)
 
 
