@@ -108,9 +108,10 @@ class StepVideoPipeline:
             port 8080), used when no local ``vae`` / ``caption_encoder`` is given.
         save_path, name_suffix: where mp4 files go and an optional name suffix.
         caption_encoder: a :class:`~stepvideo.components.CaptionEncoderComponent`
-            (``CaptionEncoder`` or ``RemoteCaptionEncoder``); None: the service at ``caption_url``.
-        vae: a :class:`~stepvideo.components.VAEComponent` (``AutoencoderKL``, ``LocalVAE`` or
-            ``RemoteVAE``); None: the service at ``vae_url``.
+            (``CaptionEncoder``, ``PlacedCaptionEncoder`` or ``RemoteCaptionEncoder``); None: the
+            service at ``caption_url``.
+        vae: a :class:`~stepvideo.components.VAEComponent` (``AutoencoderKL``, ``LocalVAE``,
+            ``PlacedVAE`` or ``RemoteVAE``); None: the service at ``vae_url``.
         vae_output: decode format of the service client built by :meth:`setup_api`: ``"float"``
             or ``"uint8"`` (converted on the server: half the bytes, the same frames).
         rank: global rank; only rank 0 decodes, writes files and shows progress.
