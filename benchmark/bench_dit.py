@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from stepvideo.models.attention import BACKENDS  # noqa: E402
 from stepvideo.models.dit import StepVideoModel  # noqa: E402
 from stepvideo.perf import flops, memory_model  # noqa: E402
+from stepvideo.perf.speed import apply_speed_options  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -78,13 +79,7 @@ def build_model(args, device, dtype):
         else:
             p.fill_(1.0)
     model.eval().requires_grad_(False)
-    if args.fp8:
-        from stepvideo.perf.fp8 import quantize_blocks
-        quantize_blocks(model)
-    if args.compile:
-        from stepvideo.perf.compile import compile_blocks
-        compile_blocks(model)
-    return model
+    return apply_speed_options(model, device, fp8=args.fp8, compile=args.compile)
 
 
 def make_inputs(args, device, dtype):

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
+from .http_errors import read_error
+from .io.atomic import atomic_write_bytes
+from .service.client import normalize_service_url
 from .serving.config import DEFAULT_PORT, TOKEN_ENV
 
 __all__ = ["VideoClient", "ServerError", "JobFailed", "main"]
@@ -66,8 +69,6 @@ class VideoClient:
 
     def __init__(self, url: str = f"http://127.0.0.1:{DEFAULT_PORT}", token: Optional[str] = None,
                  timeout: float = 60.0):
-        from .service.client import normalize_service_url
-
         self.url = normalize_service_url(url, default_port=DEFAULT_PORT)
         self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
         self.timeout = timeout
@@ -88,11 +89,7 @@ class VideoClient:
             raise ServerError(f"cannot reach the generation server at {self.url}: {type(err).__name__}: {err}") \
                 from None
         if resp.status_code >= 400:
-            try:
-                body = resp.json()
-            except ValueError:
-                body = {"error": resp.text.strip()[:500]}
-            message = error_message(body) or resp.reason
+            message, body = read_error(resp.content, resp.headers.get("Content-Type", ""), fallback=resp.reason)
             retry = resp.headers.get("Retry-After")
             hint = f" (retry after {retry} s)" if retry else ""
             raise ServerError(f"{method} {route} -> HTTP {resp.status_code}: {message}{hint}", resp.status_code, body)
@@ -164,7 +161,6 @@ class VideoClient:
 
     def download(self, job_id: str, path: Union[str, os.PathLike]) -> Path:
         """Write a completed job's mp4 to ``path`` (atomically) and return the path."""
-        from .io.atomic import atomic_write_bytes
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,8 @@ from typing import Dict, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from .io.frames import to_uint8_frames
+
 VAE_OUTPUTS = ("float", "uint8")
 
 
@@ -92,7 +94,5 @@ class LocalVAE:
         """``latents [B, F, C, h, w]`` -> video ``[B, T, 3, 16h, 16w]`` on CPU (float or uint8)."""
         video = self.vae.decode(latents)
         if self.output == "uint8":
-            from .io.frames import to_uint8_frames
-
             video = to_uint8_frames(video)
         return video.cpu()

@@ -80,6 +80,14 @@ PRESETS: Dict[str, SamplingConfig] = {
 }
 
 
+# The reference pipeline's ``__call__`` defaults (spec §5.8), which ``StepVideoPipeline.__call__``
+# keeps: no magic prompts and motion_score 2.0, where the reference CLIs (and the presets above)
+# use the magic prompts and motion_score 5. ``num_frames`` is 204 for T2V, 102 for TI2V.
+PIPELINE_CALL_DEFAULTS = SamplingConfig(num_inference_steps=50, guidance_scale=9.0, time_shift=13.0, num_frames=204,
+                                        height=544, width=992, motion_score=2.0, pos_magic="", neg_magic="")
+PIPELINE_CALL_TI2V_FRAMES = 102
+
+
 def get_preset(name: str) -> SamplingConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")

@@ -4,7 +4,7 @@ r"""Turn saved latents into the mp4: the same frames as the run that saved them.
     python -m stepvideo.decode results/cat.latents.safetensors --model_dir ckpts -o cat.mp4
 
 When decoding or writing fails after the denoising loop (the VAE service is down, the disk is
-full), the generator saves the final latents ``[B, F, C, h, w]`` next to the intended output as
+full), ``StepVideoPipeline.write_video`` saves the final latents ``[B, F, C, h, w]`` next to the intended output as
 ``<name>.latents.safetensors`` (written atomically), with the prompt and the sampling and
 output settings in its metadata. This command decodes them with the service (``--vae_url``,
 uint8 frames converted on the server, as the generator does) or a local VAE
@@ -19,50 +19,27 @@ import logging
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+
+from .components import LocalVAE
+from .config import OutputConfig
+from .io.video import output_video_path
+from .loading import layout
+from .loading.hub import resolve_model_dir
+from .models.vae import AutoencoderKL
+from .preflight import check_output, check_services
+from .process import run_main
+from .service.client import RemoteVAE
+from .vae.codec import latents_to_mp4
+from .vae.latents_file import load_latents, video_path_for
 
 logger = logging.getLogger(__name__)
 
 
-def decode_or_keep_latents(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, path, output, *,
-                           prompt: str, sampling, remote: bool, model_dir: Optional[str], decode_flag: str,
-                           retries: int = 2, backoff: float = 2.0, timings: Optional[Dict[str, float]] = None,
-                           on_stage: Optional[Callable[[str], None]] = None):
-    """:func:`~stepvideo.vae.codec.latents_to_mp4` with ``decode``, retried ``retries`` times with
-    exponential backoff; returns the ``uint8 [T, H, W, 3]`` frames written. When every attempt
-    failed, save the latents next to ``path`` and raise ``GenerationError`` saying where and how
-    to make the video from them (``decode_flag``: ``--vae_url URL`` or ``--model_dir DIR``)."""
-    import time
-
-    from .errors import one_line
-    from .generator import GenerationError
-    from .vae.codec import latents_to_mp4
-    from .vae.latents_file import latents_path, run_metadata, save_latents
-
-    attempts = max(0, retries) + 1
-    for attempt in range(attempts):
-        try:
-            return latents_to_mp4(decode, latents, path, output, timings=timings, on_stage=on_stage)[1]
-        except Exception as exc:         # retried, then the latents are kept
-            failure = exc
-            if attempt + 1 < attempts:
-                delay = backoff * 2 ** attempt
-                logger.warning("decoding/writing %s failed (%s: %s); retry %d of %d in %.0f s", path,
-                               type(exc).__name__, exc, attempt + 1, attempts - 1, delay)
-                time.sleep(delay)
-    metadata = run_metadata(prompt, sampling, output, video_path=str(path),
-                            decoder="service-uint8" if remote else "local", model_dir=model_dir or "")
-    saved = save_latents(latents_path(path), latents.detach().float(), metadata)
-    logger.warning("saved the denoised latents in %s", saved)
-    raise GenerationError(f"{one_line(failure)}; the denoised latents are saved in {saved}: make the video with "
-                          f"`python -m stepvideo.decode {saved} {decode_flag}`") from failure
-
-
 def remote_decoder(url: str, token: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The service's decode with uint8 output, as the generator uses it."""
-    from .service.client import RemoteVAE
 
     vae = RemoteVAE(url, token=token, output="uint8")
     return lambda latents: vae.decode(latents.detach().float().cpu())
@@ -71,11 +48,6 @@ def remote_decoder(url: str, token: Optional[str] = None) -> Callable[[torch.Ten
 def local_decoder(model_dir, device: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The decode of a local VAE from ``model_dir/vae``, as ``--no_service`` runs use it (float
     video on CPU; the VAE casts the latents to its device and dtype)."""
-    from .components import LocalVAE
-    from .loading import layout
-    from .loading.hub import resolve_model_dir
-    from .models.vae import AutoencoderKL
-
     root = resolve_model_dir(model_dir, allow_patterns=layout.SERVICE_PATTERNS)
     return LocalVAE(AutoencoderKL.from_pretrained(root / layout.VAE_DIR, device=device), output="float").decode
 
@@ -96,20 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli.process import run_main
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_main(lambda: _decode(args), debug=args.debug)
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from .config import OutputConfig
-    from .io.video import output_video_path
-    from .preflight import check_output, check_services
-    from .vae.codec import latents_to_mp4
-    from .vae.latents_file import load_latents, video_path_for
-
     latents, metadata = load_latents(args.latents)
     settings = metadata.get("output") if isinstance(metadata.get("output"), dict) else {}
     out_path = Path(args.output or metadata.get("video_path") or video_path_for(args.latents))

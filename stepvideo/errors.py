@@ -24,6 +24,14 @@ class PreflightError(UserError, ValueError):
     """A pre-flight check failed before any weight was read."""
 
 
+class GenerationError(RuntimeError):
+    """A generation failed for a reason the user can act on (service down, bad image, ...)."""
+
+
+class GenerationCancelled(RuntimeError):
+    """``should_cancel`` asked to stop; raised on every rank at the same step boundary."""
+
+
 def debug_requested(flag: bool = False) -> bool:
     """``--debug`` or ``STEPVIDEO_DEBUG`` set to anything but empty/0/false."""
     env = os.environ.get(DEBUG_ENV, "").strip().lower()

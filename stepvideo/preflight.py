@@ -22,6 +22,8 @@ from .errors import PreflightError
 from .geometry import round_size
 from .io.image import describe_fit, to_rgb
 from .loading import layout
+from .loading.hub import looks_like_repo_id
+from .service.client import ServiceClient, ServiceError, wait_ready
 from .text_encoders.prompt_length import check_prompt_length
 
 logger = logging.getLogger(__name__)
@@ -94,8 +96,6 @@ def checkpoint_kind(model_dir) -> Optional[str]:
     """``"t2v"`` / ``"ti2v"`` from ``transformer/config.json`` of a local folder; None for a Hub id."""
     root = Path(model_dir).expanduser()
     if not root.exists():
-        from .loading.hub import looks_like_repo_id
-
         if looks_like_repo_id(str(model_dir)):
             return None            # checked after the download, before the weights are read
         raise PreflightError(f"--model_dir {str(model_dir)!r}: no such folder (and not a Hub repo id like "
@@ -133,31 +133,6 @@ def check_sampling(sampling, parallel) -> None:
                              f"{sampling.guidance_scale:g}; drop --cfg_parallel")
 
 
-def _ready(client, flag: str, url: str, loading_wait: float, connect_wait: float) -> dict:
-    """``GET /ready``, waiting up to ``loading_wait`` s while the models load (503) and up to
-    ``connect_wait`` s for a refused connection (a service started a moment ago); other answers
-    (401 wrong token, 404 not a stepvideo service, ...) fail at once."""
-    import time
-
-    from .service.client import ServiceConnectionError, ServiceError
-
-    start = time.monotonic()
-    told = False
-    while True:
-        try:
-            return client.ready()
-        except ServiceConnectionError as err:
-            if time.monotonic() - start >= connect_wait:
-                raise PreflightError(f"{flag} {url}: {err}") from None
-        except ServiceError as err:
-            if err.status != 503 or time.monotonic() - start >= loading_wait:
-                raise PreflightError(f"{flag} {url}: {err}") from None
-            if not told:
-                logger.info("%s %s is still loading its models; waiting up to %.0f s", flag, url, loading_wait)
-                told = True
-        time.sleep(1.0)
-
-
 def check_services(runtime, needs_vae_encode: bool = False, timeout: float = 10.0, only_vae: bool = False,
                    loading_wait: Optional[float] = None, connect_wait: float = 10.0) -> None:
     """Both services answer ``GET /ready`` with our token and serve the models we need.
@@ -167,7 +142,6 @@ def check_services(runtime, needs_vae_encode: bool = False, timeout: float = 10.
     """
     if runtime.local:
         return
-    from .service.client import ServiceClient
 
     if loading_wait is None:
         loading_wait = float(getattr(runtime, "service_wait", 0.0))
@@ -182,7 +156,11 @@ def check_services(runtime, needs_vae_encode: bool = False, timeout: float = 10.
         if key not in answers:
             client = ServiceClient(url, token=runtime.service_token, retries=0, timeout=timeout,
                                    connect_timeout=min(timeout, 5.0), name=f"{name} service")
-            answers[key] = _ready(client, flag, url, loading_wait, connect_wait)
+            try:
+                answers[key] = wait_ready(url, timeout=loading_wait, interval=1.0, connect_timeout=connect_wait,
+                                          client=client)
+            except ServiceError as err:
+                raise PreflightError(f"{flag} {url}: {err}") from None
         routes = answers[key].get("routes") or {}
         if not routes.get(route):
             raise PreflightError(f"{flag} {url}: the service does not serve the {route.replace('_', ' ')} model "

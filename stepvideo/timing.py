@@ -19,8 +19,11 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, List, Optional
 
+# The one stage vocabulary: the timer, the job status (``stage``) and the progress listener use the
+# "-ing" names; the timings keys (``encode_s``), the metrics labels and the memory profile's
+# placement stages use the short names.
 STAGES = ("encoding", "denoising", "decoding", "writing")
-_SHORT = {"encoding": "encode", "denoising": "denoise", "decoding": "decode", "writing": "write"}
+SHORT_NAMES = {"encoding": "encode", "denoising": "denoise", "decoding": "decode", "writing": "write"}
 
 Listener = Callable[[str, int, int], None]
 
@@ -74,7 +77,7 @@ class StageTimer:
 
     def _close(self, now: float) -> None:
         if self._stage is not None:
-            key = _SHORT[self._stage]
+            key = SHORT_NAMES[self._stage]
             self.seconds[key] = self.seconds.get(key, 0.0) + now - self._stage_start
 
     def _notify(self) -> None:
@@ -96,7 +99,7 @@ class StageTimer:
         """The one-line timing summary (see the module docstring)."""
         parts = []
         for stage in STAGES:
-            key = _SHORT[stage]
+            key = SHORT_NAMES[stage]
             if key not in self.seconds:
                 continue
             text = f"{key} {self.seconds[key]:.2f} s"

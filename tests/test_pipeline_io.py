@@ -9,7 +9,7 @@ from stepvideo.config import PRESETS, SamplingConfig
 from stepvideo.io.image import load_first_image, prepare_first_image, resize_to_desired_aspect_ratio
 from stepvideo.io.video import crop_540p, output_video_path, read_mp4, slugify, write_mp4
 from stepvideo.pipelines.pipeline import StepVideoPipeline
-from stepvideo.pipelines.postprocess import decoded_to_frames
+from stepvideo.io.frames import decoded_to_frames
 
 
 def test_check_inputs_rounds_with_warnings_and_rejects_small_values():

@@ -179,7 +179,7 @@ def test_lossless_table_fp32(tiny_model_dir, tmp_path, capsys):
 
 
 def _vae_cli(*args):
-    from stepvideo.vae.cli import main
+    from stepvideo.cli.vae import main
     return main([str(a) for a in args])
 
 

@@ -1,4 +1,4 @@
-"""Rank-split VAE decode (``stepvideo.parallel.vae_decode``): 2 gloo ranks on CPU must give
+"""Rank-split VAE decode (``stepvideo.models.vae_rank_split``): 2 gloo ranks on CPU must give
 exactly the single-process result."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from stepvideo.models.vae import AutoencoderKL
-from stepvideo.parallel.vae_decode import chunk_share
+from stepvideo.models.vae_rank_split import chunk_share
 from stepvideo.testing.tiny import TINY
 from stepvideo.testing.tiny_vae import write_tiny_vae
 from stepvideo.parallel.launch import free_port

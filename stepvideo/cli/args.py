@@ -15,18 +15,24 @@ import argparse
 import logging
 from typing import NamedTuple, Optional
 
-from .. import geometry
-from ..config import PRESETS, OutputConfig, SamplingConfig, get_preset
+from ..config import PRESETS, OutputConfig, SamplingConfig
+from ..generator import RuntimeConfig
+from ..memory_profiles import PROFILE_NAMES
 from ..models.attention import BACKENDS as ATTENTION_BACKENDS
+from ..parallel.state import ParallelConfig, ParallelState
+from ..sampling import sampling_from_options, sampling_options, token_count  # noqa: F401  (re-exported by stepvideo.cli)
+from ..service.client import READY_TIMEOUT_S
 
+
+_RUNTIME, _OUTPUT = RuntimeConfig(), OutputConfig()      # the argparse defaults come from these
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model_dir", default=None,
                    help="checkpoint folder or Hub repo id (e.g. stepfun-ai/stepvideo-t2v); "
                         "default ./ckpts")
-    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="DiT weight dtype")
-    g.add_argument("--attention_backend", default="auto", choices=list(ATTENTION_BACKENDS),
+    g.add_argument("--dtype", default=_RUNTIME.dtype, choices=["bf16", "fp16", "fp32"], help="DiT weight dtype")
+    g.add_argument("--attention_backend", default=_RUNTIME.attention_backend, choices=list(ATTENTION_BACKENDS),
                    help="DiT self-attention kernel (auto: flash-attn 3 on Hopper, flash-attn 2 on CUDA, else SDPA)")
     g.add_argument("--fp8", action="store_true",
                    help="FP8 (e4m3, per-channel scales) weights for the DiT block linears (scaled matmul on Hopper)")
@@ -39,8 +45,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile every DiT block (stepvideo.perf.compile.compile_blocks); the first step "
                         "is slower while it compiles")
-    g.add_argument("--memory_profile", default="auto",
-                   choices=["auto", "141g", "80g", "48g", "24g", "16g", "none"],
+    g.add_argument("--memory_profile", default=_RUNTIME.memory_profile, choices=list(PROFILE_NAMES),
                    help="one-GPU placement by card size (docs/performance.md): 141g everything resident; 80g "
                         "encoders before the DiT, DiT off the device while the VAE decodes; 48g fp8 DiT + 80g; "
                         "24g DiT blocks and Step-LLM layers streamed with prefetch, tiled VAE decode; 16g the 24g "
@@ -50,8 +55,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stream_from_disk", action="store_true",
                    help="read the streamed DiT blocks from the checkpoint files as they are needed (memory-mapped, "
                         "prefetched) instead of holding them in RAM; --memory_profile auto picks it when RAM is short")
-    g.add_argument("--vae_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
-    g.add_argument("--caption_url", default="127.0.0.1", help="service address: http://host:port or a bare host (port 8080)")
+    g.add_argument("--vae_url", default=_RUNTIME.vae_url,
+                   help="service address: http://host:port or a bare host (port 8080)")
+    g.add_argument("--caption_url", default=_RUNTIME.caption_url,
+                   help="service address: http://host:port or a bare host (port 8080)")
     g.add_argument("--service_token", default=None,
                    help="shared token of the service (default: env STEPVIDEO_SERVICE_TOKEN)")
     # reference flags kept for compatibility; they have no effect (documented)
@@ -88,13 +95,14 @@ def add_sampling_args(parser: argparse.ArgumentParser, with_prompt: bool = True)
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output")
-    g.add_argument("--save_path", default="./results", help="output folder")
-    g.add_argument("--output_file_name", default="", help="file name stem (default: from the prompt)")
+    g.add_argument("--save_path", default=_OUTPUT.save_path, help="output folder")
+    g.add_argument("--output_file_name", default=_OUTPUT.output_file_name,
+                   help="file name stem (default: from the prompt)")
     g.add_argument("--output_path", default=None, help="explicit mp4 path (used as given)")
-    g.add_argument("--name_suffix", default="", help="appended to automatic file names")
+    g.add_argument("--name_suffix", default=_OUTPUT.name_suffix, help="appended to automatic file names")
     g.add_argument("--no_crop", action="store_true", help="skip the reference's 540p centre crop")
     g.add_argument("--no_denoise_filter", action="store_true", help="skip ffmpeg's atadenoise filter")
-    g.add_argument("--decode_retries", type=int, default=2,
+    g.add_argument("--decode_retries", type=int, default=_RUNTIME.decode_retries,
                    help="extra decode/write attempts (backoff 2 s, doubling) before the denoised latents are "
                         "saved as <name>.latents.safetensors for `python -m stepvideo.decode` (default %(default)s)")
 
@@ -128,57 +136,6 @@ def sampling_config(args: argparse.Namespace, has_image: Optional[bool] = None) 
     return sampling_from_options(sampling_options(args), has_image=has_image)
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
-    """The sampling flags as ``SamplingConfig`` field names (``None`` = unset), plus ``preset``."""
-    return {"preset": args.preset, "num_inference_steps": args.infer_steps, "guidance_scale": args.cfg_scale,
-            "time_shift": args.time_shift, "num_frames": args.num_frames, "height": args.height,
-            "width": args.width, "motion_score": args.motion_score, "pos_magic": args.pos_magic,
-            "neg_magic": args.neg_magic, "seed": args.seed, "cache": args.cache}
-
-
-_OPTION_TYPES = {"num_inference_steps": int, "num_frames": int, "height": int, "width": int, "seed": int,
-                 "guidance_scale": float, "time_shift": float, "motion_score": float,
-                 "pos_magic": str, "neg_magic": str, "preset": str, "cache": str}
-
-
-def sampling_from_options(options: dict, has_image: bool = False) -> SamplingConfig:
-    """The one way from plain values to a ``SamplingConfig`` (flags, and generation-server requests).
-
-    ``options`` maps ``SamplingConfig`` field names (and ``preset``) to values; ``None`` means
-    unset. The preset (``options["preset"]``, else ``ti2v`` with an image, else ``t2v``) is applied
-    first and set values win. Raises ``ValueError`` naming the option for an unknown name, a
-    wrong type or a value ``SamplingConfig`` rejects.
-    """
-    unknown = sorted(set(options) - set(_OPTION_TYPES))
-    if unknown:
-        raise ValueError(f"unknown sampling option(s) {unknown}; known: {sorted(_OPTION_TYPES)}")
-    for name, value in options.items():
-        kind = _OPTION_TYPES[name]
-        ok = value is None or (isinstance(value, kind) and not isinstance(value, bool)) or (
-            kind is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            wanted = {float: "a number", int: "an integer", str: "a string"}[kind]
-            raise ValueError(f"{name} must be {wanted}, got {type(value).__name__} {value!r}")
-    for name in ("height", "width"):
-        value = options.get(name)
-        if value is not None and value != geometry.round_size(value):
-            low = geometry.round_size(value)
-            step = geometry.SPATIAL_COMPRESSION
-            raise ValueError(f"{name} {value} is not a multiple of {step} (the VAE and the DiT patches need it); "
-                             f"use {low or step} or {low + step}")
-    num_frames = options.get("num_frames")
-    if num_frames is not None and num_frames >= geometry.FRAMES_PER_CHUNK and \
-            num_frames != geometry.round_frames(num_frames):
-        rounded = geometry.round_frames(num_frames)
-        logging.getLogger(__name__).warning("num_frames %d is not a multiple of %d; using %d", num_frames,
-                                            geometry.FRAMES_PER_CHUNK, rounded)
-        options = {**options, "num_frames": rounded}
-    preset = get_preset(options.get("preset") or ("ti2v" if has_image else "t2v"))
-    overrides = {k: (float(v) if _OPTION_TYPES[k] is float and v is not None else v)
-                 for k, v in options.items() if k != "preset"}
-    return preset.with_overrides(**overrides)
-
-
 def output_config(args: argparse.Namespace) -> OutputConfig:
     return OutputConfig(save_path=args.save_path, output_file_name=args.output_file_name,
                         name_suffix=args.name_suffix, output_path=args.output_path,
@@ -188,8 +145,6 @@ def output_config(args: argparse.Namespace) -> OutputConfig:
 def parallel_config(args: argparse.Namespace, world_size: Optional[int] = None):
     """``ParallelConfig`` from the flags; an unset ``--ulysses_degree`` takes the remaining ranks."""
     import os
-
-    from ..parallel.state import ParallelConfig
 
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     cfg = 2 if args.cfg_parallel else 1
@@ -201,8 +156,6 @@ def parallel_config(args: argparse.Namespace, world_size: Optional[int] = None):
 
 
 def runtime_config(args: argparse.Namespace):
-    from ..generator import RuntimeConfig
-
     return RuntimeConfig(model_dir=args.model_dir or "./ckpts", dtype=args.dtype,
                          attention_backend=args.attention_backend, local=args.local, vae_url=args.vae_url,
                          caption_url=args.caption_url, service_token=args.service_token, fp8=args.fp8,
@@ -210,12 +163,7 @@ def runtime_config(args: argparse.Namespace):
                          decode_retries=args.decode_retries, memory_profile=args.memory_profile,
                          stream_from_disk=getattr(args, "stream_from_disk", False),
                          # the other ranks wait in a collective meanwhile: stay inside --dist_timeout
-                         service_wait=min(540.0, 0.9 * getattr(args, "dist_timeout", 600.0)))
-
-
-def token_count(sampling: SamplingConfig) -> int:
-    """DiT tokens per sample ``F * h * w`` for the (rounded) sampling sizes."""
-    return geometry.token_count(sampling.height, sampling.width, sampling.num_frames)
+                         service_wait=min(READY_TIMEOUT_S, 0.9 * getattr(args, "dist_timeout", 600.0)))
 
 
 class LaunchConfigs(NamedTuple):
@@ -235,7 +183,6 @@ def launch_configs(args: argparse.Namespace, has_image: Optional[bool] = None) -
 
 def configure_logging() -> int:
     """INFO on global rank 0, ERROR elsewhere, with the rank in every line; returns the rank."""
-    import logging
     import os
 
     rank = int(os.environ.get("RANK", "0"))
@@ -253,8 +200,6 @@ def start_ranks(args: argparse.Namespace, has_image: Optional[bool] = None):
     any process group exists.
     """
     from datetime import timedelta
-
-    from ..parallel.state import ParallelState
 
     configs = launch_configs(args, has_image=has_image)
     if args.dist_timeout <= 0:

@@ -28,6 +28,8 @@ from typing import List, Optional, Sequence
 
 from ..io.demo_image import demo_image_path
 from ..parallel.launch import free_port
+from ..service.client import wait_ready
+from ..testing.tiny import write_tiny_model_dir
 
 CACHE_ENV = "STEPVIDEO_CACHE"
 DEFAULT_PROMPT = "一名宇航员在月球上发现一块石碑，上面印有“stepfun”字样，闪闪发光"
@@ -44,8 +46,6 @@ def cache_dir() -> Path:
 
 
 def ensure_tiny_model(cache: Path, variant: str) -> Path:
-    from ..testing.tiny import write_tiny_model_dir
-
     folder = cache / f"tiny-model-{variant}"
     if not (folder / "tiny_model.json").is_file():
         print(f"[demo] writing the tiny {variant} model to {folder}", file=sys.stderr)
@@ -87,8 +87,6 @@ def stop(proc: Optional[subprocess.Popen]) -> None:
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
-    from ..service.client import wait_ready
-
     parser = argparse.ArgumentParser(prog="scripts/demo.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", default=None, help="real checkpoint (default: the built-in tiny model)")

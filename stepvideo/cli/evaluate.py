@@ -21,19 +21,24 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import args as cli
-from .process import run_main, run_ranks, watch_launcher
+from ..evaluation.gallery import build_gallery
+from ..evaluation.runner import EvalSummary, OutputLock, plan_on_main, run_items
+from ..evaluation.sets import T2V_EVAL, T2V_EVAL_URL, parse_shard
+from ..generator import VideoGenerator
+from ..parallel.agree import on_main
+from ..preflight import check_kind, check_sampling, check_services
+from ..process import run_main, run_ranks, watch_launcher
+from .args import (add_model_args, add_output_args, add_parallel_args, add_sampling_args, configure_logging,
+                   start_ranks, token_count)
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    from ..evaluation.sets import T2V_EVAL, T2V_EVAL_URL
-
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
-    cli.add_sampling_args(parser, with_prompt=False)
-    cli.add_output_args(parser)
-    cli.add_parallel_args(parser)
+    add_model_args(parser)
+    add_sampling_args(parser, with_prompt=False)
+    add_output_args(parser)
+    add_parallel_args(parser)
     g = parser.add_argument_group("evaluation")
     g.add_argument("--prompts", default=T2V_EVAL,
                    help=f"{T2V_EVAL!r}, a TI2V-Eval folder (NNN.png + NNN.txt), a .jsonl, or a text file")
@@ -56,9 +61,6 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from ..evaluation.gallery import build_gallery
-    from ..evaluation.sets import parse_shard
-
     root = Path(args.save_path)
     rank = int(os.environ.get("RANK", "0"))
     if args.gallery_only:
@@ -70,7 +72,7 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max_service_failures must be >= 0, got {args.max_service_failures}")
     has_image = Path(args.prompts).is_dir()
     watch_launcher()                     # under torchrun: exit if the launcher dies (the lock goes with us)
-    (sampling, output, parallel, runtime), state = cli.start_ranks(args, has_image=has_image)
+    (sampling, output, parallel, runtime), state = start_ranks(args, has_image=has_image)
     summary = run_ranks(state, lambda: _run(args, root, shard, has_image, sampling, output, parallel, runtime, state),
                         args.debug)
     if state.is_main:
@@ -84,11 +86,6 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def _run(args, root: Path, shard, has_image: bool, sampling, output, parallel, runtime, state):
-    from ..evaluation.runner import EvalSummary, OutputLock, plan_on_main, run_items
-    from ..generator import VideoGenerator
-    from ..parallel.agree import on_main
-    from ..preflight import check_kind, check_sampling, check_services
-
     lock = OutputLock(root, shard)
 
     def preflight():
@@ -107,7 +104,7 @@ def _run(args, root: Path, shard, has_image: bool, sampling, output, parallel, r
                                                  plan.selected, len(plan.todo), len(plan.skipped))
         if not plan.todo:
             return EvalSummary(skipped=len(plan.skipped))
-        generator = VideoGenerator(runtime, state, sequence_tokens=cli.token_count(sampling))
+        generator = VideoGenerator(runtime, state, sequence_tokens=token_count(sampling))
         return run_items(generator, plan, root, sampling, output, state, shard=shard,
                          max_service_failures=args.max_service_failures, save_latents=args.save_latents)
     finally:
@@ -116,7 +113,7 @@ def _run(args, root: Path, shard, has_image: bool, sampling, output, parallel, r
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    cli.configure_logging()
+    configure_logging()
     return run_main(lambda: evaluate(args), debug=args.debug)
 
 

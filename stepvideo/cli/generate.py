@@ -14,39 +14,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import Optional, Sequence
 
-from . import args as cli
-from .process import run_main, run_ranks, watch_launcher
+from ..errors import UserError
+from ..generator import VideoGenerator
+from ..parallel.agree import on_main
+from ..preflight import preflight
+from ..process import run_main, run_ranks, watch_launcher
+from ..serving.launch import add_serve_args, serve
+from .args import (add_model_args, add_output_args, add_parallel_args, add_sampling_args, configure_logging,
+                   start_ranks, token_count)
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
-    cli.add_sampling_args(parser)
-    cli.add_output_args(parser)
-    cli.add_parallel_args(parser)
-    from ..serving.launch import add_serve_args
+    add_model_args(parser)
+    add_sampling_args(parser)
+    add_output_args(parser)
+    add_parallel_args(parser)
     add_serve_args(parser)
     return parser
 
 
 def generate(args: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from ..generator import VideoGenerator
-    from ..parallel.agree import on_main
-    from ..preflight import preflight
-
     watch_launcher()                     # under torchrun: exit if the launcher dies
     if not args.prompt:
         raise UserError("--prompt is required")
-    (sampling, output, parallel, runtime), state = cli.start_ranks(args)
+    (sampling, output, parallel, runtime), state = start_ranks(args)
 
     def work():
         on_main(state, lambda: preflight(runtime, sampling, output, parallel, first_image=args.first_image_path,
                                          prompt=args.prompt))
-        generator = VideoGenerator(runtime, state, sequence_tokens=cli.token_count(sampling))
+        generator = VideoGenerator(runtime, state, sequence_tokens=token_count(sampling))
         return generator.generate(args.prompt, sampling, output, first_image=args.first_image_path)
 
     result = run_ranks(state, work, args.debug)
@@ -58,11 +59,10 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    cli.configure_logging()
+    configure_logging()
     if args.serve:                      # the persistent generation server (docs/server.md)
-        from ..serving.launch import serve
-        return run_main(lambda: serve(args), debug=args.debug)
-    return run_main(lambda: generate(args), debug=args.debug)
+        return run_main(partial(serve, args, start_ranks), debug=args.debug)
+    return run_main(partial(generate, args), debug=args.debug)
 
 
 if __name__ == "__main__":

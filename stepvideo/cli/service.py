@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from ..service.cli import main as service_main
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..service.cli import main as service_main
-
     return service_main(argv)
 
 

@@ -18,8 +18,9 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..io.video import slugify
-from . import manifest as mf
+from ..io.video import read_mp4, slugify
+from . import manifest
+from .score_summary import METRICS, category_means
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +45,13 @@ CSS = "body{font-family:" + FONT_STACK + """;margin:1.5em;background:#fafafa}
 def latest_records(root) -> List[dict]:
     """Newest line per id over all manifests, in item order."""
     latest: Dict[str, dict] = {}
-    for record in mf.read_all(root):
+    for record in manifest.read_all(root):
         latest[str(record["id"])] = record
     return sorted(latest.values(), key=lambda r: (r.get("index") or 0, str(r["id"])))
 
 
 def _thumbnail(root: Path, record: dict, size: int = 256) -> Optional[str]:
     from PIL import Image
-
-    from ..io.video import read_mp4
 
     video = root / record["path"]
     frames, _ = read_mp4(video)
@@ -94,7 +93,6 @@ def seed_label(seed) -> str:
 
 def _scores_text(scores) -> str:
     """``alignment 0.2712, temporal_consistency 0.9810, motion 3.41`` (whatever is present)."""
-    from ..quality.score_summary import METRICS
 
     if not isinstance(scores, dict):
         return ""
@@ -107,7 +105,7 @@ def _entry(record: dict, thumb: Optional[str]) -> str:
     sampling = record.get("sampling") or {}
     params = ", ".join(f"{k}={sampling[k]}" for k in _SHOWN_PARAMS if k in sampling)
     params = f"seed: {seed_label(record.get('seed'))}, {params}"
-    ok = record.get("status") == mf.STATUS_OK and record.get("path")
+    ok = record.get("status") == manifest.STATUS_OK and record.get("path")
     parts = [f'<div class="entry{"" if ok else " failed"}" id="item-{e(slugify(str(record["id"])))}" '
              f'data-id="{e(str(record["id"]))}">']
     if ok:
@@ -131,13 +129,14 @@ def build_gallery(root, title: str = "Step-Video evaluation") -> Path:
     root = Path(root)
     records = latest_records(root)
     if not records:
-        raise FileNotFoundError(f"no manifest lines under {root} (expected {mf.MANIFEST}); run the evaluation first")
+        raise FileNotFoundError(f"no manifest lines under {root} (expected {manifest.MANIFEST}); "
+                                "run the evaluation first")
     by_category: Dict[str, List[dict]] = {}
     thumbs: Dict[str, Optional[str]] = {}
     for record in records:
         by_category.setdefault(str(record.get("category", "default")), []).append(record)
         thumb = None
-        if record.get("status") == mf.STATUS_OK and record.get("path") and (root / record["path"]).is_file():
+        if record.get("status") == manifest.STATUS_OK and record.get("path") and (root / record["path"]).is_file():
             try:
                 thumb = _thumbnail(root, record)
             except Exception as exc:      # a broken video must not stop the gallery
@@ -145,14 +144,13 @@ def build_gallery(root, title: str = "Step-Video evaluation") -> Path:
         thumbs[str(record["id"])] = thumb
     sheet = _contact_sheet(root, [t for t in thumbs.values() if t])
     e = html.escape
-    ok = sum(1 for r in records if r.get("status") == mf.STATUS_OK)
+    ok = sum(1 for r in records if r.get("status") == manifest.STATUS_OK)
     body = [f"<h1>{e(title)}</h1>", f"<p>{ok} of {len(records)} items generated.</p>"]
     if sheet:
         body.append(f'<p><a href="{sheet}"><img src="{sheet}" alt="contact sheet" style="max-width:100%"></a></p>')
     model = next((r.get("model_dir") for r in records if r.get("model_dir")), None)
     if model:
         body.append(f"<p class=\"params\">model: {e(str(model))}</p>")
-    from ..quality.score_summary import category_means
 
     means = category_means(records)
     if "overall" in means:

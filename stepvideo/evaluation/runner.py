@@ -27,7 +27,8 @@ from ..config import OutputConfig, SamplingConfig
 from ..errors import UserError, is_service_error
 from ..parallel.agree import on_main
 from ..text_encoders.prompt_length import PromptLengthCounter
-from . import manifest as mf
+from ..vae.latents_file import latents_path, run_metadata, save_latents
+from . import manifest
 from .sets import EvalItem, load_items, select_items, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class OutputLock:
     """
 
     def __init__(self, root, shard: Tuple[int, int] = (0, 1)):
-        self.path = Path(root) / f".lock-{mf.manifest_name(shard)}"
+        self.path = Path(root) / f".lock-{manifest.manifest_name(shard)}"
         self._fd: Optional[int] = None
 
     def acquire(self) -> None:
@@ -107,7 +108,7 @@ def plan_on_main(state, root, prompts: str, cache_dir, url: str, ids: Optional[S
             items = [item if item.motion_score is not None else replace(item, motion_score=motion_score)
                      for item in items]
         selected = select_items(items, ids=ids, shard=shard, limit=limit, categories=categories)
-        todo, skipped = mf.prepare(root, selected, shard=shard)
+        todo, skipped = manifest.prepare(root, selected, shard=shard)
         return EvalPlan(todo=tuple(todo), skipped=tuple(skipped), selected=len(selected))
 
     return on_main(state, plan)
@@ -146,7 +147,7 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
     their relative path as ``latents``.
     """
     root = Path(root)
-    manifest_path = root / mf.manifest_name(shard)
+    manifest_path = root / manifest.manifest_name(shard)
     summary = EvalSummary(skipped=len(plan.skipped))
     info = model_info(getattr(generator, "root", None) or generator.runtime.model_dir)
     lengths = PromptLengthCounter.from_model_dir(info["model_dir"]) if state.is_main else None
@@ -157,7 +158,7 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
     service_streak = 0
     for position, item in enumerate(plan.todo):
         params = item_sampling(item, sampling)
-        rel = mf.relative_video_path(item)
+        rel = manifest.relative_video_path(item)
         item_output = replace(output, save_path=str(root), output_path=str(root / rel))
         length = None if lengths is None else lengths.check(item.prompt, params.pos_magic, f"item {item.id}'s prompt")
         start = time.perf_counter()
@@ -175,18 +176,18 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
             if error is None and (result is None or result.path is None or not Path(result.path).is_file()):
                 error = "the pipeline returned no video file"
             if error is None:
-                record = make_record(item, params, info, mf.STATUS_OK, path=rel, sha256=sha256_file(root / rel),
+                record = make_record(item, params, info, manifest.STATUS_OK, path=rel, sha256=sha256_file(root / rel),
                                      timings=result.timings, seconds=seconds)
                 if save_latents:
                     record["latents"] = _save_item_latents(root, rel, result, item, params)
                 summary.done += 1
                 summary.seconds.append(seconds)
             else:
-                record = make_record(item, params, info, mf.STATUS_FAILED, seconds=seconds, error=error)
+                record = make_record(item, params, info, manifest.STATUS_FAILED, seconds=seconds, error=error)
                 summary.failed += 1
             if length is not None:
                 record["prompt_tokens"] = length.to_dict()
-            mf.append_record(manifest_path, record)
+            manifest.append_record(manifest_path, record)
             if bar is not None:
                 bar.set_postfix(done=summary.done, failed=summary.failed)
                 bar.update(1)
@@ -204,7 +205,6 @@ def run_items(generator, plan: EvalPlan, root, sampling: SamplingConfig, output:
 
 def _save_item_latents(root: Path, rel: str, result, item: EvalItem, params: SamplingConfig) -> Optional[str]:
     """Write the item's final latents beside its video; their relative path, or None (logged) on failure."""
-    from ..vae.latents_file import latents_path, run_metadata, save_latents
 
     latents = getattr(result, "latents", None)
     if latents is None:

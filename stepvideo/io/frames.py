@@ -16,9 +16,12 @@ Every step is a single elementwise op rounded to bf16, so CPU and CUDA give the 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["to_uint8_frames"]
+from .video import crop_540p as crop_540p_frames
+
+__all__ = ["to_uint8_frames", "stack_batch", "decoded_to_frames"]
 
 
 @torch.no_grad()
@@ -37,3 +40,21 @@ def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
     v = video.to(torch.bfloat16).clamp(-1.0, 1.0)   # new tensor: the in-place ops below never touch `video`
     v.add_(1.0).mul_(127.5)                        # bf16 rounding after each op, like the reference
     return v.clamp_(0.0, 255.0).to(torch.uint8)
+
+
+def stack_batch(video_uint8: torch.Tensor) -> torch.Tensor:
+    """``uint8 [B, T, 3, H, W]`` -> ``uint8 [T, B*H, W, 3]``: the reference's layout quirk, the batch
+    stacked along the HEIGHT axis (a batch becomes one tall video)."""
+    if video_uint8.ndim != 5 or video_uint8.shape[2] != 3:
+        raise ValueError(f"decoded video must be [B, T, 3, H, W], got {list(video_uint8.shape)}")
+    return torch.cat(list(video_uint8), dim=2).permute(0, 2, 3, 1).contiguous()
+
+
+def decoded_to_frames(video: torch.Tensor, crop_540p: bool = True) -> np.ndarray:
+    """VAE output (float ``[B, T, 3, H, W]``, or uint8 converted by the service) -> the frames to
+    write, ``uint8 [T, H', W', 3]``: :func:`to_uint8_frames`, :func:`stack_batch`, then the
+    reference's 540p centre crop."""
+    video = video.detach().cpu()
+    pixels = video if video.dtype == torch.uint8 else to_uint8_frames(video)
+    frames = stack_batch(pixels).numpy()
+    return np.ascontiguousarray(crop_540p_frames(frames)) if crop_540p else frames

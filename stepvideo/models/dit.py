@@ -17,9 +17,10 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..config import ATTENTION_TYPES, DiTConfig  # noqa: F401  (ATTENTION_TYPES: kept importable from here)
+from ..config import DiTConfig
 from ..loading import checkpoint as ckpt
 from ..loading import fp8_checkpoint, layout
+from ..loading.hub import resolve_model_dir
 from .attention import resolve_backend
 from .blocks import StepVideoTransformerBlock
 from .embeddings import AdaLayerNormSingle, PatchEmbed, PixArtAlphaTextProjection
@@ -52,6 +53,9 @@ def cross_attention_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return (positions[None, :] < lengths[:, None])[:, None, None, :]
 
 
+_DEFAULT = DiTConfig()           # the released 30B T2V model: the constructor's defaults
+
+
 class StepVideoModel(nn.Module):
     """The Step-Video DiT. Defaults are the released 30B configuration.
 
@@ -79,19 +83,19 @@ class StepVideoModel(nn.Module):
 
     def __init__(
         self,
-        num_attention_heads: int = 48,
-        attention_head_dim: int = 128,
-        in_channels: int = 64,
-        out_channels: Optional[int] = 64,
-        num_layers: int = 48,
-        dropout: float = 0.0,
-        patch_size: int = 1,
-        norm_type: str = "ada_norm_single",
-        norm_elementwise_affine: bool = False,
-        norm_eps: float = 1e-6,
-        use_additional_conditions: Optional[bool] = False,
-        caption_channels: Optional[Union[int, List[int], tuple]] = (6144, 1024),
-        attention_type: Optional[str] = "parallel",
+        num_attention_heads: int = _DEFAULT.num_attention_heads,
+        attention_head_dim: int = _DEFAULT.attention_head_dim,
+        in_channels: int = _DEFAULT.in_channels,
+        out_channels: Optional[int] = _DEFAULT.out_channels,
+        num_layers: int = _DEFAULT.num_layers,
+        dropout: float = _DEFAULT.dropout,
+        patch_size: int = _DEFAULT.patch_size,
+        norm_type: str = _DEFAULT.norm_type,
+        norm_elementwise_affine: bool = _DEFAULT.norm_elementwise_affine,
+        norm_eps: float = _DEFAULT.norm_eps,
+        use_additional_conditions: Optional[bool] = _DEFAULT.use_additional_conditions,
+        caption_channels: Optional[Union[int, List[int], tuple]] = _DEFAULT.caption_channels,
+        attention_type: Optional[str] = _DEFAULT.attention_type,
         *,
         attention_backend: str = "auto",
     ):
@@ -188,7 +192,6 @@ class StepVideoModel(nn.Module):
         Returns ``(folder, config dict, weight files)``; every file is validated (git-lfs
         pointers, truncation) before anything is built.
         """
-        from ..loading.hub import resolve_model_dir
 
         folder = resolve_model_dir(pretrained_model_name_or_path, allow_patterns=layout.DIT_PATTERNS,
                                    revision=revision)

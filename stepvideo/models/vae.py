@@ -33,6 +33,7 @@ from ..loading.checkpoint import (assert_materialized, constructor_kwargs, find_
 from ..loading.hub import looks_like_repo_id, resolve_model_dir
 from .vae_decoder import VideoDecoder
 from .vae_encoder import VideoEncoder
+from .vae_rank_split import decode_rank_split
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class AutoencoderKL(nn.Module):
             Prefer :meth:`from_pretrained`, which builds on the meta device.
         weight_dict: optional state dict (checkpoint key names) loaded strictly.
         world_size: > 1 makes :meth:`decode` split its chunks over the ranks of the default
-            ``torch.distributed`` group (see :mod:`stepvideo.parallel.vae_decode`).
+            ``torch.distributed`` group (see :mod:`stepvideo.models.vae_rank_split`).
         version: only 2 (the released VAE) is implemented.
         encoder_ch, encoder_ch_mult, decoder_ch, decoder_ch_mult: trunk widths (the defaults
             are the released model; the tiny test model shrinks them).
@@ -320,7 +321,7 @@ class AutoencoderKL(nn.Module):
         bounds, frame = [], 0
         for start in range(0, num_latents, self.latent_len):
             stop = min(start + self.latent_len, num_latents)
-            frames = 8 * (stop - start) - 7
+            frames = geometry.pixel_frames(stop - start)
             bounds.append((start, stop, frame, frame + frames))
             frame += frames
         return bounds
@@ -343,7 +344,8 @@ class AutoencoderKL(nn.Module):
         """Tiled :meth:`decode_chunk` for ``z [B, z, F_c, h, w]``; returns ``[B, T_c, 3, H, W]``."""
         cfg, s = self.tiling, self.spatial_compression
         b, _, f, h, w = z.shape
-        out = torch.zeros(b, 8 * f - 7, self.out_channels, h * s, w * s, dtype=torch.float32, device=z.device)
+        out = torch.zeros(b, geometry.pixel_frames(f), self.out_channels, h * s, w * s, dtype=torch.float32,
+                          device=z.device)
         weight = torch.zeros(h * s, w * s, dtype=torch.float32, device=z.device)
         for y0, y1, lead_y, trail_y in _tile_spans(h, cfg.tile_size, cfg.overlap):
             wy = _ramp((y1 - y0) * s, lead_y * s, trail_y * s, z.device)
@@ -366,7 +368,6 @@ class AutoencoderKL(nn.Module):
         """
         self._check_latents(z)
         if self.world_size > 1:
-            from ..parallel.vae_decode import decode_rank_split
             return decode_rank_split(self, z)
         b, f, _, h, w = z.shape
         s = self.spatial_compression

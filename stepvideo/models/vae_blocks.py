@@ -13,7 +13,7 @@ norm + SiLU" (upstream's ``CausalConvAfterNorm``) is exactly a causal convolutio
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -368,8 +368,3 @@ class ChannelDuplicatingPixelShuffle3D(nn.Module):
         if self.repeats > 1:
             x = x.repeat_interleave(self.repeats, dim=1)
         return space_time_shuffle(x, self.factor)
-
-
-def level_widths(ch: int, ch_mult: Sequence[int]) -> Tuple[int, ...]:
-    """Channel width of each resolution level, ``ch * ch_mult[i]``."""
-    return tuple(ch * m for m in ch_mult)

@@ -67,8 +67,3 @@ class CFGParallelModel(nn.Module):
         parts = [torch.empty_like(part) for _ in range(self.cfg_size)]
         dist.all_gather(parts, part, group=self.group)
         return torch.cat(parts, dim=0)
-
-
-def cfg_parallel_forward(model: nn.Module, group: Optional["dist.ProcessGroup"], *args, **kwargs):
-    """One-off form of :class:`CFGParallelModel`: ``model(*args, **kwargs)`` split over ``group``."""
-    return CFGParallelModel(model, group)(*args, **kwargs)

@@ -21,22 +21,23 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..models.dit import StepVideoModel
+from ..models.parallel_hooks import LocalSequence
 from .cfg import CFGParallelModel
 from .state import ParallelState
 from .tensor import apply_tensor_parallel, load_tensor_parallel_dit
+from .ulysses import UlyssesSequence
 
 
 def sequence_hooks(state: ParallelState):
     """The sequence-parallel hooks for ``state``: ``LocalSequence`` at SP degree 1, else the
     native Ulysses hooks or (``config.sp_backend == 'xfuser'``) the xfuser adaptor."""
-    from ..models.parallel_hooks import LocalSequence
 
     if state.config.sp_degree == 1:
         return LocalSequence()
     if state.config.sp_backend == "xfuser":
         from .xfuser_backend import XFuserSequence      # imported only when chosen
         return XFuserSequence(state)
-    from .ulysses import UlyssesSequence
     return UlyssesSequence(state.sp_group)
 
 
@@ -63,7 +64,6 @@ def load_parallel_dit(pretrained_model_name_or_path: Union[str, os.PathLike], st
         model = load_tensor_parallel_dit(pretrained_model_name_or_path, state.tp_group, torch_dtype=torch_dtype,
                                          device=device, **overrides)
     else:
-        from ..models.dit import StepVideoModel
         model = StepVideoModel.from_pretrained(pretrained_model_name_or_path, torch_dtype=torch_dtype,
                                                device=device, **overrides)
     return parallelize_dit(model, state, shard_weights=False)

@@ -30,6 +30,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..loading import checkpoint as ckpt
+from ..loading import fp8_checkpoint
+from ..models.dit import StepVideoModel
+
 PLAN_STYLES = ("colwise", "rowwise")
 
 
@@ -74,7 +78,6 @@ class TensorParallelPlan:
 
 def default_plan() -> TensorParallelPlan:
     """The plan of ``StepVideoModel`` (what :func:`shard_tensor` uses when given none)."""
-    from ..models.dit import StepVideoModel
 
     return TensorParallelPlan.of(StepVideoModel)
 
@@ -193,10 +196,6 @@ def load_tensor_parallel_dit(pretrained_model_name_or_path: Union[str, os.PathLi
     The model is built on ``meta``, sharded with :func:`apply_tensor_parallel`, and every
     checkpoint tensor is cut by :func:`shard_tensor` before it is cast and moved to ``device``.
     """
-    from ..loading import checkpoint as ckpt
-    from ..loading import fp8_checkpoint
-    from ..models.dit import StepVideoModel
-
     folder, config, files = StepVideoModel.locate_checkpoint(pretrained_model_name_or_path)
     fp8_checkpoint.refuse(config, folder, "tensor parallelism (--tp_degree > 1)",
                           "split the ranks with --ulysses_degree / --cfg_parallel instead")

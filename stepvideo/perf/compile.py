@@ -35,6 +35,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..models.parallel_hooks import LocalSequence
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -118,8 +120,6 @@ class EagerSequenceHooks:
 
 
 def _keep_sequence_hooks_eager(model: nn.Module) -> None:
-    from ..models.parallel_hooks import LocalSequence
-
     hooks = getattr(model, "sequence_parallel", None)
     if hooks is None or isinstance(hooks, (LocalSequence, EagerSequenceHooks)):
         return

@@ -14,12 +14,16 @@ constants. Stages:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
-from ..memory_profiles import MemoryProfile
+from ..config import DiTConfig
 from . import host_memory
 from . import memory_accounting as acc
 
+if TYPE_CHECKING:      # memory_profiles imports perf: only the type here
+    from ..memory_profiles import MemoryProfile
+
+LAYERS = DiTConfig().num_layers          # DiT blocks of the released model
 PCIE_GBPS = {"PCIe 4 x16": 25.0, "PCIe 5 x16": 50.0}     # achievable host->device GB/s (stated)
 
 
@@ -36,7 +40,7 @@ class StagePeak:
 
 @dataclass
 class ProfileReport:
-    profile: MemoryProfile
+    profile: "MemoryProfile"          # stepvideo.memory_profiles (which imports perf: not imported here)
     video: acc.VideoShape
     ti2v: bool
     stages: List[StagePeak] = field(default_factory=list)
@@ -57,13 +61,13 @@ class ProfileReport:
         return self.budget > 0 and self.peak <= 0.97 * self.budget
 
 
-def dit_resident(step: acc.StepMeasurement, streamed: int, layers: int = 48) -> float:
+def dit_resident(step: acc.StepMeasurement, streamed: int, layers: int = LAYERS) -> float:
     """DiT bytes on the device during a step with ``streamed`` blocks streaming (two in flight)."""
     streamed = min(streamed, layers)
     return step.weights - streamed * step.block + min(2, streamed) * step.block
 
 
-def profile_report(profile: MemoryProfile, video: acc.VideoShape = acc.VideoShape(), *, ti2v: bool = False,
+def profile_report(profile: "MemoryProfile", video: acc.VideoShape = acc.VideoShape(), *, ti2v: bool = False,
                    step: Optional[acc.StepMeasurement] = None, encode: Optional[acc.EncodeMeasurement] = None,
                    decode: Optional[acc.DecodeMeasurement] = None, image_encode: Optional[int] = None
                    ) -> ProfileReport:
@@ -77,8 +81,8 @@ def profile_report(profile: MemoryProfile, video: acc.VideoShape = acc.VideoShap
     gib = acc.gib
 
     dit_step = dit_resident(step, profile.dit_streamed_blocks)
-    if profile.dit_streamed_blocks >= 48:
-        dit_idle = dit_resident(step, 48) - step.block      # between steps: one prefetched block
+    if profile.dit_streamed_blocks >= LAYERS:
+        dit_idle = dit_resident(step, LAYERS) - step.block      # between steps: one prefetched block
     else:
         dit_idle = dit_step
     encoders = encode.llm_weights + encode.clip_weights
@@ -108,7 +112,7 @@ def profile_report(profile: MemoryProfile, video: acc.VideoShape = acc.VideoShap
                             + (f" + encoders {gib(keep):.1f}" if keep else "")))
     stages.append(StagePeak("write", keep + dit_at_decode, "host-side mp4 writing; device keeps the resident models"))
 
-    moved_step = min(profile.dit_streamed_blocks, 48) * step.block
+    moved_step = min(profile.dit_streamed_blocks, LAYERS) * step.block
     moved_video = 0.0
     if profile.moves_dit:
         moved_video += 2 * dit_step                                  # on before the loop, off before decode
@@ -142,7 +146,7 @@ def layout_rows(video: acc.VideoShape = acc.VideoShape(), layouts=None, *, ti2v:
         for name, m in (("bf16", bf16), ("fp8", fp8)):
             row[name] = m.peak
             row[name + "_weights"] = m.weights
-            row[name + "_offload"] = m.peak - m.weights + dit_resident(m, 48)
+            row[name + "_offload"] = m.peak - m.weights + dit_resident(m, LAYERS)
         row["total"] = {k: row[k] + acc.overhead_bytes(row[k], layout.world_size)
                         for k in ("bf16", "fp8", "bf16_offload", "fp8_offload")}
         rows.append(row)

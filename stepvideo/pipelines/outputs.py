@@ -17,7 +17,8 @@ class StepVideoPipelineOutput:
             latents for ``output_type="latent"``; ``None`` on ranks other than 0.
         latents: final fp32 latents ``[B, F, C, h, w]``.
         path: the mp4 written (``output_type="mp4"`` on rank 0), else ``None``.
-        timings: seconds per stage (encode_prompt_s, encode_image_s, denoise_s, decode_s, write_s).
+        timings: :meth:`stepvideo.timing.StageTimer.as_dict` of the run (encode_s, denoise_s, decode_s,
+            write_s, steps_s, total_s, summary; stages that did not run are left out).
     """
 
     video: Optional[Any] = None

@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ..evaluation import manifest as mf
+from ..evaluation import manifest
+from ..evaluation.gallery import latest_records
 from ..io.atomic import atomic_write_bytes
+from ..io.video import read_mp4
+from ..vae.latents_file import load_latents
 from .metrics import compare_videos, mean_finite, relative_l2
 
 logger = logging.getLogger(__name__)
@@ -28,20 +31,18 @@ REPORT_JSON = "report.json"
 
 def ok_records(root) -> Dict[str, dict]:
     """Newest ``ok`` manifest line per item id of the run under ``root``."""
-    from ..evaluation.gallery import latest_records
 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"run folder not found: {root}")
-    if not mf.manifest_paths(root):
-        raise FileNotFoundError(f"{root} holds no {mf.MANIFEST} (is it an evaluation output folder?)")
-    return {str(r["id"]): r for r in latest_records(root) if r.get("status") == mf.STATUS_OK and r.get("path")}
+    if not manifest.manifest_paths(root):
+        raise FileNotFoundError(f"{root} holds no {manifest.MANIFEST} (is it an evaluation output folder?)")
+    return {str(r["id"]): r for r in latest_records(root) if r.get("status") == manifest.STATUS_OK and r.get("path")}
 
 
 def _latents_l2(root_a: Path, rec_a: dict, root_b: Path, rec_b: dict) -> Optional[float]:
     if not rec_a.get("latents") or not rec_b.get("latents"):
         return None
-    from ..vae.latents_file import load_latents
 
     try:
         za, _ = load_latents(root_a / rec_a["latents"])
@@ -54,7 +55,6 @@ def _latents_l2(root_a: Path, rec_a: dict, root_b: Path, rec_b: dict) -> Optiona
 
 def compare_item(root_a: Path, rec_a: dict, root_b: Path, rec_b: dict, device=None) -> dict:
     """One item's comparison record (``psnr``, ``ssim``, ``identical``, ... or ``error``)."""
-    from ..io.video import read_mp4
 
     item = {"id": str(rec_a["id"]), "index": rec_a.get("index"), "category": str(rec_a.get("category", "default")),
             "prompt": rec_a.get("prompt", ""), "path_a": rec_a["path"], "path_b": rec_b["path"],

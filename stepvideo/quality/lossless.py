@@ -31,9 +31,22 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 
+from .. import geometry
 from ..config import SamplingConfig
 from ..loading import checkpoint as ckpt
-from ..loading import fp8_checkpoint
+from ..loading import fp8_checkpoint, layout
+from ..loading.hub import resolve_model_dir
+from ..models.attention import FLASH_MODULES, SDPA_KERNELS, flash_available, resolve_backend
+from ..models.vae import AutoencoderKL
+from ..parallel import load_parallel_dit
+from ..parallel.launch import run_on_cpu_ranks
+from ..parallel.state import ParallelConfig, ParallelState
+from ..perf.speed import apply_speed_options
+from ..pipelines.pipeline import StepVideoPipeline
+from ..schedulers.flow_match_euler import FlowMatchDiscreteScheduler
+from ..service.client import RemoteCaptionEncoder, RemoteVAE
+from ..text_encoders.caption import CaptionEncoder
+from ..vae.codec import latents_to_frames
 from .metrics import compare_videos, relative_l2
 
 if TYPE_CHECKING:
@@ -109,7 +122,6 @@ LAYOUTS = {          # name -> (ParallelConfig kwargs); run when the world size 
 def applicable_options(device: torch.device, max_ranks: int, local_vae: bool = True,
                        baseline_backend: str = "sdpa") -> List[SpeedOption]:
     """Every option that can run here (see the module docstring)."""
-    from ..models.attention import FLASH_MODULES, SDPA_KERNELS, flash_available
 
     options = [SpeedOption("fp8", fp8=True), SpeedOption("compile", compile=True)]
     if device.type == "cuda":
@@ -119,8 +131,8 @@ def applicable_options(device: torch.device, max_ranks: int, local_vae: bool = T
         options.append(SpeedOption("vae_tiling", vae_tiling=True))
     options.append(SpeedOption("offload", offload=True))
     if device.type == "cpu":
-        for name, layout in LAYOUTS.items():
-            option = SpeedOption(name, layout=layout)
+        for name, ranks_layout in LAYOUTS.items():
+            option = SpeedOption(name, layout=ranks_layout)
             if option.world_size <= max_ranks:
                 options.append(option)
     return options
@@ -139,7 +151,7 @@ def select_options(available: Sequence[SpeedOption], names: Optional[Sequence[st
 def tiling_for(height: int, width: int):
     """``(tile, overlap)`` in latent pixels: the VAE default (32, 8), or for frames whose latent
     side is at most 32 (tiny test sizes) a tile one smaller than the side, so tiling really happens."""
-    side = min(height, width) // 16
+    side = min(height, width) // geometry.SPATIAL_COMPRESSION
     if side > 32:
         return 32, 8
     tile = max(2, side - 1)
@@ -153,9 +165,6 @@ def _sync(device: torch.device) -> None:
 
 
 def _denoise(dit, root, sampling: SamplingConfig, embeds: dict, rank: int = 0) -> torch.Tensor:
-    from ..pipelines.pipeline import StepVideoPipeline
-    from ..schedulers.flow_match_euler import FlowMatchDiscreteScheduler
-
     pipe = StepVideoPipeline(dit, FlowMatchDiscreteScheduler.from_pretrained(root), rank=rank)
     out = pipe(prompt="-", height=sampling.height, width=sampling.width, num_frames=sampling.num_frames,
                num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
@@ -165,28 +174,16 @@ def _denoise(dit, root, sampling: SamplingConfig, embeds: dict, rank: int = 0) -
 
 
 def _load_dit(setup: LosslessSetup, root, state, option: SpeedOption):
-    from ..loading import layout
-    from ..parallel import load_parallel_dit
-
     backend = option.attention_backend or setup.runtime.attention_backend
     dit = load_parallel_dit(root / layout.TRANSFORMER_DIR, state, torch_dtype=setup.runtime.dtype,
                             device="cpu" if option.offload else state.device, attention_backend=backend)
-    inner = getattr(dit, "module", dit)
-    if option.fp8:
-        from ..perf.fp8 import quantize_blocks
-        quantize_blocks(inner)
-    if option.offload:
-        from ..perf.offload import enable_block_offload
-        enable_block_offload(inner, state.device)
-    if option.compile:
-        from ..perf.compile import compile_blocks
-        compile_blocks(inner)
+    apply_speed_options(getattr(dit, "module", dit), state.device, fp8=option.fp8, offload=option.offload,
+                        compile=option.compile)
     return dit
 
 
 def _layout_worker(setup: LosslessSetup, root, option: SpeedOption, embeds: dict) -> dict:
     """Runs on every spawned rank: load the DiT for the layout, denoise, return rank 0's latents."""
-    from ..parallel.state import ParallelConfig, ParallelState
 
     state = ParallelState.from_env(ParallelConfig(**option.layout))
     dit = _load_dit(setup, root, state, option)
@@ -199,10 +196,6 @@ class LosslessRunner:
     """Holds what all options share: the resolved model dir, the text embeddings, the VAE."""
 
     def __init__(self, setup: LosslessSetup):
-        from ..loading import layout
-        from ..loading.hub import resolve_model_dir
-        from ..parallel.state import ParallelConfig, ParallelState
-
         self.setup = setup
         patterns = layout.DIT_PATTERNS + (layout.SERVICE_PATTERNS if setup.runtime.local else [])
         self.root = resolve_model_dir(setup.runtime.model_dir, allow_patterns=patterns)
@@ -215,25 +208,18 @@ class LosslessRunner:
         sampling = setup.sampling
         prompts = [setup.prompt + sampling.pos_magic, sampling.neg_magic]
         if setup.runtime.local:
-            from ..models.vae import AutoencoderKL
-            from ..text_encoders.caption import CaptionEncoder
-
             encoder = CaptionEncoder.from_pretrained(self.root, device=self.device)
             self.embeds = {k: v.cpu() for k, v in encoder.embedding(prompts).items()}
             del encoder
             gc.collect()
             self.vae = AutoencoderKL.from_pretrained(self.root / layout.VAE_DIR, device=self.device)
         else:
-            from ..service.client import RemoteCaptionEncoder, RemoteVAE
-
             runtime = setup.runtime
             self.embeds = RemoteCaptionEncoder(runtime.caption_url, token=runtime.service_token).embedding(prompts)
             self.vae = RemoteVAE(runtime.vae_url, token=runtime.service_token, output="float")
         self.baseline: Optional[OptionResult] = None
 
     def _frames(self, latents: torch.Tensor, tiling: bool):
-        from ..vae.codec import latents_to_frames
-
         if tiling:
             self.vae.enable_tiling(*tiling_for(self.setup.sampling.height, self.setup.sampling.width))
         try:
@@ -247,8 +233,6 @@ class LosslessRunner:
         result = OptionResult(option.name)
         try:
             if option.layout:
-                from ..parallel.launch import run_on_cpu_ranks
-
                 # the ranks use the baseline's thread count: CPU kernels may block (and round) by threads
                 values = run_on_cpu_ranks(_layout_worker, option.world_size,
                                           args=(self.setup, self.root, option, self.embeds), timeout=1800,
@@ -295,7 +279,6 @@ def run_table(setup: LosslessSetup, names: Optional[Sequence[str]] = None, progr
     if setup.sampling.seed is None:
         setup = replace(setup, sampling=setup.sampling.with_overrides(seed=DEFAULT_SEED))
     runner = LosslessRunner(setup)
-    from ..models.attention import resolve_backend
 
     baseline_backend = resolve_backend(setup.runtime.attention_backend)       # "auto" -> what it picks here
     options = select_options(applicable_options(runner.device, setup.max_ranks, local_vae=setup.runtime.local,

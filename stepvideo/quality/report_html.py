@@ -19,7 +19,7 @@ import numpy as np
 
 from ..evaluation.gallery import CSS, seed_label
 from ..io.atomic import atomic_write_bytes
-from ..io.video import slugify
+from ..io.video import read_mp4, slugify
 from .compare import RunComparison, format_psnr, summarize
 
 HEATMAP_DIR = "heatmaps"
@@ -123,7 +123,6 @@ def _item_html(item: dict, out: Path, root_a: Path, root_b: Path, heatmap: Optio
 def build_compare_page(comparison: RunComparison, out_dir, worst: int = 8,
                        title: str = "Step-Video run comparison") -> Path:
     """Write ``index.html`` and the heat maps of the ``worst`` lowest-PSNR items under ``out_dir``."""
-    from ..io.video import read_mp4
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,14 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..evaluation import manifest
+from ..evaluation.gallery import latest_records
 from ..io.atomic import atomic_write_bytes
-from .score_summary import METRICS, category_means, summary_lines  # noqa: F401 (re-exported)
+from ..io.video import read_mp4
+from ..loading.checkpoint import parse_dtype
+from ..loading.hub import resolve_model_dir
+from .compare import ok_records
+from ..evaluation.score_summary import METRICS, category_means, summary_lines  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +108,6 @@ class ClipScorer:
                  batch_size: int = 32):
         from transformers import BertTokenizer, ChineseCLIPModel
 
-        from ..loading.checkpoint import parse_dtype
-        from ..loading.hub import resolve_model_dir
-
         folder = resolve_model_dir(checkpoint, allow_patterns=CLIP_PATTERNS)
         if not any(folder.glob("*.safetensors")) and not (folder / "pytorch_model.bin").is_file():
             # older Hub snapshots carry only pytorch_model.bin (loaded with weights_only by transformers)
@@ -162,11 +165,10 @@ def score_frames(frames: torch.Tensor, prompt: str, metrics: Sequence[str],
 def store_scores(root, scored: Dict[tuple, dict]) -> int:
     """Add ``scores`` to every manifest line whose ``(id, sha256)`` was scored; each manifest is
     rewritten atomically. Returns the number of lines updated."""
-    from ..evaluation import manifest as mf
 
     updated = 0
-    for path in mf.manifest_paths(root):
-        records = mf.read_records(path)
+    for path in manifest.manifest_paths(root):
+        records = manifest.read_records(path)
         changed = False
         for record in records:
             key = (str(record["id"]), record.get("sha256"))
@@ -184,9 +186,6 @@ def score_run(root, metrics: Sequence[str] = METRICS, checkpoint: str = DEFAULT_
               dtype: str = "fp32", ids: Optional[Sequence[str]] = None, progress: bool = False) -> dict:
     """Score every ``ok`` item of the run under ``root`` and store the scores; returns ``scores.json``'s dict."""
     from tqdm.auto import tqdm
-
-    from ..io.video import read_mp4
-    from .compare import ok_records
 
     metrics = check_metrics(metrics)
     root = Path(root)
@@ -209,7 +208,6 @@ def score_run(root, metrics: Sequence[str] = METRICS, checkpoint: str = DEFAULT_
         scored[(str(record["id"]), record.get("sha256"))] = merged
         record["scores"] = merged
     store_scores(root, scored)
-    from ..evaluation.gallery import latest_records
 
     summary = {"metrics": list(metrics), "model": scorer_info["model"],
                "categories": category_means(latest_records(root))}

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..testing.tiny_text import bert_vocab
+
 IMAGE_SIZE = 32
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -20,8 +22,6 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 def write_tiny_chinese_clip(folder, seed: int = 0) -> Path:
     import torch
     from transformers import BertTokenizer, ChineseCLIPConfig, ChineseCLIPModel
-
-    from ..testing.tiny_text import bert_vocab
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

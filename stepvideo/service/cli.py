@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from typing import List, Optional, Sequence
 
 from ..loading import layout
+from .components import default_device, load_components
 from .config import DEFAULT_PORT, TOKEN_ENV, ServiceConfig
 from .connections import add_connection_args
 
@@ -81,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ServiceConfig:
     """Turn parsed arguments into a :class:`ServiceConfig` (devices resolved here, at run time)."""
-    from .components import default_device
 
     device = args.device or default_device()
     token = args.token if args.token is not None else (os.environ.get(TOKEN_ENV) or None)
@@ -128,8 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
         torch.set_num_threads(args.torch_threads)
 
-    from .host import ServiceServer
-    from .server import create_app
+    from .host import ServiceServer      # flask/waitress: imported when the service really starts
+    from .server import create_app       # (flask app)
 
     if config.exposed and config.token is None:
         logger.warning("binding %s without a token: anyone who can reach this port can use the models. "
@@ -160,8 +160,6 @@ def _raise_interrupt(signum, frame):
 
 
 def _load_then_serve(config: ServiceConfig, future: Future, server, url: str, debug: bool) -> int:
-    from .components import load_components
-
     try:
         components = load_components(config, progress=True)
     except KeyboardInterrupt:

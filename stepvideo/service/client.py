@@ -30,6 +30,8 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 import torch
 
 from .. import geometry
+from ..http_errors import read_error
+from ..text_encoders.caption import check_prompts
 from .config import DEFAULT_PORT, TOKEN_ENV
 from .protocol import (FLOAT_DTYPES, JSON_CONTENT_TYPE, PROTOCOL_VERSION, TENSOR_CONTENT_TYPE, ProtocolError,
                        TensorMessage, check_tensor, decode_tensors, encode_json, encode_tensors, media_type)
@@ -115,17 +117,7 @@ def _is_connect_failure(err: BaseException) -> bool:
 
 def _error_message(body: bytes, content_type: str) -> str:
     """The server's ``{"error": ...}`` text, or a short excerpt of whatever else came back."""
-    if media_type(content_type) == JSON_CONTENT_TYPE:
-        try:
-            import json
-
-            obj = json.loads(body.decode("utf-8"))
-            if isinstance(obj, dict) and isinstance(obj.get("error"), str):
-                return obj["error"]
-        except ValueError:
-            pass
-    text = " ".join(body[:300].decode("utf-8", errors="replace").split())
-    return text or "(empty body)"
+    return read_error(body, content_type)[0]
 
 
 class ServiceClient:
@@ -289,8 +281,6 @@ class RemoteCaptionEncoder:
         return f"RemoteCaptionEncoder({self.client.url!r})"
 
     def embedding(self, prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
-        from ..text_encoders.caption import check_prompts
-
         prompts = check_prompts(prompts)
         body = encode_json({"protocol": PROTOCOL_VERSION, "prompts": prompts})
         msg = self.client.post_tensors("/caption-api", body, JSON_CONTENT_TYPE, ["y", "y_mask", "clip_embedding"])
@@ -382,29 +372,51 @@ class RemoteVAE:
                                status=200, url=self.client.url) from None
 
 
-def wait_ready(url: str, token: Optional[str] = None, timeout: float = 600.0, interval: float = 0.5,
-               abort: Optional[Callable[[], Optional[str]]] = None) -> Dict[str, Any]:
-    """Poll ``GET /ready`` until it answers 200 and return its JSON.
+READY_TIMEOUT_S = 540.0
+"""The one readiness timeout: how long a caller waits for a caption/VAE service to answer
+``GET /ready`` while it starts and loads its models (503). The 30B text encoders take minutes to
+load; 540 s stays under the default ``--dist_timeout`` (600 s), during which the other ranks wait
+in a collective (the command line caps it at 0.9 x ``--dist_timeout``). Used by the pre-flight of
+``run_parallel.py`` (``RuntimeConfig.service_wait``), by ``--serve`` and by :func:`wait_ready`."""
 
+
+def wait_ready(url: str, token: Optional[str] = None, timeout: float = READY_TIMEOUT_S, interval: float = 0.5,
+               abort: Optional[Callable[[], Optional[str]]] = None, *, connect_timeout: Optional[float] = None,
+               client: Optional["ServiceClient"] = None) -> Dict[str, Any]:
+    """Poll ``GET /ready`` until it answers 200 and return its JSON: the one readiness wait.
+
+    Waits up to ``timeout`` seconds while the service loads (503) and up to ``connect_timeout``
+    (default: ``timeout``) while the connection is refused (a service started a moment ago).
     ``abort``: called between polls; a non-empty string return stops waiting with that reason
-    (e.g. "server process exited with code 1"). Raises :class:`ServiceError` after ``timeout``
-    seconds, or at once for answers that will not change (401, 404, a failed model load).
+    (e.g. "server process exited with code 1"). Raises :class:`ServiceError` (the last answer's,
+    or :class:`ServiceTimeoutError`) when the time is up, and at once for answers that will not
+    change (401, 404, a failed model load). ``client``: a configured :class:`ServiceClient` to poll.
     """
-    client = ServiceClient(url, token=token, retries=0, timeout=max(interval, 5.0), name="service")
-    deadline = time.monotonic() + timeout
+    client = client or ServiceClient(url, token=token, retries=0, timeout=max(interval, 5.0), name="service")
+    start = time.monotonic()
+    connect_timeout = timeout if connect_timeout is None else connect_timeout
+    overall = max(timeout, connect_timeout)
     last = "no answer yet"
+    told = False
     while True:
         try:
             return client.ready()
         except ServiceConnectionError as err:
             last = str(err)
+            if connect_timeout < overall and time.monotonic() - start >= connect_timeout:
+                raise
         except ServiceError as err:
             if err.status != 503:
                 raise
             last = str(err)
+            if timeout < overall and time.monotonic() - start >= timeout:
+                raise
+            if not told:
+                logger.info("%s is still loading its models; waiting up to %.0f s", client.url, timeout)
+                told = True
         reason = abort() if abort is not None else None
         if reason:
             raise ServiceError(f"stopped waiting for {client.url}/ready: {reason}", url=client.url)
-        if time.monotonic() >= deadline:
-            raise ServiceTimeoutError(f"{client.url} was not ready after {timeout:g} s; last: {last}", url=client.url)
+        if time.monotonic() - start >= overall:
+            raise ServiceTimeoutError(f"{client.url} was not ready after {overall:g} s; last: {last}", url=client.url)
         time.sleep(interval)

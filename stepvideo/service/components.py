@@ -8,7 +8,12 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ..loading import resolve_model_dir
+from ..loading.checkpoint import parse_dtype
+from ..models.vae import AutoencoderKL
+from ..text_encoders.caption import CaptionEncoder
 from .config import ServiceConfig
+from .cost import VAECostModel
 from .protocol import dtype_name
 
 logger = logging.getLogger(__name__)
@@ -62,9 +67,6 @@ def normalize_device(device: str) -> str:
 
 def load_components(config: ServiceConfig, progress: bool = False) -> ServiceComponents:
     """Load the VAE and the caption encoders named by ``config`` (VAE first, like the reference)."""
-    from ..loading import resolve_model_dir
-    from ..loading.checkpoint import parse_dtype
-
     if config.model_dir is None:
         raise ValueError("model_dir is required to load the service models")
     patterns = []
@@ -77,8 +79,6 @@ def load_components(config: ServiceConfig, progress: bool = False) -> ServiceCom
     out = ServiceComponents(info={"model_dir": str(root)})
 
     if config.load_vae:
-        from ..models.vae import AutoencoderKL
-
         vae_path = root / config.vae_dir
         if not vae_path.is_dir():
             raise FileNotFoundError(f"VAE folder {vae_path} not found (--vae_dir {config.vae_dir!r})")
@@ -90,7 +90,6 @@ def load_components(config: ServiceConfig, progress: bool = False) -> ServiceCom
         logger.info("VAE loaded on %s (%s) in %.1f s", device, dtype_name(dtype), out.info["vae"]["load_seconds"])
         # the cost model's first use builds a fake copy of the VAE (seconds of pure Python that
         # would slow /health down if it ran while serving): do it now, before /ready says 200
-        from .cost import VAECostModel
 
         start = time.perf_counter()
         out.vae_cost = VAECostModel(out.vae)
@@ -98,8 +97,6 @@ def load_components(config: ServiceConfig, progress: bool = False) -> ServiceCom
         out.info["vae"]["cost_model_seconds"] = round(time.perf_counter() - start, 2)
 
     if config.load_caption:
-        from ..text_encoders.caption import CaptionEncoder
-
         device = normalize_device(config.caption_device)
         start = time.perf_counter()
         out.caption = CaptionEncoder.from_pretrained(root, llm_dir=config.llm_dir, clip_dir=config.clip_dir,

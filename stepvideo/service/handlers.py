@@ -22,6 +22,7 @@ from flask import Request, Response
 from werkzeug.wsgi import wrap_file
 
 from .. import __version__
+from ..http_errors import error_body
 from ..io.frames import to_uint8_frames
 from .components import ServiceComponents
 from .cost import check_budget, decode_limits
@@ -61,7 +62,7 @@ def json_response(obj: Dict[str, Any], status: int = 200, retry_after: Optional[
 
 
 def error_response(status: int, message: str, retry_after: Optional[int] = None, **details: Any) -> Response:
-    return json_response({"error": message, **details}, status, retry_after)
+    return json_response(error_body(message, **details), status, retry_after)
 
 
 class _Body(io.BytesIO):
@@ -239,7 +240,7 @@ def ready(call: Call) -> Response:
 
 
 def ready_info(state: ServiceState, comps: ServiceComponents) -> Dict[str, Any]:
-    from .routes import ROUTES
+    from .routes import ROUTES          # cycle: routes.py imports these handlers
 
     config = state.config
     info: Dict[str, Any] = {

@@ -23,11 +23,11 @@ import torch
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from ..http_errors import error_body
 from .config import ServiceConfig
 from .cost import RequestTooCostly
 from .gate import DeviceBusy
 from .handlers import LOADING_RETRY_AFTER, Call, error_response
-from .host import ServiceServer  # noqa: F401  (re-exported: the host used to live here)
 from .incidents import internal_error
 from .protocol import JSON_CONTENT_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION, ProtocolError, encode_json
 from .routes import ROUTES, ROUTES_BY_PATH, Route, route_list
@@ -158,7 +158,7 @@ def http_error_json(err: HTTPException, *, routes: str, max_body_bytes: int, ser
                    413: f"request body is larger than this {server} accepts ({max_body_bytes} bytes; "
                         "raise it with --max_body_mb)"}.get(err.code, f"{err.name}: {err.description}")
     resp = err.get_response()     # keeps headers such as Allow
-    resp.set_data(encode_json({"error": message}))
+    resp.set_data(encode_json(error_body(message)))
     resp.mimetype = JSON_CONTENT_TYPE
     return resp
 

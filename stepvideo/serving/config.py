@@ -4,14 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .. import geometry
+from ..config import PRESETS
 from ..service.address import check_listen, is_exposed
 from ..service.connections import DEFAULT_CHANNEL_TIMEOUT, DEFAULT_CONNECTION_LIMIT, check_connection_options
 
 TOKEN_ENV = "STEPVIDEO_SERVER_TOKEN"
 DEFAULT_PORT = 8000
 MiB = 1 << 20
-# 204 frames at 544x992: 36 latent frames x 34 x 62 patches, the largest preset job
-DEFAULT_MAX_TOKENS = 36 * 34 * 62
+# the largest preset job: 204 frames at 544x992, 36 latent frames x 34 x 62 patches
+DEFAULT_MAX_TOKENS = geometry.token_count(PRESETS["t2v"].height, PRESETS["t2v"].width, PRESETS["t2v"].num_frames)
 
 
 @dataclass(frozen=True)

@@ -17,40 +17,59 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import fields
 from typing import Optional
 
+from ..config import DiTConfig
+from ..errors import UserError, debug_requested
+from ..generator import VideoGenerator
+from ..parallel.agree import on_main
+from ..process import exit_now, report
+from ..sampling import sampling_from_options, sampling_options
+from ..service.client import ServiceError, wait_ready
+from ..service.config import ServiceConfig
 from ..service.connections import add_connection_args
-from .config import DEFAULT_MAX_TOKENS, DEFAULT_PORT, TOKEN_ENV, ServerConfig
+from ..text_encoders.prompt_length import PromptLengthCounter
+from .capacity import JobLimits, free_memory_bytes, service_decode_limits, tokens_that_fit
+from .config import TOKEN_ENV, MiB, ServerConfig
+from .jobs import JobStore, StateDirBusy
+from .openai_fields import served_model_name
+from .requests import ModelInfo
+from .worker import ControlChannel, Dispatcher, serve_jobs
 
 logger = logging.getLogger("stepvideo.serving")
 
-SERVICE_WAIT_S = 120.0      # a caption/VAE service started together with the server gets this long
 
+_SERVER = {f.name: f.default for f in fields(ServerConfig)}      # the --serve flags' defaults
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     """The ``--serve`` group of ``run_parallel.py``."""
     g = parser.add_argument_group("generation server (--serve; see docs/server.md)")
     g.add_argument("--serve", action="store_true",
                    help="load the DiT once and serve POST /v1/videos jobs over HTTP instead of one --prompt")
-    g.add_argument("--host", default="127.0.0.1",
+    g.add_argument("--host", default=_SERVER["host"],
                    help="interface to bind (default %(default)s; 0.0.0.0 exposes the server: set a token)")
-    g.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s; 0 = any free)")
-    g.add_argument("--state_dir", default="./stepvideo-server",
+    g.add_argument("--port", type=int, default=_SERVER["port"], help="TCP port (default %(default)s; 0 = any free)")
+    g.add_argument("--state_dir", default=_SERVER["state_dir"],
                    help="job database and videos; jobs survive restarts on the same dir (default %(default)s)")
-    g.add_argument("--max_queue", type=int, default=16, help="queued jobs before 429 (default %(default)s)")
+    g.add_argument("--max_queue", type=int, default=_SERVER["max_queue"],
+                   help="queued jobs before 429 (default %(default)s)")
     g.add_argument("--token", default=None,
                    help=f"clients must send 'Authorization: Bearer <token>' (default ${TOKEN_ENV}; prefer the "
                         "environment variable: command lines are visible to other users)")
-    g.add_argument("--http_threads", type=int, default=8, help="HTTP worker threads (default %(default)s)")
+    g.add_argument("--http_threads", type=int, default=_SERVER["threads"],
+                   help="HTTP worker threads (default %(default)s)")
     add_connection_args(g)
-    g.add_argument("--job_memory_check", choices=("on", "off"), default="on",
+    g.add_argument("--job_memory_check", choices=("on", "off"), default="on" if _SERVER["memory_check"] else "off",
                    help="422 for jobs whose DiT tokens the memory model says this layout cannot hold in the memory "
                         "free after loading (default %(default)s)")
-    g.add_argument("--max_steps", type=int, default=100, help="most denoising steps per job (default %(default)s)")
-    g.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
+    g.add_argument("--max_steps", type=int, default=_SERVER["max_steps"],
+                   help="most denoising steps per job (default %(default)s)")
+    g.add_argument("--max_tokens", type=int, default=_SERVER["max_tokens"],
                    help="most DiT tokens (latent frames x h/16 x w/16) per job (default %(default)s: 204 frames "
                         "at 544x992)")
-    g.add_argument("--max_body_mb", type=float, default=32, help="largest request body in MiB (default %(default)s)")
+    g.add_argument("--max_body_mb", type=float, default=_SERVER["max_body_bytes"] // MiB,
+                   help="largest request body in MiB (default %(default)s)")
     g.add_argument("--no_ui", action="store_true", help="do not serve the page in the browser at /")
     g.add_argument("--served_model_name", default=None,
                    help="the model id of the API's 'model' field (default: stepvideo-t2v, stepvideo-t2v-turbo or "
@@ -87,19 +106,18 @@ def _die_with_launcher() -> None:
 
 def _check_services(runtime) -> dict:
     """The caption and VAE services answer ``/ready`` with the parts we need (waiting up to
-    :data:`SERVICE_WAIT_S` for one that is still starting or loading). Returns the VAE service's
+    ``runtime.service_wait`` (:data:`stepvideo.service.client.READY_TIMEOUT_S`, capped by
+    ``--dist_timeout``) for one that is still starting or loading). Returns the VAE service's
     decode limits (:func:`.capacity.service_decode_limits`)."""
-    from ..service.client import ServiceError, wait_ready
-    from .capacity import service_decode_limits
 
     urls, limits = {}, {}
     urls.setdefault(runtime.caption_url, []).append("caption")
     urls.setdefault(runtime.vae_url, []).append("vae")
     for url, parts in urls.items():
         logger.info("checking the %s service at %s (GET /ready, waiting up to %.0f s)", " and ".join(parts), url,
-                    SERVICE_WAIT_S)
+                    runtime.service_wait)
         try:
-            info = wait_ready(url, token=runtime.service_token, timeout=SERVICE_WAIT_S)
+            info = wait_ready(url, token=runtime.service_token, timeout=runtime.service_wait)
         except (ServiceError, ValueError) as err:
             raise ValueError(f"the caption/VAE service is not ready: {err}") from None
         missing = [p for p in parts if not info.get(p)]
@@ -112,24 +130,16 @@ def _check_services(runtime) -> dict:
     return limits
 
 
-def serve(args: argparse.Namespace) -> int:
-    """Every rank: start-up checks, load the DiT, run jobs until stopped. Returns the exit code."""
-    from .. import cli
-
-    from ..cli.process import exit_now, report
-    from ..errors import UserError, debug_requested
-
+def serve(args: argparse.Namespace, start_ranks) -> int:
+    """Every rank: start-up checks, load the DiT, run jobs until stopped. Returns the exit code.
+    ``start_ranks(args)``: the command line's config builder (``stepvideo.cli.start_ranks``)."""
     if getattr(args, "prompt", None):
         raise UserError("--prompt is not used with --serve; POST prompts to /v1/videos (see docs/server.md)")
     config = server_config(args)
-    options = cli.sampling_options(args)
-    cli.sampling_from_options(options)         # the launch's sampling flags are valid
-    (_, output, _, runtime), state = cli.start_ranks(args)
+    options = sampling_options(args)
+    sampling_from_options(options)         # the launch's sampling flags are valid
+    (_, output, _, runtime), state = start_ranks(args)
     _die_with_launcher()
-
-    from ..generator import VideoGenerator
-    from ..parallel.agree import on_main
-    from .worker import ControlChannel
 
     channel = ControlChannel(state)
     holder = {}
@@ -149,7 +159,6 @@ def serve(args: argparse.Namespace) -> int:
     if state.is_main:
         _mark_ready(ctx, generator, state, holder.get("decode_limits", {}))
         print(f"stepvideo generation server ready on {holder['url']} (state dir {config.state_dir})", flush=True)
-    from .worker import serve_jobs
 
     try:
         serve_jobs(generator, state, channel, output, ctx)
@@ -161,13 +170,10 @@ def serve(args: argparse.Namespace) -> int:
 
 def _start_http(config: ServerConfig, runtime, options: dict, holder: dict) -> None:
     """Rank 0: state dir, services, port, HTTP thread (the model is not loaded yet)."""
-    from ..service.cli import advertised_urls
-    from ..service.config import ServiceConfig
-    from ..service.server import ServiceServer
-    from .app import ServingContext, create_app
-    from .jobs import JobStore, StateDirBusy
-    from .metrics import ServerMetrics
-    from .worker import Dispatcher
+    from ..service.cli import advertised_urls             # flask/waitress and prometheus: imported only
+    from ..service.host import ServiceServer              # when rank 0 of --serve starts its HTTP server,
+    from .app import ServingContext, create_app           # not by run_parallel.py's one-shot runs
+    from .metrics import ServerMetrics                    # (prometheus_client)
 
     if config.exposed and config.token is None:
         logger.warning("binding %s without a token: anyone who can reach this port can queue jobs. Set %s "
@@ -195,11 +201,6 @@ def _start_http(config: ServerConfig, runtime, options: dict, holder: dict) -> N
 
 
 def _mark_ready(ctx, generator, state, decode_limits: dict) -> None:
-    from ..text_encoders.prompt_length import PromptLengthCounter
-    from .capacity import JobLimits, free_memory_bytes, tokens_that_fit
-    from .openai_fields import served_model_name
-    from .requests import ModelInfo
-
     config = generator.transformer_config
     is_ti2v = generator.pipeline.is_ti2v
     name = served_model_name(is_ti2v, ctx.server_options.get("preset"), str(generator.root),
@@ -215,7 +216,7 @@ def _mark_ready(ctx, generator, state, decode_limits: dict) -> None:
                          "layout": {"ulysses_degree": state.config.ulysses_degree,
                                     "tensor_parallel_degree": state.config.tensor_parallel_degree,
                                     "cfg_degree": state.config.cfg_degree}}
-    ctx.model = ModelInfo(is_ti2v=is_ti2v, num_heads=int(config.get("num_attention_heads", 48)),
+    ctx.model = ModelInfo(is_ti2v=is_ti2v, num_heads=DiTConfig.from_dict(config).num_attention_heads,
                           parallel=state.config, world_size=state.world_size, name=name, limits=limits,
                           prompt_length=PromptLengthCounter.from_model_dir(generator.root))
 

@@ -16,6 +16,8 @@ from typing import Callable, Dict
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from ..timing import SHORT_NAMES
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 _STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 2400)
@@ -58,7 +60,7 @@ class ServerMetrics:
         self.job_seconds.observe(seconds)
         for step in timings.get("steps_s", []):
             self.step_seconds.observe(step)
-        for stage in ("encode", "denoise", "decode", "write"):
+        for stage in SHORT_NAMES.values():
             if f"{stage}_s" in timings:
                 self.stage_seconds.labels(stage=stage).observe(timings[f"{stage}_s"])
 

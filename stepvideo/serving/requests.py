@@ -1,7 +1,7 @@
 """``POST /v1/videos`` body -> a validated job, with the CLI's own sampling code.
 
 The settings of a job are built exactly as ``run_parallel.py`` builds them from flags
-(:func:`stepvideo.cli.sampling_from_options`): the preset (the job's ``preset``, else the
+(:func:`stepvideo.sampling.sampling_from_options`): the preset (the job's ``preset``, else the
 server's ``--preset``, else ``ti2v`` with an image and ``t2v`` without), then the sampling flags
 the server was started with, then the job's own fields. Sizes are rounded as the pipeline
 rounds them (frames to a multiple of 17, sides to multiples of 16), and the layout checks of
@@ -21,8 +21,10 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from .. import cli
 from ..config import SamplingConfig
+from ..parallel.state import validate_before_loading
+from ..pipelines.pipeline import StepVideoPipeline
+from ..sampling import sampling_from_options, token_count
 from . import guards
 from .capacity import JobLimits, job_problem
 from .config import ServerConfig
@@ -146,12 +148,10 @@ def build_job(fields: Mapping[str, Any], server_options: Mapping[str, Any], mode
     if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2 ** 63:
         raise RequestError(f"field 'seed' must be in [0, 2**63), got {seed}", "seed", 422)
     try:
-        sampling = cli.sampling_from_options(options, has_image=image is not None)
+        sampling = sampling_from_options(options, has_image=image is not None)
     except ValueError as err:
         raise _named(err) from None
     preset = options.get("preset") or ("ti2v" if image is not None else "t2v")
-
-    from ..pipelines.pipeline import StepVideoPipeline
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # the rounding is reported through the settings
@@ -167,12 +167,10 @@ def build_job(fields: Mapping[str, Any], server_options: Mapping[str, Any], mode
 
 
 def _check_cost(sampling: SamplingConfig, model: ModelInfo, config: ServerConfig) -> None:
-    from ..parallel.state import validate_before_loading
-
     if sampling.num_inference_steps > config.max_steps:
         raise RequestError(f"field 'num_inference_steps' is {sampling.num_inference_steps}; this server runs at most "
                            f"{config.max_steps} steps per job (--max_steps)", "num_inference_steps", 422)
-    tokens = cli.token_count(sampling)
+    tokens = token_count(sampling)
     if tokens > config.max_tokens:
         raise RequestError(f"fields 'num_frames', 'height', 'width' ({sampling.num_frames} x {sampling.height} x "
                            f"{sampling.width}) make {tokens} DiT tokens; this server accepts at most "

@@ -23,8 +23,10 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..config import OutputConfig, SamplingConfig
+from ..errors import GenerationCancelled
 from ..io.image import to_rgb
-from . import jobs as js
+from ..timing import StageTimer
+from .jobs import CANCELLED, COMPLETED, FAILED, Job, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ CONTROL_TIMEOUT = timedelta(seconds=30 * 60)
 class Dispatcher:
     """Rank 0's hand-off between the HTTP threads (notify, cancel) and the worker loop."""
 
-    def __init__(self, store: js.JobStore):
+    def __init__(self, store: JobStore):
         self.store = store
         self._cond = threading.Condition()
         self._stopping = False
@@ -56,7 +58,7 @@ class Dispatcher:
     def stopping(self) -> bool:
         return self._stopping
 
-    def next_job(self, timeout: float) -> Optional[js.Job]:
+    def next_job(self, timeout: float) -> Optional[Job]:
         """The next job (now ``in_progress``), or ``None`` after ``timeout`` s or on stop."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -149,7 +151,7 @@ def serve_jobs(generator, state, channel: ControlChannel, output: OutputConfig, 
         run_job(generator, state, channel, output, message, ctx)
 
 
-def _runnable(job: js.Job, ctx) -> bool:
+def _runnable(job: Job, ctx) -> bool:
     """Rank 0: the stored settings build a ``SamplingConfig``; else the job fails (logged under its
     id) and the server goes on with the next one."""
     problem = job.damaged
@@ -161,7 +163,7 @@ def _runnable(job: js.Job, ctx) -> bool:
     if problem is None:
         return True
     logger.error("job %s cannot run: its stored settings do not fit this server version: %s", job.id, problem)
-    ctx.store.finish(job.id, js.FAILED, error="the job's stored settings cannot be run by this server version; "
+    ctx.store.finish(job.id, FAILED, error="the job's stored settings cannot be run by this server version; "
                                               "submit it again")
     ctx.dispatcher.done()
     ctx.job_finished()
@@ -180,9 +182,6 @@ def _client_error(job_id: str, stage: Optional[str]) -> str:
 
 def run_job(generator, state, channel: ControlChannel, output: OutputConfig, message: Dict[str, Any], ctx) -> None:
     """One job on every rank; rank 0 records the outcome."""
-    from ..generator import GenerationCancelled
-    from ..timing import StageTimer
-
     job_id = message["id"]
     settings = message["settings"]
     sampling = _sampling(settings)
@@ -209,7 +208,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
                 image_error = "the stored first image cannot be read"
     if settings.get("image") and channel.flag(state.is_main and image_error is not None):   # all ranks skip it
         if state.is_main:
-            ctx.store.finish(job_id, js.FAILED, error=image_error)
+            ctx.store.finish(job_id, FAILED, error=image_error)
             ctx.dispatcher.done()
             ctx.job_finished()
         return
@@ -221,14 +220,14 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
         return channel.flag(state.is_main and (ctx.dispatcher.cancel_requested() or ctx.dispatcher.stopping))
 
     start = time.perf_counter()
-    status, error = js.COMPLETED, None
+    status, error = COMPLETED, None
     try:
         generator.generate(message["prompt"], sampling, job_output, first_image=first_image, progress=False,
                            timer=timer, should_cancel=should_cancel)
     except GenerationCancelled:
-        status = js.CANCELLED
+        status = CANCELLED
     except Exception as err:  # noqa: BLE001 - recorded on the job; the server goes on
-        status = js.FAILED
+        status = FAILED
         if state.is_main:
             logger.error("job %s failed: %s: %s", job_id, type(err).__name__, err)
             job = ctx.store.get(job_id)
@@ -237,7 +236,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
         return
     seconds = time.perf_counter() - start
     timings = timer.as_dict()
-    if status == js.CANCELLED and not ctx.dispatcher.cancel_requested():      # stopped by a shutdown
+    if status == CANCELLED and not ctx.dispatcher.cancel_requested():      # stopped by a shutdown
         ctx.store.requeue(job_id)
         ctx.dispatcher.done()
         logger.info("job %s interrupted by the shutdown; re-queued", job_id)
@@ -246,7 +245,7 @@ def run_job(generator, state, channel: ControlChannel, output: OutputConfig, mes
     ctx.dispatcher.done()
     ctx.job_finished()
     ctx.metrics.job_finished(status, timings, seconds)
-    if status == js.COMPLETED:
+    if status == COMPLETED:
         ctx.note_job_seconds(seconds)
     logger.info("job %s %s in %.2f s; %s", job_id, status, seconds, timings["summary"])
 

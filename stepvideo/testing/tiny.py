@@ -39,7 +39,11 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from ..config import DiTConfig
-from ..loading import layout
+from ..loading import layout, save_sharded
+from ..models.dit import StepVideoModel
+from .init import init_random_weights
+from .tiny_text import write_tiny_hunyuan_clip, write_tiny_step_llm
+from .tiny_vae import write_tiny_vae
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +108,6 @@ TINY_DIT = {variant: TINY.dit_config(variant) for variant in VARIANTS}   # the t
 def _write_transformer(folder: Path, dims: TinyDims, variant: str, seed: int, num_shards: int) -> None:
     import torch
 
-    from ..loading import save_sharded
-    from ..models.dit import StepVideoModel
-    from .init import init_random_weights
-
     config = dims.dit_config(variant)
     model = StepVideoModel.from_config(config)
     init_random_weights(model, seed=seed)
@@ -130,13 +130,10 @@ def _write_part(part: str, root: Path, dims: TinyDims, variant: str, seed: int, 
     elif part == "scheduler":
         _write_scheduler(root / layout.SCHEDULER_DIR)
     elif part == "vae":
-        from .tiny_vae import write_tiny_vae
         write_tiny_vae(root / layout.VAE_DIR, dims, seed=seed + 1)
     elif part == "step_llm":
-        from .tiny_text import write_tiny_step_llm
         write_tiny_step_llm(root / layout.LLM_DIR, dims, seed=seed + 2)
     elif part == "hunyuan_clip":
-        from .tiny_text import write_tiny_hunyuan_clip
         write_tiny_hunyuan_clip(root / layout.CLIP_DIR, dims, seed=seed + 3)
     else:
         raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)}")

@@ -13,6 +13,10 @@ import logging
 from pathlib import Path
 from typing import List
 
+from ..loading import layout, save_sharded
+from ..text_encoders.step_llm import Step1Model
+from .init import init_random_weights
+
 logger = logging.getLogger(__name__)
 
 # The default magic prompts (``../shared/spec/STEP_VIDEO_SPEC.md`` §5.8) and a few prompts in the style of the
@@ -128,10 +132,6 @@ def write_tiny_step_llm(folder: Path, dims, seed: int = 2) -> None:
     ``step1_chat_tokenizer.model`` (vocab = ``dims.llm_vocab``)."""
     import torch
 
-    from ..loading import layout, save_sharded
-    from ..text_encoders.step_llm import Step1Model
-    from .init import init_random_weights
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = step_llm_config(dims)
@@ -189,9 +189,6 @@ def write_tiny_hunyuan_clip(folder: Path, dims, seed: int = 3) -> None:
     ``tokenizer/{vocab.txt, tokenizer_config.json, special_tokens_map.json}``."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
-
-    from ..loading import layout, save_sharded
-    from .init import init_random_weights
 
     folder = Path(folder)
     encoder_dir = folder / layout.CLIP_ENCODER_SUBDIR

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..loading import layout
+from ..loading import layout, save_sharded
+from ..models.vae import AutoencoderKL, iter_checkpoint_items
+from .init import init_random_weights
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +41,6 @@ def write_tiny_vae(folder: Path, dims, seed: int = 1) -> Path:
     under the checkpoint key names, i.e. ``decoder.conv_out.{weight,bias}`` as in the official
     file.
     """
-    from ..loading import save_sharded
-    from ..models.vae import AutoencoderKL, iter_checkpoint_items
-    from .init import init_random_weights
-
     folder = Path(folder)
     config = tiny_vae_config(dims)
     model = AutoencoderKL(**config)

@@ -16,7 +16,9 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..loading import layout
+from ..loading import layout, resolve_model_dir
+from .hunyuan_clip import HunyuanClip
+from .step_llm import STEP1TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +60,6 @@ class CaptionEncoder:
         """Load both encoders from a checkpoint folder (or Hub repo id, only the two sub-folders
         are downloaded). Step-LLM in ``llm_dtype`` (bf16), HunyuanCLIP in ``clip_dtype`` (fp32),
         both on ``device``."""
-        from ..loading import resolve_model_dir
-        from .hunyuan_clip import HunyuanClip
-        from .step_llm import STEP1TextEncoder
-
         root = resolve_model_dir(model_dir, allow_patterns=[f"{llm_dir}/*", f"{clip_dir}/*"])
         for sub in (llm_dir, clip_dir):
             if not (root / sub).is_dir():

@@ -21,7 +21,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..loading import layout
+from ..loading import (CorruptCheckpointError, assert_materialized, check_safetensors_file, find_weight_files,
+                       iter_safetensors, layout, load_state_into_model)
+from ..loading.checkpoint import LFS_POINTER_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,6 @@ SAFETENSORS_WEIGHTS = "model"  # model.safetensors (or model-0000k-of-0000n + in
 
 def _weight_source(encoder_dir: Path) -> Tuple[str, list]:
     """``("safetensors", files)`` when safetensors weights exist, else ``("bin", [pytorch_model.bin])``."""
-    from ..loading import find_weight_files
 
     try:
         return "safetensors", find_weight_files(encoder_dir, SAFETENSORS_WEIGHTS)
@@ -48,9 +49,6 @@ def _read_bin(path: Path) -> dict:
     """``torch.load(weights_only=True)`` of a state dict (memory-mapped, so tensors are paged in
     one at a time as they are moved to the target device)."""
     import zipfile
-
-    from ..loading import CorruptCheckpointError
-    from ..loading.checkpoint import LFS_POINTER_PREFIX
 
     with open(path, "rb") as fh:
         if fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX:
@@ -85,8 +83,6 @@ def load_bert(encoder_dir: Union[str, os.PathLike], *, device: Union[str, torch.
     to ``device``/``dtype`` (``None`` keeps the stored dtype)."""
     from safetensors import safe_open
     from transformers import BertConfig, BertModel
-
-    from ..loading import assert_materialized, check_safetensors_file, iter_safetensors, load_state_into_model
 
     encoder_dir = Path(encoder_dir)
     if not (encoder_dir / "config.json").is_file():

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loading import layout
+from ..loading import find_weight_files, layout, load_files_into_model, read_json, resolve_model_dir
 from ..models.norms import RMSNorm
 from .alibi import sqrt_alibi_attention, sqrt_alibi_bias
+from .tokenizer import Wrapped_StepChatTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,6 @@ class Step1Model(nn.Module):
         """Build on ``meta`` from ``<model_dir>/config.json`` and stream the safetensors shards
         (``model-0000k-of-0000n.safetensors`` + index, or ``model.safetensors``) straight to
         ``device``/``dtype``; ``dtype=None`` keeps the stored dtype."""
-        from ..loading import find_weight_files, load_files_into_model, read_json
 
         model_dir = Path(model_dir)
         config = read_json(model_dir / layout.LLM_CONFIG)
@@ -258,7 +258,6 @@ class STEP1TextEncoder(nn.Module):
                  device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = torch.bfloat16,
                  progress: bool = False):
         super().__init__()
-        from .tokenizer import Wrapped_StepChatTokenizer
 
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -273,7 +272,6 @@ class STEP1TextEncoder(nn.Module):
                         device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = torch.bfloat16,
                         progress: bool = False) -> "STEP1TextEncoder":
         """Same as the constructor; ``model_dir`` may also be a Hub repo id of the folder."""
-        from ..loading import resolve_model_dir
 
         return cls(resolve_model_dir(model_dir), max_length, device=device, dtype=dtype, progress=progress)
 

@@ -4,6 +4,7 @@
     python -m stepvideo.vae decode LATENTS.safetensors -o VIDEO.mp4 --vae_url http://host:8080
     python -m stepvideo.vae reconstruct VIDEO.mp4 -o OUT.mp4 --model_dir ckpts
 
+The command is :mod:`stepvideo.cli.vae`.
 Library: :mod:`.latents_file` (the one latents file format, also of the generator's kept latents
 and ``python -m stepvideo.decode``), :mod:`.codec` (chunked encode/decode through any
 :class:`~stepvideo.components.VAEComponent`, a ``LocalVAE`` or the service's ``RemoteVAE``, and

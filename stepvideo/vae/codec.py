@@ -16,16 +16,24 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from .. import geometry
+from ..components import LocalVAE, VAEComponent
+from ..io.frames import decoded_to_frames
+from ..io.video import write_mp4
+from ..models.vae import AutoencoderKL, mix_chunk_seams_
+from ..service.client import RemoteVAE
 
 logger = logging.getLogger(__name__)
 
-FRAME_LEN = 17          # pixel frames per encode chunk
-LATENT_LEN = 3          # latent frames per decode chunk
-SPATIAL = 16
+FRAME_LEN = geometry.FRAMES_PER_CHUNK          # pixel frames per encode chunk
+LATENT_LEN = geometry.LATENTS_PER_CHUNK        # latent frames per decode chunk
+SPATIAL = geometry.SPATIAL_COMPRESSION
 FRAME_POLICIES = ("refuse", "pad", "trim")
 
 
@@ -36,14 +44,9 @@ def open_vae(model_dir: Optional[str] = None, vae_url: Optional[str] = None, *, 
     if (model_dir is None) == (vae_url is None):
         raise ValueError("give exactly one of --model_dir (run the VAE here) or --vae_url (use the service)")
     if vae_url is not None:
-        from ..service.client import RemoteVAE
-
         vae = RemoteVAE(vae_url, token=token, output="float")
         vae.z_channels                              # fail now if the service has no VAE or is down
         return vae
-    from ..components import LocalVAE
-    from ..models.vae import AutoencoderKL
-
     vae = AutoencoderKL.from_pretrained(model_dir, dtype=dtype, device=device)
     return LocalVAE(vae.enable_tiling() if tiling else vae, output="float")
 
@@ -111,8 +114,6 @@ def encode_video(vae, video: torch.Tensor, mode: str = "mean", seed: Optional[in
     ``mode="mean"``: the posterior mean (deterministic). ``mode="sample"``: a posterior draw; with
     ``seed`` chunk ``k`` is drawn with ``seed + k`` (reproducible, local or remote alike).
     """
-    from tqdm.auto import tqdm
-
     if mode not in ("mean", "sample"):
         raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
     starts = range(0, video.shape[1], FRAME_LEN)
@@ -130,10 +131,6 @@ def encode_video(vae, video: torch.Tensor, mode: str = "mean", seed: Optional[in
 def decode_latents(vae, latents: torch.Tensor, progress: bool = False) -> torch.Tensor:
     """Latents ``[B, F, C, h, w]`` -> video ``[B, N, 3, 16h, 16w]`` (VAE dtype, CPU), 3 latents at a time;
     equal to one whole ``vae.decode(latents)``."""
-    from tqdm.auto import tqdm
-
-    from ..models.vae import AutoencoderKL, mix_chunk_seams_
-
     channels = vae.z_channels
     if latents.ndim != 5 or latents.shape[2] != channels:
         raise ValueError(f"latents must be [B, F, {channels}, h, w] for this VAE, got {list(latents.shape)}")
@@ -160,15 +157,13 @@ def latents_to_frames(vae, latents: torch.Tensor, crop_540p: bool = True, num_fr
 
 
 def _to_frames(video: torch.Tensor, crop_540p: bool, num_frames: Optional[int]) -> np.ndarray:
-    from ..pipelines.postprocess import decoded_to_frames
-
     frames = decoded_to_frames(video, crop_540p=crop_540p)
     return frames[:num_frames] if num_frames else frames
 
 
 def latents_to_mp4(vae, latents: torch.Tensor, path: Union[str, os.PathLike],
                    options: VideoWriteOptions = VideoWriteOptions(), num_frames: Optional[int] = None,
-                   progress: bool = False, *, timings: Optional[Dict[str, float]] = None,
+                   progress: bool = False, *,
                    on_stage: Optional[Callable[[str], None]] = None) -> Tuple[Path, np.ndarray]:
     """Decode ``latents [B, F, C, h, w]``, post-process as the pipeline does, write ``path`` atomically.
 
@@ -176,29 +171,17 @@ def latents_to_mp4(vae, latents: torch.Tensor, path: Union[str, os.PathLike],
     (:func:`decode_latents`), or a function latents -> video applied whole (the generator passes
     ``StepVideoPipeline.decode``, whose component may return uint8 pixels). ``options``: anything
     with ``fps``, ``crop_540p``, ``denoise_filter`` (:class:`VideoWriteOptions`, ``OutputConfig``).
-    ``num_frames`` trims padding. ``timings`` receives ``decode_s`` and ``write_s``; ``on_stage``
-    is called with ``"decoding"`` and ``"writing"`` as those stages start.
+    ``num_frames`` trims padding. ``on_stage`` is called with ``"decoding"`` and ``"writing"`` as
+    those stages start (a :class:`~stepvideo.timing.StageTimer`'s ``begin`` measures them).
 
     Returns ``(path, frames uint8 [T, H, W, 3])``: the frames the pipeline would write for the
     same latents (same conversion, same crop rule).
     """
-    import time
-
-    from ..components import VAEComponent
-    from ..io.video import write_mp4
-
     decode = (lambda z: decode_latents(vae, z, progress=progress)) if isinstance(vae, VAEComponent) else vae
-    timings = timings if timings is not None else {}
     if on_stage is not None:
         on_stage("decoding")
-    start = time.perf_counter()
-    video = decode(latents)
-    timings["decode_s"] = time.perf_counter() - start
-    frames = _to_frames(video, options.crop_540p, num_frames)
+    frames = _to_frames(decode(latents), options.crop_540p, num_frames)
     if on_stage is not None:
         on_stage("writing")
-    start = time.perf_counter()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    written = write_mp4(path, frames, fps=options.fps, denoise=options.denoise_filter)
-    timings["write_s"] = time.perf_counter() - start
-    return written, frames
+    return write_mp4(path, frames, fps=options.fps, denoise=options.denoise_filter), frames

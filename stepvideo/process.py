@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Callable, Optional
 
-from ..errors import DEBUG_ENV, debug_requested, is_user_error, one_line
+from .errors import DEBUG_ENV, debug_requested, is_user_error, one_line
 
 logger = logging.getLogger(__name__)
 

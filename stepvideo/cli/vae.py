@@ -20,7 +20,12 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..io.video import read_mp4
+from ..quality.metrics import compare_videos
 from ..tool import add_debug_flag, run_tool, tool_parser
+from ..vae.codec import (VideoWriteOptions, check_size, encode_video, fit_frames, frames_to_video, latents_to_mp4,
+                         open_vae)
+from ..vae.latents_file import load_latents, save_latents
 
 logger = logging.getLogger("stepvideo.vae")
 
@@ -84,9 +89,6 @@ def _check_paths(source: str, output: str, suffixes: Sequence[str]) -> Path:
 
 
 def _read_video(args):
-    from ..io.video import read_mp4
-    from .codec import check_size, fit_frames
-
     frames, meta = read_mp4(args.video)
     frames = check_size(frames, crop=args.crop)
     fitted, original = fit_frames(frames, args.frames)
@@ -96,8 +98,6 @@ def _read_video(args):
 
 
 def _vae(args):
-    from .codec import open_vae
-
     device = args.device
     if device is None and args.model_dir is not None:
         import torch
@@ -107,16 +107,11 @@ def _vae(args):
 
 
 def _write_options(args, fps: Optional[float]):
-    from .codec import VideoWriteOptions
-
     return VideoWriteOptions(fps=int(args.fps or round(fps or 25)), crop_540p=args.crop_540p,
                              denoise_filter=args.denoise_filter)
 
 
 def run(args) -> int:
-    from .codec import encode_video, frames_to_video, latents_to_mp4
-    from .latents_file import load_latents, save_latents
-
     if args.command == "encode":
         out = _check_paths(args.video, args.output, [".safetensors"])
         _, fitted, original, meta = _read_video(args)
@@ -136,8 +131,6 @@ def run(args) -> int:
         print(f"video {list(frames.shape)} -> {path}")
         return 0
     # reconstruct
-    from ..quality.metrics import compare_videos
-
     out = _check_paths(args.video, args.output, [".mp4"])
     frames, fitted, original, meta = _read_video(args)
     vae = _vae(args)
