@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         return latents, counter.blocks, counter.attention, seconds
 
     def decoded(latents):
-        from stepvideo.pipelines.postprocess import decoded_to_frames
+        from stepvideo.io.frames import decoded_to_frames
 
         return decoded_to_frames(stages.decode(latents))
 

@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every block (stepvideo.perf.compile; Inductor cache: $TORCHINDUCTOR_CACHE_DIR, "
                         "default ~/.cache/stepvideo/inductor)")
-    p.add_argument("--fp8", action="store_true", help="fp8 e4m3 block linears (stepvideo.perf.fp8)")
+    p.add_argument("--fp8", action="store_true", help="fp8 e4m3 block linears (stepvideo.fp8_linear)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--matmul_size", type=int, default=8192, help="reference square matmul (0 = skip)")

@@ -62,7 +62,7 @@ def rss_bytes() -> int:
 def child(kind: str, folder: str, dtype: str, device: str) -> None:
     """One measured load in this (fresh) process; prints one JSON line."""
     from stepvideo.models.dit import StepVideoModel
-    from stepvideo.perf.fp8 import quantize_blocks
+    from stepvideo.fp8_linear import quantize_blocks
 
     base = rss_bytes()
     start = time.perf_counter()
@@ -142,7 +142,7 @@ def derived_sizes(config: dict, layers: int) -> dict:
     """Bytes of the DiT on disk, bf16 vs fp8 (block linears 1 byte + an fp32 scale per output
     row, the rest bf16), counted from the config with ``layers`` blocks (meta device)."""
     from stepvideo.models.dit import StepVideoModel
-    from stepvideo.perf.fp8 import block_linears
+    from stepvideo.fp8_linear import block_linears
 
     with torch.device("meta"):
         model = StepVideoModel.from_config({**config, "num_layers": layers})

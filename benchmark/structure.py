@@ -48,6 +48,9 @@ def measure(model_dir: Path, out_dir: Path) -> Dict[str, object]:
         code = frame.f_code
         if not _ours(code.co_filename) or not code.co_flags & inspect.CO_OPTIMIZED:
             return                       # module and class bodies (import time) are not function calls
+        caller = frame.f_back.f_code if frame.f_back is not None else None
+        if caller is not None and (caller.co_name == "<module>" or caller.co_filename.startswith("<frozen")):
+            return                       # nor what an import runs: comprehensions of a module body, module __getattr__
         functions.add((code.co_filename, code.co_firstlineno, code.co_name))
         if (code.co_filename, code.co_name) == WRITE and "write_depth" not in depth:
             count, f = 0, frame

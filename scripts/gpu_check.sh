@@ -54,7 +54,7 @@ def random_dit(layers, device, fp8=False):
     init_random_weights(model, seed=0)
     model = model.to(torch.bfloat16).eval().requires_grad_(False)
     if fp8:
-        from stepvideo.perf.fp8 import quantize_blocks
+        from stepvideo.fp8_linear import quantize_blocks
         quantize_blocks(model)
     return model
 

@@ -9,6 +9,7 @@ pipeline keeps the reference's Python defaults; only the CLI applies a preset (`
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from . import geometry
-from .perf.cache import parse_cache
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,48 @@ T2V_NEG_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、
 TI2V_POS_MAGIC = ("画面中的主体动作表现生动自然、画面流畅、生动细节、光线统一柔和、超真实动态捕捉、大师级运镜、整体不变形、"
                   "超高清、画面稳定、逼真的细节、专业级构图、超细节、清晰。")
 TI2V_NEG_MAGIC = "动画、模糊、变形、毁容、低质量、拼贴、粒状、标志、抽象、插图、计算机生成、扭曲、动作不流畅、面部有褶皱、表情僵硬、畸形手指"
+
+
+# -- the --cache spec (``SamplingConfig.cache``; applied by stepvideo.perf.cache through diffusers) --
+CACHE_KINDS = {"fbc": "threshold", "taylorseer": "interval"}
+OFF = ("", "none", "off")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One parsed ``--cache`` value."""
+
+    kind: str
+    value: float
+
+    def __str__(self) -> str:
+        value = int(self.value) if self.kind == "taylorseer" else self.value
+        return f"{self.kind}:{value}"
+
+
+def parse_cache(text: Optional[str]) -> Optional[CacheSpec]:
+    """``"fbc:0.03"`` -> ``CacheSpec("fbc", 0.03)``; off values -> ``None``.
+
+    Raises ``ValueError`` (naming the flag) for an unknown kind, a bad value, or diffusers missing.
+    """
+    if text is None or text.strip().lower() in OFF:
+        return None
+    kind, _, raw = text.strip().partition(":")
+    kind = kind.lower()
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"cache {text!r}: unknown kind {kind!r}; use one of "
+                         f"{', '.join(f'{k}:<{v}>' for k, v in CACHE_KINDS.items())} or 'none'")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"cache {text!r}: the {CACHE_KINDS[kind]} after '{kind}:' must be a number") from None
+    if kind == "fbc" and not value >= 0:
+        raise ValueError(f"cache {text!r}: the threshold must be >= 0")
+    if kind == "taylorseer" and (value != int(value) or value < 1):
+        raise ValueError(f"cache {text!r}: the interval must be an integer >= 1")
+    if importlib.util.find_spec("diffusers") is None:
+        raise ValueError(f"cache {text!r} needs diffusers: pip install 'stepvideo[diffusers]'")
+    return CacheSpec(kind, value)
 
 
 @dataclass(frozen=True)
@@ -46,7 +88,8 @@ class SamplingConfig:
     cache: Optional[str] = None       # diffusers step cache, e.g. "fbc:0.03" (stepvideo.perf.cache); None: off
 
     def __post_init__(self):
-        parse_cache(self.cache)       # a bad spec (or diffusers missing) fails here, before any work
+        if self.cache is not None:
+            parse_cache(self.cache)   # a bad spec (or diffusers missing) fails here, before any work
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         if self.time_shift <= 0:

@@ -22,6 +22,7 @@ pipeline holds :mod:`stepvideo.placed_components`, which load on demand where th
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -188,7 +189,8 @@ class VideoGenerator:
         def denoise():
             self.placement.enter("denoise", self.dit)
             try:
-                with cache_applied(self.dit, sampling.cache):       # --cache: diffusers' hooks; off: untouched
+                steps_cache = cache_applied(self.dit, sampling.cache) if sampling.cache else nullcontext()
+                with steps_cache:       # --cache: diffusers' hooks; off: the model is not touched
                     return self.pipeline.denoise_inputs(inputs, sampling, callback=after_step, progress=progress,
                                                         timer=timer)
             except GenerationCancelled as cancelled:     # not a failure: every rank stops at this step

@@ -206,7 +206,7 @@ class Placement:
     def prepare_dit(self, dit) -> None:
         """After loading: fp8 and the block streaming the profile asks for; log where it is."""
         if self.profile.dit_fp8 and not self.disk:             # disk: quantised when built, per block when read
-            from .perf.fp8 import quantize_blocks
+            from .fp8_linear import quantize_blocks
             quantize_blocks(dit)
         if self.profile.token_chunk:
             set_token_chunk(dit, self.profile.token_chunk)

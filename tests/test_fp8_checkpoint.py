@@ -21,7 +21,7 @@ from stepvideo.loading import checkpoint as ckpt
 from stepvideo.loading import fp8_checkpoint as fmt8
 from stepvideo.loading import layout
 from stepvideo.models.dit import StepVideoModel
-from stepvideo.perf.fp8 import FP8, FP8Linear, block_linears, quantize_blocks
+from stepvideo.fp8_linear import FP8, FP8Linear, block_linears, quantize_blocks
 from stepvideo.quantize import quantize_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]

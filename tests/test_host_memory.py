@@ -39,7 +39,7 @@ def test_host_accounting_matches_rss_and_disk_streaming_stays_bounded(tmp_path):
 def test_disk_streamed_dit_equals_the_loaded_one(tiny_model_dir):
     from stepvideo.models.dit import StepVideoModel
     from stepvideo.perf.disk_stream import load_dit_from_disk
-    from stepvideo.perf.fp8 import quantize_blocks
+    from stepvideo.fp8_linear import quantize_blocks
     from stepvideo.perf.offload import enable_block_offload, streamed_bytes
 
     g = torch.Generator().manual_seed(0)
@@ -122,7 +122,7 @@ def test_generator_16g_streams_fp8_blocks_from_disk(tiny_model_dir, tmp_path):
     from stepvideo.generator import RuntimeConfig, VideoGenerator
     from stepvideo.models.token_chunks import token_chunk_of
     from stepvideo.parallel.state import ParallelState
-    from stepvideo.perf.fp8 import FP8Linear
+    from stepvideo.fp8_linear import FP8Linear
 
     runtime = RuntimeConfig(model_dir=str(tiny_model_dir), dtype="fp32", local=True, memory_profile="16g",
                             stream_from_disk=True)

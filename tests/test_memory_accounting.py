@@ -93,15 +93,15 @@ def test_fp8_quantisation_peaks_no_higher_than_bf16():
 
 
 def test_fp8_chunked_quantisation_changes_no_number():
-    from stepvideo.perf import fp8
+    from stepvideo import fp8_linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 128, bias=False).to(torch.bfloat16)
-    layer = fp8.FP8Linear.from_linear(linear)
+    layer = fp8_linear.FP8Linear.from_linear(linear)
     layer.scaled_mm = True
     x = torch.randn(2, 300, 256).to(torch.bfloat16)
-    assert fp8.chunk_rows(600, 256, 128) < 600                     # really chunked
-    xq, scale = fp8.quantize_rows(x.reshape(-1, 256))
+    assert fp8_linear.chunk_rows(600, 256, 128) < 600                     # really chunked
+    xq, scale = fp8_linear.quantize_rows(x.reshape(-1, 256))
     whole = torch._scaled_mm(xq, layer.weight.t(), scale_a=scale, scale_b=layer.weight_scale[None, :],
                              out_dtype=torch.bfloat16).reshape(2, 300, 128)
     assert torch.equal(layer(x), whole)

@@ -53,7 +53,7 @@ def test_generator_follows_the_profile_order(tiny_model_dir, tmp_path, profile, 
     assert generator.placement.events == expected
     assert (tmp_path / f"{profile}.mp4").is_file()
     streamer = getattr(generator.dit, "_block_streamer", None)
-    from stepvideo.perf.fp8 import FP8Linear
+    from stepvideo.fp8_linear import FP8Linear
     fp8 = any(isinstance(m, FP8Linear) for m in generator.dit.modules())
     assert fp8 == (profile == "48g")                         # 80g and 24g keep bf16 (here fp32) blocks
     if profile == "80g":

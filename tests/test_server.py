@@ -351,7 +351,7 @@ def test_kill_minus_nine_then_restart_on_the_same_state_dir(env):
 
     # issue 26, item 7: the bad rows fail (or show) alone, the server goes on
     bad = _wait_for(client, "video_badrow", lambda j: j["status"] in js.FINISHED, timeout=60)
-    assert bad["status"] == "failed" and "stored settings" in bad["error"] and server.proc.poll() is None, bad
+    assert bad["status"] == "failed" and "stored settings" in bad["error"]["message"] and server.proc.poll() is None, bad
     assert client.get(env["jobs"][9][0])["settings"] == {}                       # unreadable JSON: listed
     assert client.get(env["jobs"][8][0])["settings"]["neg_magic"] == "\ufffd"   # a stored lone surrogate
     assert len(client.list(limit=100)["data"]) >= 7
@@ -488,9 +488,9 @@ def test_failed_decode_names_no_path_and_its_latents_go_with_the_job(env):
     _wait_for(client, job["id"], _denoising)
     env["service_process"].kill()                                       # the VAE service dies mid-run
     job = _wait_for(client, job["id"], lambda j: j["status"] in js.FINISHED, timeout=120)
-    assert job["status"] == "failed" and "while decoding" in job["error"], job
+    assert job["status"] == "failed" and "while decoding" in job["error"]["message"], job
     for secret in (str(env["root"]), env["service"], "127.0.0.1", "latents", "python -m"):
-        assert secret not in job["error"], job["error"]
+        assert secret not in job["error"]["message"], job["error"]
     latents = env["root"] / "state" / "videos" / f"{job['id']}.latents.safetensors"
     assert latents.is_file()                                             # kept for the operator
     assert client.cancel(job["id"])["deleted"] is True

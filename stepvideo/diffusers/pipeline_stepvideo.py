@@ -36,7 +36,9 @@ from ..components import LocalVAE
 from ..config import PRESETS, SamplingConfig
 from ..loading import layout
 from ..pipelines.pipeline import StepVideoPipeline
-from ..pipelines.postprocess import decoded_to_frames
+from ..loading.hub import resolve_model_dir
+from ..io.frames import decoded_to_frames
+from ..service.client import RemoteCaptionEncoder, RemoteVAE
 from .cache import CONTEXT
 from .components import AutoencoderKLStepVideo, StepVideoCaptionEncoder, StepVideoFlowMatchScheduler
 from .transformer import StepVideoTransformer3DModel
@@ -109,7 +111,6 @@ class _StepVideoDiffusersPipeline(DiffusionPipeline):
                         device: Union[str, torch.device] = "cpu", **components):
         """Build from the official layout (``transformer/``, ``scheduler/``, ``vae/``,
         ``step_llm/`` + ``hunyuan_clip/``); absent text-encoder / VAE folders leave them ``None``."""
-        from ..loading.hub import resolve_model_dir
 
         def dtype(name):
             if isinstance(torch_dtype, dict):
@@ -151,7 +152,6 @@ class _StepVideoDiffusersPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------
     def _stages(self) -> StepVideoPipeline:
         """Our pipeline over these components: the stages every number comes from."""
-        from ..service.client import RemoteCaptionEncoder, RemoteVAE
 
         caption = self.caption_encoder
         if caption is None and self.caption_url:

@@ -1,7 +1,7 @@
 """fp8 DiT checkpoints written by ``python -m stepvideo.quantize``: their layout, and loading them.
 
 An fp8 model folder is the official layout (:mod:`stepvideo.loading.layout`) with the DiT's
-block linears (every plain ``nn.Linear`` in ``transformer_blocks``, :func:`stepvideo.perf.fp8.block_linears`)
+block linears (every plain ``nn.Linear`` in ``transformer_blocks``, :func:`stepvideo.fp8_linear.block_linears`)
 stored quantised, sharded like the source. ``transformer/config.json`` carries a ``quantization``
 record (:func:`quantization_record`); without one a folder is bf16 and loads as before.
 
@@ -11,13 +11,13 @@ Tensor layouts, per quantised linear ``L`` with ``weight [out, in]``:
 format     weight                            scale
 ========== ================================= =====================================================
 stepvideo  ``L.weight`` float8_e4m3fn        ``L.weight_scale`` float32 ``[out]``
-           ``[out, in]``                     (the :class:`~stepvideo.perf.fp8.FP8Linear` buffers)
+           ``[out, in]``                     (the :class:`~stepvideo.fp8_linear.FP8Linear` buffers)
 comfy      ``L.weight`` float8_e4m3fn        ``L.scale_weight`` float32 ``[out, 1]``, plus one
            ``[out, in]``                     marker tensor ``scaled_fp8`` (float8_e4m3fn ``[0]``)
 ========== ================================= =====================================================
 
 In both, ``weight ~= q.float() * scale`` row by row, with the numbers of
-:func:`stepvideo.perf.fp8.quantize_weight`: loading gives bit for bit the model that
+:func:`stepvideo.fp8_linear.quantize_weight`: loading gives bit for bit the model that
 ``--fp8`` / the 48g profile builds by quantising the source at load time. The ``comfy`` names
 are those of ComfyUI's "scaled fp8" checkpoints (see docs/performance.md for the loader version).
 
@@ -36,7 +36,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
-from ..perf.fp8 import FP8, install_fp8_shells
+from ..fp8_linear import FP8, install_fp8_shells
 from . import checkpoint as ckpt
 from . import layout
 

@@ -1,6 +1,6 @@
 """``--cache KIND:VALUE``: diffusers' training-free step caches on our DiT, from the command line.
 
-The spec is parsed here without importing diffusers (an optional extra); applying it imports
+The spec is parsed by :mod:`stepvideo.config` (``SamplingConfig.cache`` is validated at construction) without importing diffusers (an optional extra); applying it imports
 :mod:`stepvideo.diffusers.cache`, which registers our block with diffusers' block registry and
 installs diffusers' own hooks. Kinds:
 
@@ -15,50 +15,10 @@ spec           diffusers config           meaning of VALUE
 """
 from __future__ import annotations
 
-import importlib.util
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
-CACHE_KINDS = {"fbc": "threshold", "taylorseer": "interval"}
-OFF = ("", "none", "off")
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """One parsed ``--cache`` value."""
-
-    kind: str
-    value: float
-
-    def __str__(self) -> str:
-        value = int(self.value) if self.kind == "taylorseer" else self.value
-        return f"{self.kind}:{value}"
-
-
-def parse_cache(text: Optional[str]) -> Optional[CacheSpec]:
-    """``"fbc:0.03"`` -> ``CacheSpec("fbc", 0.03)``; off values -> ``None``.
-
-    Raises ``ValueError`` (naming the flag) for an unknown kind, a bad value, or diffusers missing.
-    """
-    if text is None or text.strip().lower() in OFF:
-        return None
-    kind, _, raw = text.strip().partition(":")
-    kind = kind.lower()
-    if kind not in CACHE_KINDS:
-        raise ValueError(f"cache {text!r}: unknown kind {kind!r}; use one of "
-                         f"{', '.join(f'{k}:<{v}>' for k, v in CACHE_KINDS.items())} or 'none'")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"cache {text!r}: the {CACHE_KINDS[kind]} after '{kind}:' must be a number") from None
-    if kind == "fbc" and not value >= 0:
-        raise ValueError(f"cache {text!r}: the threshold must be >= 0")
-    if kind == "taylorseer" and (value != int(value) or value < 1):
-        raise ValueError(f"cache {text!r}: the interval must be an integer >= 1")
-    if importlib.util.find_spec("diffusers") is None:
-        raise ValueError(f"cache {text!r} needs diffusers: pip install 'stepvideo[diffusers]'")
-    return CacheSpec(kind, value)
+from ..config import CACHE_KINDS, OFF, CacheSpec, parse_cache  # noqa: F401  (the spec lives in the config)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ every block tensor as a 0-element placeholder; :class:`DiskBlockSource` then giv
 * each safetensors file is memory-mapped once (copy-on-write mapping, never written); a block's
   tensors are copied out of the mapping (into pinned memory when CUDA is available, so the
   host-to-device copy is asynchronous), converted to the model's dtype (fp8 blocks: quantised
-  per output row as :func:`stepvideo.perf.fp8.quantize_weight` does), and the mapped pages are
+  per output row as :func:`stepvideo.fp8_linear.quantize_weight` does), and the mapped pages are
   dropped again (``madvise(MADV_DONTNEED)``: the page cache keeps them, this process's RSS does not);
 * the streamer reads two blocks ahead on a background thread, so at most
   :data:`~stepvideo.perf.host_memory.DISK_BLOCKS_IN_FLIGHT` blocks are in host memory (the one
@@ -20,7 +20,6 @@ rates that is the step's floor when it is larger than the compute (bench_memory 
 """
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +30,8 @@ import torch
 from torch import nn
 
 from ..loading import checkpoint as ckpt
-from .fp8 import FP8Linear, quantize_weight
+from ..fp8_linear import FP8Linear, quantize_blocks, quantize_weight
+from ..models.dit import StepVideoModel
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
            "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
@@ -151,14 +151,11 @@ def load_dit_from_disk(transformer_dir, *, torch_dtype=torch.bfloat16, device="c
                        attention_backend: str = "auto"):
     """``StepVideoModel`` with its non-block weights on ``device`` and the blocks left on disk:
     returns ``(model, source)``; pass ``source`` to ``enable_block_offload(..., source=source)``."""
-    from ..models.dit import StepVideoModel
-
     folder, config, files = StepVideoModel.locate_checkpoint(transformer_dir)
     dtype = ckpt.parse_dtype(torch_dtype)
     with torch.device("meta"):
         model = StepVideoModel.from_config(config, attention_backend=attention_backend)
     if fp8:
-        from .fp8 import quantize_blocks
         quantize_blocks(model)                                  # meta: shapes and dtypes only
     mapped = MappedSafetensors(files)
     # copies (never views of the mapping): the non-block weights are held like any loaded weight

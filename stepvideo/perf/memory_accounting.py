@@ -22,7 +22,7 @@ What the CPU trace does and does not contain, and how each part is accounted
       row-parallel all-reduce is in place on NCCL and adds nothing.
     * CFG parallelism: each rank runs batch 1 (the gathered output, latent-sized, is traced too
       small to matter: 11 MiB at full size).
-    * FP8: the chunked quantisation of :mod:`stepvideo.perf.fp8` runs as on the GPU
+    * FP8: the chunked quantisation of :mod:`stepvideo.fp8_linear` runs as on the GPU
       (``FP8Linear.scaled_mm = True``).
     * Block offload: device-resident weights are the non-block weights plus two blocks (the one
       running and the one being prefetched); activations are those of the resident run. This is
@@ -293,7 +293,7 @@ def shard_blocks(model: nn.Module, tp: int) -> None:
 def fp8_blocks(model: nn.Module) -> None:
     """Replace the block linears by :class:`FP8Linear` with fp8 weights (shape-only, as
     ``quantize_blocks`` does), forcing the scaled-matmul path the GPU runs."""
-    from .fp8 import FP8, FP8Linear
+    from ..fp8_linear import FP8, FP8Linear
 
     for block in model.transformer_blocks:
         for module in list(block.modules()):

@@ -14,14 +14,12 @@ constants. Stages:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from ..config import DiTConfig
+from ..models.vae import AutoencoderKL
 from . import host_memory
 from . import memory_accounting as acc
-
-if TYPE_CHECKING:      # memory_profiles imports perf: only the type here
-    from ..memory_profiles import MemoryProfile
 
 LAYERS = DiTConfig().num_layers          # DiT blocks of the released model
 PCIE_GBPS = {"PCIe 4 x16": 25.0, "PCIe 5 x16": 50.0}     # achievable host->device GB/s (stated)
@@ -169,7 +167,6 @@ def host_sizes(profile: MemoryProfile, video: acc.VideoShape, encode: acc.Encode
 def _vae_weights() -> int:
     import torch
 
-    from ..models.vae import AutoencoderKL
 
     with acc.fake_mode(), acc.default_dtype(torch.bfloat16):
         return acc.module_bytes(AutoencoderKL())

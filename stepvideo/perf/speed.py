@@ -1,6 +1,6 @@
 """``apply_speed_options``: the one place the DiT's speed options are applied, in their one order.
 
-fp8 block linears (:mod:`stepvideo.perf.fp8`) -> ``prepare(dit)`` (the memory profile's
+fp8 block linears (:mod:`stepvideo.fp8_linear`) -> ``prepare(dit)`` (the memory profile's
 placement, when there is one) -> block offload (:mod:`stepvideo.perf.offload`) -> torch.compile
 of every block (:mod:`stepvideo.perf.compile`). Used by the generator, the lossless check and
 ``benchmark/bench_dit.py``.
@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .compile import compile_blocks
-from .fp8 import quantize_blocks
+from ..fp8_linear import quantize_blocks
 from .offload import enable_block_offload
 
 

@@ -7,7 +7,7 @@ The text embeddings are computed once and shared; the VAE is loaded once.
 
 Options (those that apply on this device; :func:`applicable_options`):
 
-* ``fp8``: FP8 weights for the DiT block linears (``stepvideo.perf.fp8``);
+* ``fp8``: FP8 weights for the DiT block linears (``stepvideo.fp8_linear``);
 * ``compile``: ``torch.compile`` of the DiT blocks (``stepvideo.perf.compile``);
 * ``attention=<backend>``: each other attention backend available here (CUDA: the SDPA
   kernels, flash-attn when installed; on CPU the SDPA kernel choice has no effect);

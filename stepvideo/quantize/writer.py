@@ -1,6 +1,6 @@
 """Write an fp8 copy of a model folder, shard by shard, atomically.
 
-The DiT's block linears are quantised with :func:`stepvideo.perf.fp8.quantize_weight` (the
+The DiT's block linears are quantised with :func:`stepvideo.fp8_linear.quantize_weight` (the
 numbers ``--fp8`` computes at load time) and written in the layout of
 :mod:`stepvideo.loading.fp8_checkpoint`; every other file of the folder is hard-linked (or
 copied / symlinked) unchanged. One source shard is read, quantised and written at a time, so
@@ -30,7 +30,8 @@ import torch
 from ..loading import checkpoint as ckpt
 from ..loading import fp8_checkpoint as fmt8
 from ..loading import layout
-from ..perf.fp8 import FP8, block_linears, quantize_weight
+from ..fp8_linear import FP8, block_linears, quantize_weight
+from ..models.dit import StepVideoModel
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,6 @@ def _quantize_shard(src: Path, dst: Path, linears: set, fmt: str, first: bool,
 def quantize_model_dir(model_dir: os.PathLike, out_dir: os.PathLike, fmt: str = "stepvideo", *,
                        link: str = "hard", progress: bool = True) -> QuantizeReport:
     """Write ``out_dir``: ``model_dir`` with its DiT block linears in fp8 (format ``fmt``)."""
-    from ..models.dit import StepVideoModel
 
     if fmt not in fmt8.FORMATS:
         raise ValueError(f"--format must be one of {', '.join(fmt8.FORMATS)}, got {fmt!r}")
