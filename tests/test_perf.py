@@ -11,7 +11,8 @@ from stepvideo.models.dit import StepVideoModel
 from stepvideo.models.blocks import gated_residual, modulate
 from stepvideo.models.norms import rms_norm, rms_norm_
 from stepvideo.models.rope import RoPE3D, apply_rope, apply_rope_, rotate_half_chunks, signed_sin_table
-from stepvideo.perf import flops, fp8, memory_model
+from stepvideo import fp8_linear
+from stepvideo.perf import flops, memory_model
 from stepvideo.perf.offload import disable_block_offload, enable_block_offload
 from stepvideo.testing.init import init_random_weights
 
@@ -160,9 +161,9 @@ def test_compiled_blocks_equal_eager(dtype, tol, mean_tol, tmp_path, monkeypatch
 # ------------------------------------------------------------------------------------------ fp8
 def test_fp8_quantize_round_trip():
     w = torch.randn(48, 64) * torch.logspace(-2, 1, 48)[:, None]
-    q, scale = fp8.quantize_weight(w)
+    q, scale = fp8_linear.quantize_weight(w)
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (48,)
-    back = fp8.dequantize_weight(q, scale)
+    back = fp8_linear.dequantize_weight(q, scale)
     # e4m3: 3 mantissa bits -> relative rounding error <= 2^-4 for normal numbers
     rel = ((back - w).abs() / w.abs().clamp(min=1e-6))[w.abs() > scale[:, None] * 2 ** -6]
     assert rel.max() <= 2 ** -4 + 1e-6
@@ -171,9 +172,9 @@ def test_fp8_quantize_round_trip():
 
 def test_fp8_linear_fallback_forward():
     lin = torch.nn.Linear(64, 32, bias=True)
-    f = fp8.FP8Linear.from_linear(lin)
+    f = fp8_linear.FP8Linear.from_linear(lin)
     x = torch.randn(3, 5, 64)
-    w = fp8.dequantize_weight(f.weight, f.weight_scale)
+    w = fp8_linear.dequantize_weight(f.weight, f.weight_scale)
     assert torch.equal(f(x), F.linear(x, w, lin.bias))
     assert ((f(x) - lin(x)).norm() / lin(x).norm()).item() < 0.05
 
@@ -182,7 +183,7 @@ def test_fp8_quantize_blocks_dit_error():
     model = tiny_model()
     inputs = tiny_inputs()
     ref = model(**inputs)
-    n = fp8.quantize_blocks(model)
+    n = fp8_linear.quantize_blocks(model)
     assert n == 2 * 7
     out = model(**inputs)
     rel = ((out - ref).norm() / ref.norm()).item()
