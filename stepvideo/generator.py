@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .accelerator import accelerator
 from .config import DiTConfig, OutputConfig, SamplingConfig
 from .geometry import round_size
 from .loading import checkpoint as ckpt
@@ -66,7 +67,7 @@ class GenerationCancelled(RuntimeError):
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        accelerator().empty_cache()
 
 
 class VideoGenerator:

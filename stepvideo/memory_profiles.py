@@ -35,6 +35,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .accelerator import accelerator
+
 logger = logging.getLogger(__name__)
 
 PROFILE_NAMES = ("auto", "141g", "80g", "48g", "24g", "none")
@@ -72,9 +74,9 @@ PROFILES = {
 def device_memory_gib(device) -> Optional[float]:
     """Total memory of a CUDA ``device`` in GiB, None elsewhere."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda" or not accelerator().is_available():
         return None
-    return torch.cuda.get_device_properties(device).total_memory / 1024 ** 3
+    return accelerator().total_memory(device) / 1024 ** 3
 
 
 def resolve_profile(name: str, device) -> MemoryProfile:
@@ -96,7 +98,7 @@ def resolve_profile(name: str, device) -> MemoryProfile:
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        accelerator().empty_cache()
 
 
 class Placement:
