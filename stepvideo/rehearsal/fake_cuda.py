@@ -241,6 +241,7 @@ class CudaTensorPython(TorchFunctionMode):
     def __init__(self, answer_read: Optional[Callable[[str], object]] = None):
         super().__init__()
         self._answer = answer_read
+        self._reentered = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -273,7 +274,24 @@ class CudaTensorPython(TorchFunctionMode):
             return None
         if name == "numpy" and _is_fake(args[0]):
             return np.zeros(tuple(args[0].shape), dtype=_NUMPY_DTYPES.get(args[0].dtype, np.float32))
-        return func(*args, **kwargs)
+        if func in self._reentered:                # a Python-level function run again with this mode on
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as err:
+            if "not linked with support for cuda" not in str(err):
+                raise
+        # the Python binding took a CUDA device guard: the aten op of the same name, or, for a
+        # function written in Python (F.interpolate, ...), the same function with this mode on
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None:
+            return packet(*args, **kwargs)
+        self._reentered.add(func)
+        try:
+            with self:
+                return func(*args, **kwargs)
+        finally:
+            self._reentered.discard(func)
 
 
 def _is_fake(t) -> bool:

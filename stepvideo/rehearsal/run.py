@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -29,6 +29,7 @@ from ..accelerator import using
 from ..memory_profiles import PROFILES
 from ..perf import memory_accounting as acc
 from .audit import DeviceAudit
+from .fake_group import fake_process_group
 from .fake_cuda import GIB, CudaTensorPython, FakeCuda, cuda_generators_on_host, module_to_in_place
 from .model_dir import write_model_dir
 
@@ -58,6 +59,12 @@ class Rehearsal:
     @property
     def frames(self) -> int:
         return self.num_frames or (102 if self.mode == "ti2v" else 204)
+
+    @property
+    def layout_name(self) -> str:
+        return (f"{self.mode}-{self.height}x{self.width}x{self.frames}-{self.steps}steps-{self.nproc}ranks-"
+                f"sp{self.ulysses_degree}-tp{self.tensor_parallel_degree}-cfg{int(self.cfg_parallel)}-"
+                f"{self.sp_backend}-{'full' if self.full else 'tiny'}")
 
     @property
     def budget_gib(self) -> float:
@@ -107,8 +114,9 @@ def command_line(r: Rehearsal, model_dir: Path, output: Path, image: Optional[Pa
             "--height", str(r.height), "--width", str(r.width), "--num_frames", str(r.frames),
             "--infer_steps", str(r.steps), "--output_path", str(output), "--decode_retries", "0",
             "--attention_backend", "auto"]
+    argv += ["--no_service"]
     if r.nproc == 1:
-        argv += ["--no_service", "--memory_profile", r.profile]
+        argv += ["--memory_profile", r.profile]
     else:
         argv += ["--ulysses_degree", str(r.ulysses_degree), "--tensor_parallel_degree",
                  str(r.tensor_parallel_degree), "--sp_backend", r.sp_backend]
@@ -142,22 +150,6 @@ def _launch_env(rank: int, world_size: int):
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
-def _fake_process_group(r: Rehearsal):
-    if r.nproc == 1:
-        yield
-        return
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=r.rank, world_size=r.nproc)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _device_bytes(snapshot: dict, device: torch.device) -> int:
     return sum(v.get("Total", 0) for k, v in snapshot.items() if torch.device(k) == device)
 
@@ -180,6 +172,9 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
         write_model_dir(model_dir, variant, full=r.full)
     image = _first_image(work, r) if variant == "ti2v" else None
     output = work / f"rehearsal-rank{r.rank}.mp4"
+    recording = work / f"broadcasts-{r.layout_name}.pickle"
+    if r.rank != 0 and not recording.is_file():
+        rehearse(replace(r, rank=0))                      # rank 0 first: its broadcasts are replayed here
     args = build_parser().parse_args(command_line(r, model_dir, output, image))
 
     device = torch.device("cuda", r.rank)
@@ -206,7 +201,7 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
     rope._PARTNERS.clear()
     error = None
     try:
-        with _launch_env(r.rank, r.nproc), _fake_process_group(r), using(fake_cuda), module_to_in_place(), cuda_generators_on_host(), \
+        with _launch_env(r.rank, r.nproc), fake_process_group(r.rank, r.nproc, recording), using(fake_cuda), module_to_in_place(), cuda_generators_on_host(), \
                 FakeTensorMode(allow_non_fake_inputs=True), acc._ShapeOnlyScaledMM(), tracker, \
                 CudaTensorPython(audit.answer_cuda_read), audit, torch.no_grad():
             generate(args)
