@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stepvideo.memory_profiles import PROFILES  # noqa: E402
+from stepvideo.perf import memory_accounting as acc  # noqa: E402
 from stepvideo.rehearsal.audit import print_events  # noqa: E402
 from stepvideo.rehearsal.fake_cuda import GIB  # noqa: E402
 from stepvideo.rehearsal.run import Rehearsal, rehearse  # noqa: E402
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
     for line in result.placement:
         print(f"placement: {line}")
     for stage, peak in result.stage_peaks.items():
-        print(f"peak after {stage}: {peak / GIB:.2f} GiB allocated")
+        print(f"peak during {stage}: {peak / GIB:.2f} GiB allocated, "
+              f"{(peak + acc.overhead_bytes(peak, config.nproc)) / GIB:.2f} GiB with the constants")
     for line in result.audit.host_reads[:5]:
         print(f"host read (no device sync): {line}")
     print_events(result.audit)

@@ -79,7 +79,7 @@ class RehearsalResult:
     config: Rehearsal
     audit: DeviceAudit
     allocated_peak: int                      # bytes, this rank's device, whole run
-    stage_peaks: Dict[str, int]              # running peak at the end of each stage
+    stage_peaks: Dict[str, int]              # bytes, this rank's device, each stage's own peak
     placement: List[str] = field(default_factory=list)
     output: Optional[str] = None
     seconds: float = 0.0
@@ -186,9 +186,15 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
     stage_peaks: Dict[str, int] = {}
     enter_stage = audit.enter_stage
 
-    def enter_and_measure(stage: str) -> None:             # running peak when each stage ends
-        if audit.stage_order:
-            stage_peaks[audit.stage_order[-1]] = _device_bytes(tracker.get_tracker_snapshot("peak"), device)
+    def close_stage() -> None:                             # the stage's own peak, then start afresh
+        label = audit.stage_order[-1] if audit.stage_order else "load"
+        stage_peaks[label] = max(stage_peaks.get(label, 0), tracker._peak_mem.get(device, 0))
+        current = tracker.get_tracker_snapshot("current")
+        tracker._peak_mem = {d: snap.get("Total", 0) for d, snap in current.items()}
+        tracker._peak_mem_snap = current
+
+    def enter_and_measure(stage: str) -> None:
+        close_stage()
         enter_stage(stage)
 
     audit.enter_stage = enter_and_measure
@@ -213,9 +219,8 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
         rope._PARTNERS.update(saved_partners)
         profiles_logger.removeHandler(placement)
         profiles_logger.setLevel(old_level)
-    if audit.stage_order:
-        stage_peaks[audit.stage_order[-1]] = _device_bytes(tracker.get_tracker_snapshot("peak"), device)
-    peak = _device_bytes(tracker.get_tracker_snapshot("peak"), device)
+    close_stage()
+    peak = max(stage_peaks.values(), default=0)
     return RehearsalResult(config=r, audit=audit, allocated_peak=peak, stage_peaks=stage_peaks,
                            placement=placement.lines, output=str(output) if output.is_file() else None,
                            seconds=time.perf_counter() - start, error=error)
