@@ -24,7 +24,12 @@ from torch.overrides import TorchFunctionMode
 GIB = 1024 ** 3
 
 
-class _InertStream:
+class _InertStream(torch.Stream):
+    """A host ``torch.Stream`` (``record_stream`` only accepts streams) that waits for nothing."""
+
+    def __new__(cls):
+        return super().__new__(cls, device="cpu")
+
     def wait_stream(self, other) -> None:
         return None
 
