@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--card_gib", type=float, default=None, help="device memory (default: the profile's budget)")
     p.add_argument("--tiny", action="store_true", help="the tiny test model instead of the released sizes")
     p.add_argument("--work_dir", default=None, help="folder for the shape-only model and the mp4 (default: a temp dir)")
+    p.add_argument("--on_gpu", action="store_true",
+                   help="run the same command and audit on this host's CUDA GPU (zero weights; scripts/gpu_check.sh)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     if not 0 <= args.rank < args.nproc:
@@ -69,13 +71,17 @@ def main(argv=None) -> int:
                        ulysses_degree=args.ulysses_degree, tensor_parallel_degree=args.tensor_parallel_degree,
                        cfg_parallel=args.cfg_parallel, sp_backend=args.sp_backend, height=args.height,
                        width=args.width, num_frames=args.num_frames, steps=args.steps, full=not args.tiny,
-                       card_gib=args.card_gib, work_dir=args.work_dir)
+                       card_gib=args.card_gib, work_dir=args.work_dir, on_gpu=args.on_gpu)
     print(f"# rehearsal: {args.mode} {config.height}x{config.width}x{config.frames}, {config.steps} steps, "
           f"{'tiny' if args.tiny else 'released'} model, profile {args.profile}, rank {args.rank} of {args.nproc} "
           f"(SP {config.ulysses_degree} x TP {config.tensor_parallel_degree}"
           f"{' x CFG 2' if config.cfg_parallel else ''}), fake cuda:{args.rank} of {config.budget_gib:g} GiB",
           flush=True)
-    result = rehearse(config)
+    try:
+        result = rehearse(config)
+    except (ValueError, FileNotFoundError) as err:           # nothing ran: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for line in result.placement:
         print(f"placement: {line}")
     for stage, peak in result.stage_peaks.items():

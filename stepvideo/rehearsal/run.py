@@ -6,7 +6,9 @@ communication), swaps the GPU seam for :class:`~.fake_cuda.FakeCuda` cards, and 
 ``stepvideo.cli.generate.generate`` (the function behind ``run_parallel.py``) under
 ``FakeTensorMode``. A MemTracker follows every storage on this rank's device for the whole run;
 the stated CUDA constants of :mod:`stepvideo.perf.memory_accounting` are added on top, as
-``benchmark/bench_memory.py`` does.
+``benchmark/bench_memory.py`` does. ``on_gpu``: the same command line and audit on this host's
+real CUDA device, with the zero weights of the shape-only folder (``scripts/gpu_check.sh``), so
+the two last lines compare field by field.
 
 Ranks other than 0 receive what rank 0 would broadcast (the prompt embeddings, the TI2V image
 latent) from a shape-only run of rank 0's encode stage on the host, outside the accounting: a
@@ -25,7 +27,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..accelerator import using
+from ..accelerator import accelerator, using
 from ..memory_profiles import PROFILES
 from ..perf import memory_accounting as acc
 from .audit import DeviceAudit
@@ -55,6 +57,7 @@ class Rehearsal:
     full: bool = True                        # the released architecture (False: the tiny model)
     card_gib: Optional[float] = None         # device memory; default: the profile's budget
     work_dir: Optional[str] = None           # where the shape-only model folder and the mp4 go
+    on_gpu: bool = False                     # the same run and audit on the real CUDA device (zero weights)
 
     @property
     def frames(self) -> int:
@@ -102,7 +105,7 @@ class RehearsalResult:
 
     def last_line(self) -> str:
         a = self.audit
-        return (f"rehearsal: {'ok' if self.ok else 'FAIL'} peak_gib={self.peak / GIB:.2f} "
+        return (f"{'gpu' if self.config.on_gpu else 'rehearsal'}: {'ok' if self.ok else 'FAIL'} peak_gib={self.peak / GIB:.2f} "
                 f"budget_gib={self.config.budget_gib:g} mixed_device_ops={len(a.mixed())} "
                 f"host_syncs_per_step={self.host_syncs_per_step} "
                 f"h2d_gib_per_step={a.bytes_per_step(a.h2d) / GIB:.2f}")
@@ -173,12 +176,14 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
     image = _first_image(work, r) if variant == "ti2v" else None
     output = work / f"rehearsal-rank{r.rank}.mp4"
     recording = work / f"broadcasts-{r.layout_name}.pickle"
+    if r.on_gpu and (r.nproc != 1 or not accelerator().is_available()):
+        raise ValueError("--on_gpu runs one rank on this host's CUDA device: it needs a GPU and --nproc 1")
     if r.rank != 0 and not recording.is_file():
         rehearse(replace(r, rank=0))                      # rank 0 first: its broadcasts are replayed here
     args = build_parser().parse_args(command_line(r, model_dir, output, image))
 
     device = torch.device("cuda", r.rank)
-    audit = DeviceAudit(device=device, total_steps=r.steps)
+    audit = DeviceAudit(device=device, total_steps=r.steps, answer_host_reads=not r.on_gpu)
     tracker = acc._StorageTracker()
     fake_cuda = FakeCuda(r.nproc, int(r.budget_gib * GIB), on_sync=audit.note_sync,
                          used_bytes=lambda index: _device_bytes(tracker.get_tracker_snapshot("current"),
@@ -207,10 +212,17 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
     rope._PARTNERS.clear()
     error = None
     try:
-        with _launch_env(r.rank, r.nproc), fake_process_group(r.rank, r.nproc, recording), using(fake_cuda), module_to_in_place(), cuda_generators_on_host(), \
-                FakeTensorMode(allow_non_fake_inputs=True), acc._ShapeOnlyScaledMM(), tracker, \
-                CudaTensorPython(audit.answer_cuda_read), audit, torch.no_grad():
-            generate(args)
+        with _launch_env(r.rank, r.nproc), contextlib.ExitStack() as fake:
+            if not r.on_gpu:
+                for mode in (fake_process_group(r.rank, r.nproc, recording), using(fake_cuda), module_to_in_place(),
+                             cuda_generators_on_host(), FakeTensorMode(allow_non_fake_inputs=True),
+                             acc._ShapeOnlyScaledMM()):
+                    fake.enter_context(mode)
+            with tracker:
+                if not r.on_gpu:
+                    fake.enter_context(CudaTensorPython(audit.answer_cuda_read))
+                with audit, torch.no_grad():
+                    generate(args)
     except Exception as exc:                              # reported in the last line, with the cause
         error = f"{type(exc).__name__}: {one_line(exc)}"
         logging.getLogger(__name__).debug("rehearsal failed", exc_info=True)
