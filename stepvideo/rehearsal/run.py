@@ -131,12 +131,18 @@ def command_line(r: Rehearsal, model_dir: Path, output: Path, image: Optional[Pa
 
 
 class _PlacementLog(logging.Handler):
-    def __init__(self):
+    """The memory profile's placement events; the encoders' release ends the encode stage."""
+
+    def __init__(self, audit: DeviceAudit):
         super().__init__(logging.DEBUG)
         self.lines: List[str] = []
+        self._audit = audit
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+        message = record.getMessage()
+        self.lines.append(message)
+        if message.endswith("encode: text_encoders -> released"):
+            self._audit.enter_stage("placement")
 
 
 @contextlib.contextmanager
@@ -203,7 +209,7 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
         enter_stage(stage)
 
     audit.enter_stage = enter_and_measure
-    placement = _PlacementLog()
+    placement = _PlacementLog(audit)
     profiles_logger = logging.getLogger("stepvideo.memory_profiles")
     old_level = profiles_logger.level
     profiles_logger.setLevel(logging.DEBUG)
