@@ -141,6 +141,8 @@ class DeviceAudit(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
+        if func.namespace == "prim":                    # metadata queries (prim.device, ...): no data
+            return func(*args, **kwargs)
         flat, _ = tree_flatten((args, kwargs))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         cuda = [t for t in tensors if t.device.type == "cuda"]
