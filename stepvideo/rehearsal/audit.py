@@ -24,11 +24,13 @@ import traceback
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+
+from .fake_cuda import ValueNeeded
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 REPO_ROOT = PACKAGE_ROOT.parent
@@ -182,7 +184,6 @@ class DeviceAudit(TorchDispatchMode):
             if where.startswith(path) and where.endswith(f"({function})"):
                 self.host_reads.append(f"{where}: answered {why}")
                 return value
-        from .fake_cuda import ValueNeeded
         raise ValueNeeded(f"{where} reads a host tensor's value; a rehearsal has none (add the read to "
                           "stepvideo/rehearsal/audit.py HOST_READ_ANSWERS with the value to assume, or pass "
                           "the number as a Python value)")

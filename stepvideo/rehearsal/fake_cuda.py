@@ -19,6 +19,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 
 GIB = 1024 ** 3
@@ -300,8 +301,6 @@ class CudaTensorPython(TorchFunctionMode):
 
 
 def _is_fake(t) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return isinstance(t, FakeTensor)
 
 

@@ -26,8 +26,12 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..accelerator import accelerator, using
+from ..cli.generate import build_parser, generate
+from ..errors import one_line
+from ..models import rope
 from ..memory_profiles import PROFILES
 from ..perf import memory_accounting as acc
 from .audit import DeviceAudit
@@ -166,12 +170,6 @@ def _device_bytes(snapshot: dict, device: torch.device) -> int:
 def rehearse(r: Rehearsal) -> RehearsalResult:
     """Run the rehearsal described in the module docstring; never raises for a failed run
     (``RehearsalResult.error`` holds the one-line reason)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from ..cli.generate import build_parser, generate
-    from ..errors import one_line
-    from ..models import rope
-
     start = time.perf_counter()
     work = Path(r.work_dir or tempfile.mkdtemp(prefix="stepvideo-rehearsal-"))
     work.mkdir(parents=True, exist_ok=True)
