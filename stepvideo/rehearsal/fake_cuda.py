@@ -9,8 +9,9 @@ sync). Pinning returns the tensor itself (fake tensors have no host pages).
 run on a fake CUDA tensor: indexing (``t[0]``, ``t[:, None]``, ``t[idx] = v`` take a CUDA device
 guard in C++, which raises "PyTorch is not linked with support for cuda devices") is answered
 with the equivalent aten ops; ``param.data = t`` also moves the fake tensor's device (a
-FakeTensor keeps it in Python, and the block streaming moves weights this way); ``numpy()`` of a shape-only tensor gives zeros of its shape (so the
-real mp4 writer runs); ``record_stream`` on an inert stream does nothing.
+FakeTensor keeps it in Python, and the block streaming moves weights this way); ``numpy()`` of
+a shape-only tensor gives zeros of its shape (so the real mp4 writer runs); ``record_stream`` on
+an inert stream does nothing.
 """
 from __future__ import annotations
 

@@ -109,7 +109,8 @@ class RehearsalResult:
 
     def last_line(self) -> str:
         a = self.audit
-        return (f"{'gpu' if self.config.on_gpu else 'rehearsal'}: {'ok' if self.ok else 'FAIL'} peak_gib={self.peak / GIB:.2f} "
+        word = "gpu" if self.config.on_gpu else "rehearsal"
+        return (f"{word}: {'ok' if self.ok else 'FAIL'} peak_gib={self.peak / GIB:.2f} "
                 f"budget_gib={self.config.budget_gib:g} mixed_device_ops={len(a.mixed())} "
                 f"host_syncs_per_step={self.host_syncs_per_step} "
                 f"h2d_gib_per_step={a.bytes_per_step(a.h2d) / GIB:.2f}")
