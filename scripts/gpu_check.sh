@@ -8,12 +8,16 @@
 # 2. The 80g profile end to end, stage by stage, with random weights: Step-LLM + CLIP encode, the
 #    48-layer DiT step with every block resident, the DiT off the device (to host memory) and the
 #    VAE decode of the whole latent. Each stage's max_memory_allocated vs the profile report.
+# 3. The rehearsal's last line, measured: benchmark/rehearse.py's run (80g, 544x992x204 T2V, 2 steps,
+#    the shape-only folder's zero weights) on fake CUDA, then the same run and audit on this GPU
+#    (--on_gpu); the two lines carry the same fields (peak_gib, mixed_device_ops, host_syncs_per_step,
+#    h2d_gib_per_step) and compare field by field.
 # Prints one line per comparison: measured GiB, accounted GiB, ratio. Needs 80 GiB of device memory
 # and ~64 GiB of host memory (the DiT is parked on the host while the VAE decodes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-exec timeout 480 "$PY" - <<'EOF'
+timeout 480 "$PY" - <<'EOF'
 import time
 
 import torch
@@ -141,3 +145,7 @@ print(f"constants used by the accounting: context {acc.CUDA_CONTEXT_BYTES / G:.2
       f"{torch.cuda.memory_reserved() / G:.2f} GiB, max reserved {torch.cuda.max_memory_reserved() / G:.2f} GiB")
 print(f"done in {time.time() - start:.0f} s")
 EOF
+work=$(mktemp -d)
+"$PY" benchmark/rehearse.py --profile 80g --work_dir "$work" | tail -n 1
+timeout 900 "$PY" benchmark/rehearse.py --profile 80g --work_dir "$work" --on_gpu | tail -n 1
+rm -rf "$work"

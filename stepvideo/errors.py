@@ -11,7 +11,6 @@ files and paths (``OSError``: not found, a directory, no permission), checkpoint
 """
 from __future__ import annotations
 
-import os
 
 DEBUG_ENV = "STEPVIDEO_DEBUG"
 
@@ -30,12 +29,6 @@ class GenerationError(RuntimeError):
 
 class GenerationCancelled(RuntimeError):
     """``should_cancel`` asked to stop; raised on every rank at the same step boundary."""
-
-
-def debug_requested(flag: bool = False) -> bool:
-    """``--debug`` or ``STEPVIDEO_DEBUG`` set to anything but empty/0/false."""
-    env = os.environ.get(DEBUG_ENV, "").strip().lower()
-    return bool(flag) or env not in ("", "0", "false", "no")
 
 
 def _named(exc: BaseException, *names: str) -> bool:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .accelerator import accelerator
+
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -77,7 +79,7 @@ def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 def scaled_mm_supported(x: torch.Tensor, q: torch.Tensor) -> bool:
     if not (x.is_cuda and hasattr(torch, "_scaled_mm") and x.dtype in (torch.bfloat16, torch.float16)):
         return False
-    if torch.cuda.get_device_capability(x.device) < (8, 9):
+    if accelerator().capability(x.device) < (8, 9):
         return False
     return q.shape[0] % 16 == 0 and q.shape[1] % 16 == 0
 

@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
+from .accelerator import accelerator
 from .config import DiTConfig, OutputConfig, SamplingConfig
 from .errors import GenerationCancelled, GenerationError  # noqa: F401  (GenerationError: kept importable here)
 from .io.video import output_video_path

@@ -43,6 +43,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from .accelerator import accelerator
 from .models.token_chunks import DEFAULT_TOKEN_CHUNK, set_token_chunk
 from .perf import host_memory
 from .perf.host_memory import GIB
@@ -87,9 +88,9 @@ PROFILES = {
 def device_memory_gib(device) -> Optional[float]:
     """Total memory of a CUDA ``device`` in GiB, None elsewhere."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda" or not accelerator().is_available():
         return None
-    return torch.cuda.get_device_properties(device).total_memory / 1024 ** 3
+    return accelerator().total_memory(device) / 1024 ** 3
 
 
 def resolve_profile(name: str, device) -> MemoryProfile:
@@ -145,13 +146,13 @@ def smaller_profiles(profile: MemoryProfile) -> List[MemoryProfile]:
 
 
 def _run_device():
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda") if accelerator().is_available() else torch.device("cpu")
 
 
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        accelerator().empty_cache()
 
 
 class Placement:

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from .accelerator import accelerator
 from .loading import layout
 from .models.vae import AutoencoderKL
 from .text_encoders.caption import CaptionEncoder
@@ -24,7 +25,7 @@ def free_device(device: torch.device) -> None:
     """Collect garbage and, on CUDA, return the cached blocks to the driver."""
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        accelerator().empty_cache()
 
 
 class PlacedCaptionEncoder:

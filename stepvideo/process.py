@@ -18,12 +18,18 @@ import time
 import traceback
 from typing import Callable, Optional
 
-from .errors import DEBUG_ENV, debug_requested, is_user_error, one_line
+from .errors import DEBUG_ENV, is_user_error, one_line
 
 logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
+
+
+def debug_requested(flag: bool = False) -> bool:
+    """``--debug`` or ``STEPVIDEO_DEBUG`` set to anything but empty/0/false."""
+    env = os.environ.get(DEBUG_ENV, "").strip().lower()
+    return bool(flag) or env not in ("", "0", "false", "no")
 
 
 def report(exc: BaseException, debug: bool = False) -> int:

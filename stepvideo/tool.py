@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Callable, Tuple, Type
 
-from .errors import debug_requested
+from .process import debug_requested
 
 EXIT_USER_ERROR = 2
 

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..accelerator import accelerator
 from ..io.video import read_mp4
 from ..quality.metrics import compare_videos
 from ..tool import add_debug_flag, run_tool, tool_parser
@@ -101,7 +102,7 @@ def _vae(args):
     device = args.device
     if device is None and args.model_dir is not None:
         import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if accelerator().is_available() else "cpu"
     return open_vae(args.model_dir, args.vae_url, device=device or "cpu", dtype=args.dtype,
                     token=args.service_token, tiling=getattr(args, "tiling", False))
 

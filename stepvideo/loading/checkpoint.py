@@ -129,11 +129,26 @@ def check_safetensors_file(path: os.PathLike) -> Dict[str, dict]:
     return header
 
 
-def iter_safetensors(path: os.PathLike) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield ``(key, tensor)`` pairs of one file, one tensor in memory at a time (CPU)."""
-    from safetensors import safe_open
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
 
-    check_safetensors_file(path)
+
+def iter_safetensors(path: os.PathLike) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` pairs of one file, one tensor in memory at a time (CPU).
+
+    Under an active ``FakeTensorMode`` (``benchmark/rehearse.py``) the tensors are shape-only,
+    made from the file's header; no data is read."""
+    from safetensors import safe_open
+    from torch._guards import detect_fake_mode
+
+    header = check_safetensors_file(path)
+    if detect_fake_mode() is not None:
+        for key, entry in header.items():
+            if key != "__metadata__":
+                yield key, torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        return
     with safe_open(str(path), framework="pt", device="cpu") as fh:
         for key in fh.keys():
             yield key, fh.get_tensor(key)

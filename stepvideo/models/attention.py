@@ -47,6 +47,8 @@ from typing import Callable, Collection, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..accelerator import accelerator
+
 logger = logging.getLogger(__name__)
 
 SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
@@ -79,7 +81,7 @@ FLASH_INSTALL_HINT = {
 
 
 def flash_available(backend: str = "flash") -> bool:
-    return torch.cuda.is_available() and _flash_attn_func(backend) is not None
+    return accelerator().is_available() and _flash_attn_func(backend) is not None
 
 
 def choose_backend(capability: Optional[Tuple[int, int]], importable: Collection[str]) -> str:
@@ -104,11 +106,11 @@ def choose_backend(capability: Optional[Tuple[int, int]], importable: Collection
 
 def _device_facts() -> Tuple[Optional[Tuple[int, int]], Tuple[str, ...], str]:
     """(capability, importable flash flavours, device name) of the current CUDA device."""
-    if not torch.cuda.is_available():
+    if not accelerator().is_available():
         return None, (), "no CUDA device"
-    capability = tuple(torch.cuda.get_device_capability())
+    capability = accelerator().capability()
     importable = tuple(name for name in ("flash3", "flash2") if _flash_attn_func(name) is not None)
-    return capability, importable, torch.cuda.get_device_name()
+    return capability, importable, accelerator().device_name()
 
 
 def resolve_backend(name: str = "auto") -> str:

@@ -232,9 +232,11 @@ class StepVideoModel(nn.Module):
             y = torch.cat([clip, y], dim=1)                                          # CLIP tokens first
         if encoder_attention_mask is None:
             return y, None
-        lengths = text_lengths(encoder_attention_mask).to(y.device)
-        max_len = int(lengths.max())
-        return y[:, :max_len], cross_attention_mask(lengths, max_len)
+        # lengths are read where the mask lives: the pipeline keeps it on the host, so this read
+        # is no device sync (a CUDA mask would stall the GPU here on every step)
+        lengths = text_lengths(encoder_attention_mask)
+        max_len = min(int(lengths.max()), y.shape[1])
+        return y[:, :max_len], cross_attention_mask(lengths.to(y.device), max_len)
 
     def _head(self, x: torch.Tensor, embedded_timestep: torch.Tensor, frames: int) -> torch.Tensor:
         """``x [B, L, D]`` -> ``[B*F, h*w, C_out]`` with the output modulation from ``E``."""
@@ -309,8 +311,7 @@ class StepVideoModel(nn.Module):
         context, cross_mask = self._context(encoder_hidden_states.to(x.device, self.dtype),
                                             None if encoder_hidden_states_2 is None
                                             else encoder_hidden_states_2.to(x.device, self.dtype),
-                                            None if encoder_attention_mask is None
-                                            else encoder_attention_mask.to(x.device))
+                                            encoder_attention_mask)
 
         # 4. Blocks over this rank's token chunk, RoPE rows sliced identically
         cos, sin = self.rope.tables((frames, height, width), dtype=x.dtype, device=x.device)

@@ -36,6 +36,8 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from ..accelerator import accelerator
+
 logger = logging.getLogger(__name__)
 
 SEQUENCE_BACKENDS = ("native", "xfuser")
@@ -225,7 +227,7 @@ def read_env() -> LaunchEnv:
 
 def device_for(local_rank: int) -> torch.device:
     """``cuda:<local_rank>`` when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
+    if accelerator().is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -280,9 +282,9 @@ class ParallelState:
             raise RuntimeError("this torch build has no torch.distributed; multi-rank runs are impossible")
         owns = False
         if device.type == "cuda":
-            torch.cuda.set_device(device)
+            accelerator().set_device(device)
         if not dist.is_initialized():
-            backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+            backend = backend or (accelerator().process_group_backend() if device.type == "cuda" else "gloo")
             kwargs = {"timeout": timeout} if timeout is not None else {}
             dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, **kwargs)
             owns = True

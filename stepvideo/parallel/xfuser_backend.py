@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from ..accelerator import accelerator
 from .state import ParallelState
 from .ulysses import UlyssesSequence
 
@@ -50,7 +51,7 @@ class XFuserSequence(UlyssesSequence):
 
     def __init__(self, state: ParallelState):
         attention_cls, init_environment, init_model_parallel = import_xfuser()
-        if not torch.cuda.is_available():
+        if not accelerator().is_available():
             raise RuntimeError(f"parallel backend 'xfuser' needs CUDA (flash attention); {INSTALL_HINT}")
         super().__init__(state.sp_group)
         config = state.config

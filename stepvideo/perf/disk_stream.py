@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..loading import checkpoint as ckpt
+from ..accelerator import accelerator
 from ..fp8_linear import FP8Linear, quantize_blocks, quantize_weight
 from ..models.dit import StepVideoModel
 
@@ -177,5 +178,5 @@ def load_dit_from_disk(transformer_dir, *, torch_dtype=torch.bfloat16, device="c
     ckpt.assert_materialized(model, f"StepVideoModel (disk-streamed blocks) from {folder}")
     prefixes = [f"transformer_blocks.{i}." for i in range(len(model.transformer_blocks))]
     source = DiskBlockSource(mapped, list(model.transformer_blocks), prefixes,
-                             pin_memory=torch.cuda.is_available())
+                             pin_memory=accelerator().is_available())
     return model.eval().requires_grad_(False), source

@@ -14,7 +14,7 @@ the prefetched one) are on the device at any time.
   stream only what does not fit).
 * ``source``: a :class:`~stepvideo.perf.disk_stream.DiskBlockSource`: the blocks are not held on
   the host at all but read from the checkpoint files two blocks ahead (``--stream_from_disk``).
-* On CUDA the copies run on a side stream (``torch.cuda.Stream``) from pinned memory and the
+* On CUDA the copies run on a side stream (``accelerator().new_stream``) from pinned memory and the
   compute stream waits on an event per block; the device copies are marked with
   ``record_stream`` so the caching allocator never reuses them while a kernel still reads them.
   Elsewhere (``device='cpu'``, the path the CPU tests run) the same bookkeeping runs with plain
@@ -32,6 +32,8 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+
+from ..accelerator import accelerator
 
 
 def _tensors(block: nn.Module) -> List[torch.Tensor]:
@@ -60,12 +62,12 @@ class BlockStreamer:
             for t in tensors:
                 cpu = t.data.to("cpu")
                 if pin_memory:
-                    cpu = cpu.pin_memory()
+                    cpu = accelerator().pin(cpu)
                 t.data = cpu
                 copies.append(cpu)
             self.host.append(copies)
-        self.use_streams = self.device.type == "cuda" and torch.cuda.is_available()
-        self.side_stream = torch.cuda.Stream(self.device) if self.use_streams else None
+        self.use_streams = self.device.type == "cuda" and accelerator().is_available()
+        self.side_stream = accelerator().new_stream(self.device) if self.use_streams else None
         self._loaded: Dict[int, tuple] = {}          # index -> (device copies, ready event or None)
         self.loads = 0                               # blocks copied so far (tests, benchmarks)
 
@@ -85,10 +87,10 @@ class BlockStreamer:
             return
         host = self._host_tensors(index)
         if self.use_streams:
-            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.side_stream):
+            self.side_stream.wait_stream(accelerator().current_stream(self.device))
+            with accelerator().stream(self.side_stream):
                 copies = [cpu.to(self.device, non_blocking=True) for cpu in host]
-                event = torch.cuda.Event()
+                event = accelerator().new_event()
                 event.record(self.side_stream)
         else:
             copies = [cpu.to(self.device) for cpu in host]
@@ -102,7 +104,7 @@ class BlockStreamer:
         self._load(index)
         copies, event, _ = self._loaded[index]
         if event is not None:
-            stream = torch.cuda.current_stream(self.device)
+            stream = accelerator().current_stream(self.device)
             stream.wait_event(event)
             for c in copies:
                 c.record_stream(stream)
@@ -147,7 +149,7 @@ def enable_block_offload(model: nn.Module, device, pin_memory: Optional[bool] = 
         raise ValueError("disk streaming streams every block (resident must be 0)")
     device = torch.device(device)
     if pin_memory is None:
-        pin_memory = torch.cuda.is_available()
+        pin_memory = accelerator().is_available()
     blocks = model.transformer_blocks if blocks is None else blocks
     if not 0 <= resident <= len(blocks):
         raise ValueError(f"resident blocks must be in [0, {len(blocks)}], got {resident}")

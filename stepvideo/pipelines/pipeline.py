@@ -213,7 +213,8 @@ class StepVideoPipeline:
 
     def encode_prompt(self, prompt: str, pos_magic: str = "", neg_magic: str = "", prompt_embeds=None):
         """``[prompt + pos_magic, neg_magic]`` -> ``(y [2, L, C], y_mask [2, 77 + L], clip [2, 77, C'])``
-        on the execution device in the transformer dtype (the mask too, as the reference)."""
+        in the transformer dtype; ``y`` and ``clip`` on the execution device, the mask on the host
+        (the DiT reads its lengths there: no device sync per step)."""
         if prompt_embeds is None:
             if not isinstance(prompt, str) or not prompt:
                 raise ValueError(f"`prompt` must be a non-empty string, got {prompt!r}")
@@ -230,7 +231,7 @@ class StepVideoPipeline:
         if mask.shape[1] != clip.shape[1] + y.shape[1]:
             raise ValueError(f"y_mask has {mask.shape[1]} columns, expected clip {clip.shape[1]} + text {y.shape[1]}")
         device, dtype = self.device, self.dtype
-        return y.to(device, dtype), mask.to(device, dtype), clip.to(device, dtype)
+        return y.to(device, dtype), mask.to(dtype=dtype), clip.to(device, dtype)
 
     def prepare_latents(self, shape, latents: Optional[torch.Tensor] = None, seed: Optional[int] = None,
                         generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ Options (those that apply on this device; :func:`applicable_options`):
   ranks, up to ``max_ranks``). On CUDA the layouts are not run by this tool yet: compare a
   ``torchrun`` run with ``benchmark/compare.py``.
 
-Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA (reset before each option's DiT is
+Peak memory is the allocator's ``max_memory_allocated`` on CUDA (reset before each option's DiT is
 loaded); on CPU it is not measured (``-``).
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 
+from ..accelerator import accelerator
 from .. import geometry
 from ..config import SamplingConfig
 from ..loading import checkpoint as ckpt
@@ -161,7 +162,7 @@ def tiling_for(height: int, width: int):
 # ------------------------------------------------------------------------------ one option
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        accelerator().synchronize(device)
 
 
 def _denoise(dit, root, sampling: SamplingConfig, embeds: dict, rank: int = 0) -> torch.Tensor:
@@ -240,8 +241,8 @@ class LosslessRunner:
                 latents, result.seconds = values[0]["latents"], max(v["seconds"] for v in values)
             else:
                 if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(self.device)
+                    accelerator().empty_cache()
+                    accelerator().reset_peak_memory_stats(self.device)
                 dit = _load_dit(self.setup, self.root, self.state, option)
                 _sync(self.device)
                 start = time.perf_counter()
@@ -249,7 +250,7 @@ class LosslessRunner:
                 _sync(self.device)
                 result.seconds = time.perf_counter() - start
                 if self.device.type == "cuda":
-                    result.peak_memory_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+                    result.peak_memory_gib = accelerator().max_memory_allocated(self.device) / 2 ** 30
                 del dit
                 gc.collect()
             result.latents = latents

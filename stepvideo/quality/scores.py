@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..accelerator import accelerator
 from ..evaluation import manifest
 from ..evaluation.gallery import latest_records
 from ..io.atomic import atomic_write_bytes
@@ -116,7 +117,7 @@ class ClipScorer:
             raise FileNotFoundError(f"--clip_model {checkpoint}: no config.json in {folder} (expected a "
                                     "transformers ChineseCLIPModel folder)")
         self.checkpoint = checkpoint
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or ("cuda" if accelerator().is_available() else "cpu"))
         self.dtype = parse_dtype(dtype)
         self.batch_size = batch_size
         self.model = ChineseCLIPModel.from_pretrained(str(folder), torch_dtype=self.dtype).to(self.device).eval()

@@ -43,6 +43,7 @@ class FlowMatchDiscreteScheduler:
         self.num_inference_steps: Optional[int] = None
         self.sigmas: Optional[torch.Tensor] = None
         self.timesteps: Optional[torch.Tensor] = None
+        self._host_copy: tuple = (None, None)
         self._step_index: Optional[int] = None
 
     # ------------------------------------------------------------------------------------
@@ -78,16 +79,37 @@ class FlowMatchDiscreteScheduler:
         device = device if device is not None else self.device
         self.sigmas = sigmas.to(device) if device is not None else sigmas
         self.timesteps = self.sigmas[:-1].clone()
+        self._host_copy = (self.timesteps, sigmas[:-1].clone())   # the step lookup compares here: no device read
         self.num_inference_steps = num_inference_steps
         self._step_index = None
 
     def index_for_timestep(self, timestep: torch.Tensor) -> int:
-        """Position of ``timestep`` in ``timesteps`` by exact equality (second match if repeated)."""
-        matches = (self.timesteps == timestep.to(self.timesteps.device)).nonzero()
+        """Position of ``timestep`` in ``timesteps`` by exact equality (second match if repeated).
+
+        A ``timestep`` that is an element of the timesteps ``set_timesteps`` made (what iterating
+        over them yields) is located by its storage offset: those timesteps strictly decrease
+        (``time_shift > 0``), so its position is its only match, and the usual loop reads no device
+        value (on CUDA a read is a host sync). Other values are compared on the host copy."""
+        of_timesteps, host = self._host_copy
+        if of_timesteps is not self.timesteps:         # replaced by hand since set_timesteps
+            host = self.timesteps.cpu()
+        else:
+            position = self._element_position(timestep)
+            if position is not None:
+                return position
+        matches = (host == timestep.to("cpu", host.dtype)).nonzero()
         if len(matches) == 0:
             raise ValueError(f"timestep {float(timestep)} is not one of the scheduler's timesteps; pass the "
                              "values of `scheduler.timesteps`")
         return int(matches[1 if len(matches) > 1 else 0])
+
+    def _element_position(self, timestep: torch.Tensor) -> Optional[int]:
+        """Index of ``timestep`` when it is a 0-dim view of an element of ``self.timesteps``, else None."""
+        base = self.timesteps
+        if timestep.dim() != 0 or timestep._base is not base or base.dim() != 1 or base.stride(0) != 1:
+            return None
+        offset = timestep.storage_offset() - base.storage_offset()
+        return offset if 0 <= offset < base.shape[0] else None
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample

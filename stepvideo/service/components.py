@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ..accelerator import accelerator
 from ..loading import resolve_model_dir
 from ..loading.checkpoint import parse_dtype
 from ..models.vae import AutoencoderKL
@@ -47,8 +48,8 @@ class ServiceComponents:
 
 def default_device() -> str:
     """The last visible GPU (the reference's choice, so the DiT workers keep the others), or CPU."""
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        return f"cuda:{torch.cuda.device_count() - 1}"
+    if accelerator().is_available() and accelerator().device_count() > 0:
+        return f"cuda:{accelerator().device_count() - 1}"
     return "cpu"
 
 
@@ -56,11 +57,11 @@ def normalize_device(device: str) -> str:
     """``"cuda"`` -> ``"cuda:<current>"``, ``"cuda:1"`` checked against the visible GPUs."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
+        if not accelerator().is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-        index = torch.cuda.current_device() if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+        index = accelerator().current_device() if dev.index is None else dev.index
+        if index >= accelerator().device_count():
+            raise ValueError(f"device {device!r} does not exist: {accelerator().device_count()} GPU(s) visible")
         return f"cuda:{index}"
     return str(dev)
 

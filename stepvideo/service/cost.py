@@ -34,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..accelerator import accelerator
 from .protocol import ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def cost_model_for(vae) -> Optional[VAECostModel]:
 def available_memory(device: str) -> Tuple[int, str]:
     """``(bytes, where from)``: free memory of a CUDA device, or the host's MemAvailable."""
     if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        free, _ = accelerator().mem_get_info(torch.device(device))
         return int(free), f"free memory of {device}"
     try:
         with open("/proc/meminfo") as f:

@@ -23,6 +23,7 @@ import torch
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from ..accelerator import accelerator
 from ..http_errors import error_body
 from .config import ServiceConfig
 from .cost import RequestTooCostly
@@ -40,7 +41,7 @@ OOM_RETRY_AFTER = 30        # seconds suggested after a CUDA out-of-memory
 
 def is_out_of_memory(err: BaseException) -> bool:
     """CUDA (or host) out-of-memory, whichever exception type this torch build raises."""
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    oom_type = accelerator().out_of_memory_error
     if isinstance(err, MemoryError) or (oom_type is not None and isinstance(err, oom_type)):
         return True
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
@@ -111,8 +112,8 @@ def _failure(err: Exception) -> Response:
     if isinstance(err, DeviceBusy):
         return error_response(503, str(err), err.retry_after)
     if is_out_of_memory(err):
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if accelerator().is_available():
+            accelerator().empty_cache()
         logger.warning("%s: out of memory (%s); cache emptied", request.path, err)
         return error_response(503, f"out of memory while serving {request.path} ({type(err).__name__}); the "
                                    "cache was emptied, retry later or send a smaller request", OOM_RETRY_AFTER)

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .. import geometry
+from ..accelerator import accelerator
 from ..config import DiTConfig
 from ..perf import memory_model
 
@@ -53,8 +54,8 @@ def free_memory_bytes(device: torch.device) -> int:
     """Free memory for one rank's activations: the GPU's, else the host's available RAM divided
     among the ranks of this host."""
     if device.type == "cuda":     # free on the device, plus what torch's cache holds but does not use
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(torch.cuda.mem_get_info(device)[0] + cached)
+        gpu = accelerator()
+        return int(gpu.mem_get_info(device)[0] + gpu.cached_free_bytes(device))
     available = None
     try:
         with open("/proc/meminfo") as f:

@@ -21,10 +21,10 @@ from dataclasses import fields
 from typing import Optional
 
 from ..config import DiTConfig
-from ..errors import UserError, debug_requested
+from ..errors import UserError
 from ..generator import VideoGenerator
 from ..parallel.agree import on_main
-from ..process import exit_now, report
+from ..process import debug_requested, exit_now, report
 from ..sampling import sampling_from_options, sampling_options
 from ..service.client import ServiceError, wait_ready
 from ..service.config import ServiceConfig

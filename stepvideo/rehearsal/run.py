@@ -1,0 +1,252 @@
+"""Rehearse one rank of a generation: the real entry point on fake CUDA, with the audit on.
+
+:func:`rehearse` builds the ``run_parallel.py`` command line of :class:`Rehearsal`, makes this
+process rank ``rank`` of an ``nproc``-rank layout (torch's ``fake`` process-group backend: no
+communication), swaps the GPU seam for :class:`~.fake_cuda.FakeCuda` cards, and calls
+``stepvideo.cli.generate.generate`` (the function behind ``run_parallel.py``) under
+``FakeTensorMode``. A MemTracker follows every storage on this rank's device for the whole run;
+the stated CUDA constants of :mod:`stepvideo.perf.memory_accounting` are added on top, as
+``benchmark/bench_memory.py`` does. ``on_gpu``: the same command line and audit on this host's
+real CUDA device, with the zero weights of the shape-only folder (``scripts/gpu_check.sh``), so
+the two last lines compare field by field.
+
+Ranks other than 0 receive what rank 0 would broadcast (the prompt embeddings, the TI2V image
+latent) from a shape-only run of rank 0's encode stage on the host, outside the accounting: a
+``fake`` process group carries no data.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ..accelerator import accelerator, using
+from ..cli.generate import build_parser, generate
+from ..errors import one_line
+from ..models import rope
+from ..memory_profiles import PROFILES
+from ..perf import memory_accounting as acc
+from .audit import DeviceAudit
+from .fake_group import fake_process_group
+from .fake_cuda import GIB, CudaTensorPython, FakeCuda, cuda_generators_on_host, module_to_in_place
+from .model_dir import write_model_dir
+
+DEFAULT_CARD_GIB = 79.0          # an 80 GB card (budget when the profile has none, as multi-rank runs)
+
+
+@dataclass
+class Rehearsal:
+    """What to rehearse (the flags of ``benchmark/rehearse.py``)."""
+
+    profile: str = "80g"
+    mode: str = "t2v"
+    nproc: int = 1
+    rank: int = 0
+    ulysses_degree: int = 1
+    tensor_parallel_degree: int = 1
+    cfg_parallel: bool = False
+    sp_backend: str = "native"
+    height: int = 544
+    width: int = 992
+    num_frames: Optional[int] = None         # default 204 (t2v) / 102 (ti2v)
+    steps: int = 2
+    full: bool = True                        # the released architecture (False: the tiny model)
+    card_gib: Optional[float] = None         # device memory; default: the profile's budget
+    work_dir: Optional[str] = None           # where the shape-only model folder and the mp4 go
+    on_gpu: bool = False                     # the same run and audit on the real CUDA device (zero weights)
+
+    @property
+    def frames(self) -> int:
+        return self.num_frames or (102 if self.mode == "ti2v" else 204)
+
+    @property
+    def layout_name(self) -> str:
+        return (f"{self.mode}-{self.height}x{self.width}x{self.frames}-{self.steps}steps-{self.nproc}ranks-"
+                f"sp{self.ulysses_degree}-tp{self.tensor_parallel_degree}-cfg{int(self.cfg_parallel)}-"
+                f"{self.sp_backend}-{'full' if self.full else 'tiny'}")
+
+    @property
+    def budget_gib(self) -> float:
+        if self.card_gib is not None:
+            return self.card_gib
+        budget = PROFILES[self.profile].budget_gib
+        return budget if budget > 0 else DEFAULT_CARD_GIB
+
+
+@dataclass
+class RehearsalResult:
+    config: Rehearsal
+    audit: DeviceAudit
+    allocated_peak: int                      # bytes, this rank's device, whole run
+    stage_peaks: Dict[str, int]              # bytes, this rank's device, each stage's own peak
+    placement: List[str] = field(default_factory=list)
+    output: Optional[str] = None
+    seconds: float = 0.0
+    error: Optional[str] = None
+
+    @property
+    def peak(self) -> float:
+        """Device bytes with the stated constants (context, workspaces, NCCL, reserve)."""
+        return self.allocated_peak + acc.overhead_bytes(self.allocated_peak, self.config.nproc)
+
+    @property
+    def host_syncs_per_step(self) -> int:
+        per_step = self.audit.syncs_in_steps()
+        return max((len(v) for v in per_step.values()), default=0)
+
+    @property
+    def ok(self) -> bool:
+        return (self.error is None and not self.audit.mixed() and self.peak / GIB <= self.config.budget_gib
+                and self.audit.steps() == self.config.steps)
+
+    def last_line(self) -> str:
+        a = self.audit
+        word = "gpu" if self.config.on_gpu else "rehearsal"
+        return (f"{word}: {'ok' if self.ok else 'FAIL'} peak_gib={self.peak / GIB:.2f} "
+                f"budget_gib={self.config.budget_gib:g} mixed_device_ops={len(a.mixed())} "
+                f"host_syncs_per_step={self.host_syncs_per_step} "
+                f"h2d_gib_per_step={a.bytes_per_step(a.h2d) / GIB:.2f}")
+
+
+def command_line(r: Rehearsal, model_dir: Path, output: Path, image: Optional[Path]) -> List[str]:
+    """The ``run_parallel.py`` flags of the rehearsed run."""
+    argv = ["--model_dir", str(model_dir), "--prompt", "a cat on a window sill, rain outside",
+            "--height", str(r.height), "--width", str(r.width), "--num_frames", str(r.frames),
+            "--infer_steps", str(r.steps), "--output_path", str(output), "--decode_retries", "0",
+            "--attention_backend", "auto"]
+    argv += ["--no_service"]
+    if r.nproc == 1:
+        argv += ["--memory_profile", r.profile]
+    else:
+        argv += ["--ulysses_degree", str(r.ulysses_degree), "--tensor_parallel_degree",
+                 str(r.tensor_parallel_degree), "--sp_backend", r.sp_backend]
+        if r.cfg_parallel:
+            argv.append("--cfg_parallel")
+    if image is not None:
+        argv += ["--first_image_path", str(image)]
+    return argv
+
+
+class _PlacementLog(logging.Handler):
+    """The memory profile's placement events; the encoders' release ends the encode stage."""
+
+    def __init__(self, audit: DeviceAudit):
+        super().__init__(logging.DEBUG)
+        self.lines: List[str] = []
+        self._audit = audit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.lines.append(message)
+        if message.endswith("encode: text_encoders -> released"):
+            self._audit.enter_stage("placement")
+
+
+@contextlib.contextmanager
+def _launch_env(rank: int, world_size: int):
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _device_bytes(snapshot: dict, device: torch.device) -> int:
+    return sum(v.get("Total", 0) for k, v in snapshot.items() if torch.device(k) == device)
+
+
+def rehearse(r: Rehearsal) -> RehearsalResult:
+    """Run the rehearsal described in the module docstring; never raises for a failed run
+    (``RehearsalResult.error`` holds the one-line reason)."""
+    start = time.perf_counter()
+    work = Path(r.work_dir or tempfile.mkdtemp(prefix="stepvideo-rehearsal-"))
+    work.mkdir(parents=True, exist_ok=True)
+    variant = "ti2v" if r.mode == "ti2v" else "t2v"
+    model_dir = work / f"model-{variant}-{'full' if r.full else 'tiny'}"
+    if not (model_dir / "model_index.json").is_file():
+        write_model_dir(model_dir, variant, full=r.full)
+    image = _first_image(work, r) if variant == "ti2v" else None
+    output = work / f"rehearsal-rank{r.rank}.mp4"
+    recording = work / f"broadcasts-{r.layout_name}.pickle"
+    if r.on_gpu and (r.nproc != 1 or not accelerator().is_available()):
+        raise ValueError("--on_gpu runs one rank on this host's CUDA device: it needs a GPU and --nproc 1")
+    if r.rank != 0 and not recording.is_file():
+        rehearse(replace(r, rank=0))                      # rank 0 first: its broadcasts are replayed here
+    args = build_parser().parse_args(command_line(r, model_dir, output, image))
+
+    device = torch.device("cuda", r.rank)
+    audit = DeviceAudit(device=device, total_steps=r.steps, answer_host_reads=not r.on_gpu)
+    tracker = acc._StorageTracker()
+    fake_cuda = FakeCuda(r.nproc, int(r.budget_gib * GIB), on_sync=audit.note_sync,
+                         used_bytes=lambda index: _device_bytes(tracker.get_tracker_snapshot("current"),
+                                                                torch.device("cuda", index)))
+    stage_peaks: Dict[str, int] = {}
+    enter_stage = audit.enter_stage
+
+    def close_stage() -> None:                             # the stage's own peak, then start afresh
+        label = audit.stage_order[-1] if audit.stage_order else "load"
+        stage_peaks[label] = max(stage_peaks.get(label, 0), tracker._peak_mem.get(device, 0))
+        current = tracker.get_tracker_snapshot("current")
+        tracker._peak_mem = {d: snap.get("Total", 0) for d, snap in current.items()}
+        tracker._peak_mem_snap = current
+
+    def enter_and_measure(stage: str) -> None:
+        close_stage()
+        enter_stage(stage)
+
+    audit.enter_stage = enter_and_measure
+    placement = _PlacementLog(audit)
+    profiles_logger = logging.getLogger("stepvideo.memory_profiles")
+    old_level = profiles_logger.level
+    profiles_logger.setLevel(logging.DEBUG)
+    profiles_logger.addHandler(placement)
+    saved_partners = dict(rope._PARTNERS)        # rope's index cache must not keep fake tensors
+    rope._PARTNERS.clear()
+    error = None
+    try:
+        with _launch_env(r.rank, r.nproc), contextlib.ExitStack() as fake:
+            if not r.on_gpu:
+                for mode in (fake_process_group(r.rank, r.nproc, recording), using(fake_cuda), module_to_in_place(),
+                             cuda_generators_on_host(), FakeTensorMode(allow_non_fake_inputs=True),
+                             acc._ShapeOnlyScaledMM()):
+                    fake.enter_context(mode)
+            with tracker:
+                if not r.on_gpu:
+                    fake.enter_context(CudaTensorPython(audit.answer_cuda_read))
+                with audit, torch.no_grad():
+                    generate(args)
+    except Exception as exc:                              # reported in the last line, with the cause
+        error = f"{type(exc).__name__}: {one_line(exc)}"
+        logging.getLogger(__name__).debug("rehearsal failed", exc_info=True)
+    finally:
+        rope._PARTNERS.clear()
+        rope._PARTNERS.update(saved_partners)
+        profiles_logger.removeHandler(placement)
+        profiles_logger.setLevel(old_level)
+    close_stage()
+    peak = max(stage_peaks.values(), default=0)
+    return RehearsalResult(config=r, audit=audit, allocated_peak=peak, stage_peaks=stage_peaks,
+                           placement=placement.lines, output=str(output) if output.is_file() else None,
+                           seconds=time.perf_counter() - start, error=error)
+
+
+def _first_image(work: Path, r: Rehearsal) -> Path:
+    from PIL import Image
+
+    path = work / f"first-{r.height}x{r.width}.png"
+    if not path.is_file():
+        Image.new("RGB", (r.width, r.height), (90, 120, 200)).save(path)
+    return path
