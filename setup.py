@@ -14,7 +14,7 @@ setup(
     # assets/ (the demo images, one copy in the repository) is installed as stepvideo/assets/
     packages=find_packages(include=["stepvideo", "stepvideo.*"]) + ["stepvideo.assets"],
     package_dir={"stepvideo.assets": "assets"},
-    package_data={"stepvideo.assets": ["*.png", "README.md"], "stepvideo.serving": ["ui/*.html"]},
+    package_data={"stepvideo.assets": ["*.png", "README.md"], "stepvideo.job_server": ["ui/*.html"]},
     install_requires=[
         "torch>=2.3",
         "safetensors>=0.4",

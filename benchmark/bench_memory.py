@@ -11,7 +11,7 @@
 
 Each stage (encode, step, decode, write) is traced with the real modules at the real widths
 under FakeTensorMode + MemTracker (stepvideo/perf/memory_accounting.py) and placed by the
-memory profile (stepvideo/memory_profiles.py); the CUDA context, workspaces and allocator
+memory profile (stepvideo/perf/memory_profiles.py); the CUDA context, workspaces and allocator
 reserve are added as stated constants. One line per stage; the last line is
 ``peak_gib=<x> budget_gib=<y> fits=<yes|no> host_peak_gib=<z>`` (fits: at least 3% under the
 budget). The ``host=<stage>`` lines give the host RAM per stage (pinned and pageable weights, the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stepvideo.memory_profiles import PROFILES  # noqa: E402
+from stepvideo.perf.memory_profiles import PROFILES  # noqa: E402
 from stepvideo.perf import host_memory  # noqa: E402
 from stepvideo.perf import memory_accounting as acc  # noqa: E402
 from stepvideo.perf import memory_report as report  # noqa: E402

@@ -35,7 +35,7 @@ PROMPT = "a cat walks on the moon"
 def _flag_round_trip(steps: int) -> float:
     """Seconds per ControlChannel.flag on this rank (run under run_on_cpu_ranks)."""
     from stepvideo.parallel.state import ParallelConfig, ParallelState
-    from stepvideo.serving.worker import ControlChannel
+    from stepvideo.job_server.worker import ControlChannel
 
     state = ParallelState.from_env(ParallelConfig(ulysses_degree=2))
     channel = ControlChannel(state)
@@ -48,7 +48,7 @@ def _flag_round_trip(steps: int) -> float:
 
 def make_generator(model_dir: Path, url: str):
     from stepvideo.parallel.state import ParallelState
-    from stepvideo.generator import RuntimeConfig, VideoGenerator
+    from stepvideo.runtime.generator import RuntimeConfig, VideoGenerator
 
     return VideoGenerator(RuntimeConfig(model_dir=str(model_dir), dtype="fp32", vae_url=url, caption_url=url),
                           ParallelState.single())
@@ -74,7 +74,7 @@ def server_job(client, seed: int, poll: float, out: Path):
 
 def compare(model_dir: Path, url: str, jobs: int, nproc: int, poll: float, root: Path):
     """Direct and server jobs alternate, so load changes on the machine hit both alike."""
-    from stepvideo.client import VideoClient
+    from stepvideo.job_server.client import VideoClient
     from stepvideo.parallel.launch import free_port
 
     port = free_port()
@@ -123,7 +123,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from stepvideo.cli.demo import process_exited, stop
-    from stepvideo.service.client import wait_ready
+    from stepvideo.caption_service.client import wait_ready
     from stepvideo.parallel.launch import free_port, run_on_cpu_ranks
     from stepvideo.testing.tiny import write_tiny_model_dir
 

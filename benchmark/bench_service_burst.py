@@ -40,8 +40,8 @@ def main(argv: List[str] | None = None) -> int:
     import requests
     import torch
 
-    from stepvideo.service.client import wait_ready
-    from stepvideo.service.protocol import TENSOR_CONTENT_TYPE, encode_tensors
+    from stepvideo.caption_service.client import wait_ready
+    from stepvideo.caption_service.protocol import TENSOR_CONTENT_TYPE, encode_tensors
 
     cmd = [sys.executable, str(REPO / "api" / "call_remote_server.py"), "--model_dir", args.model_dir, "--port", "0",
            "--device", "cpu", "--no_caption", "--log_level", "WARNING", "--test_delay", str(args.delay),

@@ -7,7 +7,7 @@
 For each latent shape, a fresh subprocess loads the VAE, then runs what ``POST /vae-api`` runs
 (decode, optional uint8 conversion, the response body) and reports the rise of its peak RSS
 (``VmHWM`` after ``/proc/self/clear_refs``) over the RSS before the request. The prediction is
-:class:`stepvideo.service.cost.VAECostModel` (fake-tensor trace, nothing allocated). Each line::
+:class:`stepvideo.caption_service.cost.VAECostModel` (fake-tensor trace, nothing allocated). Each line::
 
     decode [1, 3, 8, 16, 16] bf16->float  predicted 0.62 GiB  measured 0.60 GiB  error +3.1%
 
@@ -45,7 +45,7 @@ def measure(model_dir: str, shape: Sequence[int], dtype: str, output: str) -> di
 
     from stepvideo.io.frames import to_uint8_frames
     from stepvideo.models.vae import AutoencoderKL
-    from stepvideo.service.protocol import encode_tensors
+    from stepvideo.caption_service.protocol import encode_tensors
 
     torch.set_num_threads(2)
     vae = AutoencoderKL.from_pretrained(model_dir, dtype=getattr(torch, dtype))
@@ -65,7 +65,7 @@ def predict(model_dir: str, shape: Sequence[int], dtype: str, output: str) -> in
     import torch
 
     from stepvideo.models.vae import AutoencoderKL
-    from stepvideo.service.cost import VAECostModel
+    from stepvideo.caption_service.cost import VAECostModel
 
     vae = AutoencoderKL.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     return VAECostModel(vae).decode_bytes(shape, torch.float32, output)
@@ -78,7 +78,7 @@ def serve(args) -> int:
 
     import torch
 
-    from stepvideo.service.client import RemoteVAE, ServiceError, wait_ready
+    from stepvideo.caption_service.client import RemoteVAE, ServiceError, wait_ready
 
     launcher = Path(__file__).resolve().parents[1] / "api" / "call_remote_server.py"
     proc = subprocess.Popen([sys.executable, str(launcher), "--model_dir", args.model_dir, "--port", "0", "--device",

@@ -1,5 +1,5 @@
 """Serialisation + loopback transfer time of real-size service payloads: our wire format
-(safetensors + JSON header, ``stepvideo.service.protocol``) vs. pickle (the reference's format).
+(safetensors + JSON header, ``stepvideo.caption_service.protocol``) vs. pickle (the reference's format).
 
     python benchmark/bench_service_protocol.py                 # all payloads, 3 repetitions
     python benchmark/bench_service_protocol.py --skip_video    # without the 660 MB video
@@ -53,14 +53,14 @@ def _randn(*shape: int) -> torch.Tensor:
 def encode(codec: str, tensors: Dict[str, torch.Tensor]) -> bytes:
     if codec == "pickle":
         return pickle.dumps(tensors)
-    from stepvideo.service.protocol import encode_tensors
+    from stepvideo.caption_service.protocol import encode_tensors
     return encode_tensors(tensors)
 
 
 def decode(codec: str, body: bytes) -> Dict[str, torch.Tensor]:
     if codec == "pickle":
         return pickle.loads(body)   # noqa: S301 - benchmark of the unsafe reference format
-    from stepvideo.service.protocol import decode_tensors
+    from stepvideo.caption_service.protocol import decode_tensors
     return decode_tensors(body).tensors
 
 

@@ -40,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _lossless(args) -> int:
-    from stepvideo.generator import RuntimeConfig
+    from stepvideo.runtime.generator import RuntimeConfig
     from stepvideo.quality.lossless import DEFAULT_PROMPT, LosslessSetup, run_table, table_lines
 
     if args.max_ranks < 1:

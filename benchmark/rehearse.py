@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stepvideo.memory_profiles import PROFILES  # noqa: E402
+from stepvideo.perf.memory_profiles import PROFILES  # noqa: E402
 from stepvideo.perf import memory_accounting as acc  # noqa: E402
 from stepvideo.rehearsal.audit import print_events  # noqa: E402
 from stepvideo.rehearsal.fake_cuda import GIB  # noqa: E402

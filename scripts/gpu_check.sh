@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from stepvideo.memory_profiles import PROFILES, Placement
+from stepvideo.perf.memory_profiles import PROFILES, Placement
 from stepvideo.models.dit import StepVideoModel
 from stepvideo.perf import memory_accounting as acc
 from stepvideo.perf import memory_report

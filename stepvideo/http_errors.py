@@ -3,7 +3,7 @@ read here.
 
 Servers answer an error as JSON ``{"error": "<one line>", ...details}``; :func:`error_body` builds
 it. Under ``/v1/`` the job server reshapes it into the OpenAI form ``{"error": {"message", "type",
-"param", "code"}}`` (:mod:`stepvideo.serving.api_errors`). Clients turn any error answer
+"param", "code"}}`` (:mod:`stepvideo.job_server.api_errors`). Clients turn any error answer
 into its message with :func:`read_error`, whatever came back (JSON, an HTML page of a proxy,
 nothing).
 """

@@ -114,7 +114,7 @@ def tiny_service(tiny_model_dir):
 
     from stepvideo.cli.demo import process_exited, service_command, stop
     from stepvideo.parallel.launch import free_port
-    from stepvideo.service.client import wait_ready
+    from stepvideo.caption_service.client import wait_ready
 
     port, token = free_port(), "tiny-token"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPVIDEO_SERVICE_TOKEN": token}

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from stepvideo.client import VideoClient
+from stepvideo.job_server.client import VideoClient
 from stepvideo.parallel.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -97,8 +97,8 @@ def test_flag_reaches_sampling_in_every_entry_point():
 
 
 def test_job_field_is_validated():
-    from stepvideo.serving.config import ServerConfig
-    from stepvideo.serving.requests import ModelInfo, RequestError, build_job
+    from stepvideo.job_server.config import ServerConfig
+    from stepvideo.job_server.requests import ModelInfo, RequestError, build_job
 
     model = ModelInfo(is_ti2v=False, num_heads=4, parallel=ParallelConfig(), world_size=1)
     job = build_job({"prompt": "x", "cache": "fbc:0.03", "height": 64, "width": 64, "num_frames": 17}, {},

@@ -11,7 +11,7 @@ import torch
 from stepvideo.components import CaptionEncoderComponent, LocalVAE, VAEComponent
 from stepvideo.models.vae import AutoencoderKL
 from stepvideo.pipelines.pipeline import StepVideoPipeline
-from stepvideo.service.client import RemoteCaptionEncoder, RemoteVAE
+from stepvideo.caption_service.client import RemoteCaptionEncoder, RemoteVAE
 from stepvideo.text_encoders.caption import CaptionEncoder
 
 pytestmark = pytest.mark.slow

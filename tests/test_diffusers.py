@@ -81,7 +81,7 @@ def stock(saved):
 
 
 def test_import_stepvideo_does_not_import_diffusers():
-    code = ("import sys, stepvideo, stepvideo.generator, stepvideo.cli, stepvideo.serving.requests, "
+    code = ("import sys, stepvideo, stepvideo.runtime.generator, stepvideo.cli, stepvideo.job_server.requests, "
             "stepvideo.perf.cache; assert 'diffusers' not in sys.modules, 'diffusers imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

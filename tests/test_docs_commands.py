@@ -224,7 +224,7 @@ def _run(cmd: List[str], env, timeout=300, background=False):
 def _start_service(cmd: List[str], env, token: str) -> None:
     """Start, wait for /ready (the port is printed in the first line), stop."""
     from stepvideo.cli.demo import process_exited, stop
-    from stepvideo.service.client import wait_ready
+    from stepvideo.caption_service.client import wait_ready
 
     proc = _run(cmd, env, background=True)
     try:

@@ -12,7 +12,7 @@ import pytest
 
 from stepvideo.cli.demo import process_exited, stop
 from stepvideo.parallel.launch import free_port
-from stepvideo.service.client import wait_ready
+from stepvideo.caption_service.client import wait_ready
 from stepvideo.io.video import read_mp4
 from stepvideo.testing.tiny import write_tiny_model_dir
 

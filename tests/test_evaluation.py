@@ -24,7 +24,7 @@ import pytest
 
 from stepvideo.cli.demo import TINY_ARGS, process_exited, stop
 from stepvideo.parallel.launch import free_port
-from stepvideo.service.client import wait_ready
+from stepvideo.caption_service.client import wait_ready
 from stepvideo.evaluation import manifest as mf
 from stepvideo.evaluation.sets import (T2V_EVAL_SHA256, fetch_t2v_eval, load_items, parse_shard, parse_t2v_eval,
                                        select_items, shard_items)

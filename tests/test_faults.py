@@ -25,7 +25,7 @@ import pytest
 
 from stepvideo.cli.demo import process_exited, service_command, stop
 from stepvideo.parallel.launch import free_port
-from stepvideo.service.client import wait_ready
+from stepvideo.caption_service.client import wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--num_frames", "17", "--height", "64", "--width", "64", "--infer_steps", "2", "--dtype", "fp32"]

@@ -1,6 +1,6 @@
 """First-image pre-flight: pixel formats converted or refused, small or off-aspect images noted.
 
-Unit level (``stepvideo.io.image.to_rgb`` / ``describe_fit``, ``stepvideo.preflight.check_first_image``)
+Unit level (``stepvideo.io.image.to_rgb`` / ``describe_fit``, ``stepvideo.runtime.preflight.check_first_image``)
 plus one real CLI run for a refused image; the warning on a real 2-rank run is in
 tests/test_end_to_end.py::test_ti2v_two_ranks_with_an_image.
 """
@@ -16,7 +16,7 @@ from PIL import Image
 
 from stepvideo.errors import PreflightError
 from stepvideo.io.image import describe_fit, load_first_image, to_rgb
-from stepvideo.preflight import check_first_image
+from stepvideo.runtime.preflight import check_first_image
 
 REPO = Path(__file__).resolve().parents[1]
 _YY, _XX = np.mgrid[0:32, 0:48]
@@ -25,7 +25,7 @@ GRADIENT = np.stack([_XX * 5, _YY * 7, np.full((32, 48), 90)], -1).astype(np.uin
 
 def _warnings(caplog, path, height=32, width=48):
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="stepvideo.preflight"):
+    with caplog.at_level(logging.WARNING, logger="stepvideo.runtime.preflight"):
         check_first_image(path, height, width)
     return [r.getMessage() for r in caplog.records]
 

@@ -75,7 +75,7 @@ def test_generator_frames_equal_load_time_quantisation(tiny_model_dir, tiny_ti2v
     from PIL import Image
 
     from stepvideo.config import OutputConfig, get_preset
-    from stepvideo.generator import RuntimeConfig, VideoGenerator
+    from stepvideo.runtime.generator import RuntimeConfig, VideoGenerator
     from stepvideo.io.video import read_mp4
     from stepvideo.parallel.state import ParallelState
 
@@ -154,7 +154,7 @@ def test_missing_or_corrupt_scale_is_one_clear_error_at_load(fp8_dirs, tmp_path)
 
 def test_fp8_folder_under_a_bf16_profile_or_tensor_parallelism_is_refused(fp8_dirs):
     from stepvideo.errors import is_user_error, one_line
-    from stepvideo.generator import RuntimeConfig, VideoGenerator
+    from stepvideo.runtime.generator import RuntimeConfig, VideoGenerator
     from stepvideo.parallel.state import ParallelState
     from stepvideo.parallel.tensor import load_tensor_parallel_dit
 

@@ -33,7 +33,7 @@ def test_frames_round_trip_and_short_chunks():
 
 def test_every_user_agrees_with_the_helper():
     from stepvideo.models.vae import AutoencoderKL
-    from stepvideo.service.client import RemoteVAE
+    from stepvideo.caption_service.client import RemoteVAE
 
     for cls in (AutoencoderKL, RemoteVAE):
         assert (cls.frame_len, cls.latent_len, cls.spatial_compression) == (17, 3, 16), cls

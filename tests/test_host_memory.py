@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepvideo.memory_profiles import PROFILES
+from stepvideo.perf.memory_profiles import PROFILES
 from stepvideo.perf import host_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_generator_16g_streams_fp8_blocks_from_disk(tiny_model_dir, tmp_path):
     """The 16g profile with --stream_from_disk on CPU: blocks read from the files (quantised to fp8
     on the way), token-chunked, and a video comes out."""
     from stepvideo.config import OutputConfig, get_preset
-    from stepvideo.generator import RuntimeConfig, VideoGenerator
+    from stepvideo.runtime.generator import RuntimeConfig, VideoGenerator
     from stepvideo.models.token_chunks import token_chunk_of
     from stepvideo.parallel.state import ParallelState
     from stepvideo.fp8_linear import FP8Linear
@@ -140,8 +140,8 @@ def test_generator_16g_streams_fp8_blocks_from_disk(tiny_model_dir, tmp_path):
 
 def test_stream_from_disk_needs_a_streaming_profile(tiny_model_dir):
     from stepvideo.config import get_preset
-    from stepvideo.generator import RuntimeConfig
-    from stepvideo.memory_profiles import check_host
+    from stepvideo.runtime.generator import RuntimeConfig
+    from stepvideo.perf.memory_profiles import check_host
 
     sampling = get_preset("t2v").with_overrides(num_frames=17, height=64, width=64)
     runtime = RuntimeConfig(model_dir=str(tiny_model_dir), local=True, memory_profile="80g", stream_from_disk=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stepvideo.memory_profiles import PROFILES, Placement, resolve_profile
+from stepvideo.perf.memory_profiles import PROFILES, Placement, resolve_profile
 from stepvideo.perf.offload import disable_block_offload, enable_block_offload, streamed_bytes
 
 
@@ -43,7 +43,7 @@ def test_generator_follows_the_profile_order(tiny_model_dir, tmp_path, profile, 
     the profile's DiT (streamed blocks, fp8) still produces the video."""
     from stepvideo.config import OutputConfig, get_preset
     from stepvideo.parallel.state import ParallelState
-    from stepvideo.generator import RuntimeConfig, VideoGenerator
+    from stepvideo.runtime.generator import RuntimeConfig, VideoGenerator
 
     runtime = RuntimeConfig(model_dir=str(tiny_model_dir), dtype="fp32", local=True, memory_profile=profile)
     generator = VideoGenerator(runtime, ParallelState.single(device="cpu"))

@@ -59,7 +59,7 @@ def _run_pipeline(model_dir: Path, variant: str, dtype: str):
 
 def _run_generator(model_dir: Path, variant: str, dtype: str, out_dir: Path):
     from stepvideo.config import OutputConfig
-    from stepvideo.generator import RuntimeConfig, VideoGenerator
+    from stepvideo.runtime.generator import RuntimeConfig, VideoGenerator
     from stepvideo.parallel.state import ParallelState
 
     runtime = RuntimeConfig(model_dir=str(model_dir), dtype=dtype, local=True, memory_profile="none")

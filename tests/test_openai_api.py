@@ -16,8 +16,8 @@ from PIL import Image
 
 from server_launch import TOKEN, running_server
 from stepvideo.io.video import read_mp4
-from stepvideo.serving.openai_fields import blame_sent_field, to_native
-from stepvideo.serving.requests import RequestError
+from stepvideo.job_server.openai_fields import blame_sent_field, to_native
+from stepvideo.job_server.requests import RequestError
 
 openai = pytest.importorskip("openai", reason="the OpenAI SDK tests need `pip install openai` (the test extra)")
 

@@ -47,8 +47,8 @@ def test_no_tokenizers_no_count(tmp_path):
 
 def test_server_job_status_carries_the_counts(counter):
     from stepvideo.parallel.state import ParallelConfig
-    from stepvideo.serving.config import ServerConfig
-    from stepvideo.serving.requests import ModelInfo, build_job
+    from stepvideo.job_server.config import ServerConfig
+    from stepvideo.job_server.requests import ModelInfo, build_job
 
     model = ModelInfo(is_ti2v=False, num_heads=4, parallel=ParallelConfig(), world_size=1, prompt_length=counter)
     fields = {"prompt": LONG, "num_inference_steps": 2, "num_frames": 17, "height": 64, "width": 64}

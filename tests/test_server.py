@@ -24,20 +24,20 @@ import requests
 
 from server_launch import ENV, REPO, TINY, TOKEN, GenerationServer
 from server_launch import torchrun as _torchrun
-from stepvideo.client import JobFailed, ServerError, VideoClient
+from stepvideo.job_server.client import JobFailed, ServerError, VideoClient
 from stepvideo.cli.demo import process_exited, stop
 from stepvideo.parallel.launch import free_port
-from stepvideo.service.client import wait_ready
+from stepvideo.caption_service.client import wait_ready
 from stepvideo.io.video import read_mp4
-from stepvideo.serving import jobs as js
-from stepvideo.serving import state_dir
-from stepvideo.serving.app import ServingContext, create_app
-from stepvideo.serving.config import ServerConfig
-from stepvideo.serving.metrics import ServerMetrics
-from stepvideo.serving.requests import API_FIELDS, UPLOAD_FIELDS
-from stepvideo.serving.worker import Dispatcher
-from stepvideo.service.config import ServiceConfig
-from stepvideo.service.host import ServiceServer
+from stepvideo.job_server import jobs as js
+from stepvideo.job_server import state_dir
+from stepvideo.job_server.app import ServingContext, create_app
+from stepvideo.job_server.config import ServerConfig
+from stepvideo.job_server.metrics import ServerMetrics
+from stepvideo.job_server.requests import API_FIELDS, UPLOAD_FIELDS
+from stepvideo.job_server.worker import Dispatcher
+from stepvideo.caption_service.config import ServiceConfig
+from stepvideo.caption_service.host import ServiceServer
 from stepvideo.testing.connections import health_seconds, idle_connections
 from stepvideo.testing.tiny import write_tiny_model_dir
 

@@ -19,9 +19,9 @@ import requests
 import torch
 from safetensors.torch import save
 
-from stepvideo.service.client import (RemoteCaptionEncoder, RemoteVAE, ServiceConnectionError, ServiceError,
+from stepvideo.caption_service.client import (RemoteCaptionEncoder, RemoteVAE, ServiceConnectionError, ServiceError,
                                       wait_ready)
-from stepvideo.service.protocol import JSON_CONTENT_TYPE, TENSOR_CONTENT_TYPE, encode_json, encode_tensors
+from stepvideo.caption_service.protocol import JSON_CONTENT_TYPE, TENSOR_CONTENT_TYPE, encode_json, encode_tensors
 from stepvideo.parallel.launch import free_port
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""``stepvideo.service.server.create_app`` driven through Flask's ``test_client`` with fake models
+"""``stepvideo.caption_service.server.create_app`` driven through Flask's ``test_client`` with fake models
 (no sockets): errors, busy devices, loading states, token and prompt limits."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from concurrent.futures import Future
 
 import torch
 
-from stepvideo.service.components import ServiceComponents
-from stepvideo.service.config import ServiceConfig
-from stepvideo.service.protocol import (JSON_CONTENT_TYPE, PROTOCOL_HEADER, TENSOR_CONTENT_TYPE, decode_tensors,
+from stepvideo.caption_service.components import ServiceComponents
+from stepvideo.caption_service.config import ServiceConfig
+from stepvideo.caption_service.protocol import (JSON_CONTENT_TYPE, PROTOCOL_HEADER, TENSOR_CONTENT_TYPE, decode_tensors,
                                         encode_json, encode_tensors)
 
 
@@ -35,7 +35,7 @@ class FakeCaption:
 
 
 def _app(components, **cfg):
-    from stepvideo.service.server import create_app
+    from stepvideo.caption_service.server import create_app
     return create_app(components, ServiceConfig(**cfg)).test_client()
 
 

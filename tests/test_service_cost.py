@@ -1,4 +1,4 @@
-"""The service's request-cost predictions (``stepvideo.service.cost``) on the tiny VAE: the tracker
+"""The service's request-cost predictions (``stepvideo.caption_service.cost``) on the tiny VAE: the tracker
 agrees with torch's MemTracker and with the real tensors of a real decode, and the composed
 per-request prediction agrees with a trace of the whole request."""
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stepvideo.service.cost import (RUNTIME_OVERHEAD_BYTES, LiveBytesTracker, RequestTooCostly, VAECostModel,
+from stepvideo.caption_service.cost import (RUNTIME_OVERHEAD_BYTES, LiveBytesTracker, RequestTooCostly, VAECostModel,
                                     check_budget, nbytes)
-from stepvideo.service.protocol import ProtocolError
+from stepvideo.caption_service.protocol import ProtocolError
 
 
 @pytest.fixture(scope="module")

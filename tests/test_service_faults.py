@@ -16,8 +16,8 @@ import pytest
 import requests
 import torch
 
-from stepvideo.service.client import RemoteCaptionEncoder, RemoteVAE, ServiceError
-from stepvideo.service.protocol import JSON_CONTENT_TYPE, TENSOR_CONTENT_TYPE, encode_tensors
+from stepvideo.caption_service.client import RemoteCaptionEncoder, RemoteVAE, ServiceError
+from stepvideo.caption_service.protocol import JSON_CONTENT_TYPE, TENSOR_CONTENT_TYPE, encode_tensors
 from test_service import LAUNCHER, ServerProcess
 
 pytestmark = pytest.mark.slow

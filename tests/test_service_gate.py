@@ -1,4 +1,4 @@
-"""``stepvideo.service.gate.DeviceGate``: one model call per device, a bounded queue, timeouts."""
+"""``stepvideo.caption_service.gate.DeviceGate``: one model call per device, a bounded queue, timeouts."""
 from __future__ import annotations
 
 import threading
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from stepvideo.service.gate import DeviceBusy, DeviceGate
+from stepvideo.caption_service.gate import DeviceBusy, DeviceGate
 
 
 def test_device_gate_queue_and_timeout():

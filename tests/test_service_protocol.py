@@ -1,4 +1,4 @@
-"""``stepvideo.service.protocol``: the tensor and JSON wire format (no server)."""
+"""``stepvideo.caption_service.protocol``: the tensor and JSON wire format (no server)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from stepvideo.service.protocol import (ProtocolError, check_tensor, decode_json, decode_tensors, encode_json,
+from stepvideo.caption_service.protocol import (ProtocolError, check_tensor, decode_json, decode_tensors, encode_json,
                                         encode_tensors, read_header)
 
 

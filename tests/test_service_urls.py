@@ -1,9 +1,9 @@
-"""``stepvideo.service.client.normalize_service_url``: the accepted service address spellings."""
+"""``stepvideo.caption_service.client.normalize_service_url``: the accepted service address spellings."""
 from __future__ import annotations
 
 import pytest
 
-from stepvideo.service.client import normalize_service_url
+from stepvideo.caption_service.client import normalize_service_url
 
 
 @pytest.mark.parametrize("url, want", [

@@ -12,11 +12,11 @@ import pytest
 import requests
 
 from server_launch import TOKEN
-from stepvideo.serving.app import ServingContext, create_app
-from stepvideo.serving.config import ServerConfig
-from stepvideo.serving.jobs import JobStore
-from stepvideo.serving.metrics import ServerMetrics
-from stepvideo.serving.worker import Dispatcher
+from stepvideo.job_server.app import ServingContext, create_app
+from stepvideo.job_server.config import ServerConfig
+from stepvideo.job_server.jobs import JobStore
+from stepvideo.job_server.metrics import ServerMetrics
+from stepvideo.job_server.worker import Dispatcher
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 LONG = 90            # steps of a job that keeps the worker busy while another one waits (--max_steps 100)

@@ -16,12 +16,12 @@ import logging
 from typing import NamedTuple, Optional
 
 from ..config import PRESETS, OutputConfig, SamplingConfig
-from ..generator import RuntimeConfig
-from ..memory_profiles import PROFILE_NAMES
 from ..models.attention import BACKENDS as ATTENTION_BACKENDS
 from ..parallel.state import ParallelConfig, ParallelState
+from ..perf.memory_profiles import PROFILE_NAMES
+from ..runtime.generator import RuntimeConfig
 from ..sampling import sampling_from_options, sampling_options, token_count  # noqa: F401  (re-exported by stepvideo.cli)
-from ..service.client import READY_TIMEOUT_S
+from ..caption_service.client import READY_TIMEOUT_S
 
 
 _RUNTIME, _OUTPUT = RuntimeConfig(), OutputConfig()      # the argparse defaults come from these

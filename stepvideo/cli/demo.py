@@ -26,9 +26,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..caption_service.client import wait_ready
 from ..io.demo_image import demo_image_path
 from ..parallel.launch import free_port
-from ..service.client import wait_ready
 from ..testing.tiny import write_tiny_model_dir
 
 CACHE_ENV = "STEPVIDEO_CACHE"
@@ -54,7 +54,7 @@ def ensure_tiny_model(cache: Path, variant: str) -> Path:
 
 
 def process_exited(proc: subprocess.Popen):
-    """An ``abort`` callable for :func:`stepvideo.service.client.wait_ready`: stop waiting once
+    """An ``abort`` callable for :func:`stepvideo.caption_service.client.wait_ready`: stop waiting once
     the service process ``proc`` has exited."""
     def exited() -> Optional[str]:
         return None if proc.poll() is None else f"the service exited with code {proc.returncode}"

@@ -24,10 +24,10 @@ from typing import Optional, Sequence
 from ..evaluation.gallery import build_gallery
 from ..evaluation.runner import EvalSummary, OutputLock, plan_on_main, run_items
 from ..evaluation.sets import T2V_EVAL, T2V_EVAL_URL, parse_shard
-from ..generator import VideoGenerator
 from ..parallel.agree import on_main
-from ..preflight import check_kind, check_sampling, check_services
 from ..process import run_main, run_ranks, watch_launcher
+from ..runtime.generator import VideoGenerator
+from ..runtime.preflight import check_kind, check_sampling, check_services
 from .args import (add_model_args, add_output_args, add_parallel_args, add_sampling_args, configure_logging,
                    start_ranks, token_count)
 

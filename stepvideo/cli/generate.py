@@ -18,11 +18,11 @@ from functools import partial
 from typing import Optional, Sequence
 
 from ..errors import UserError
-from ..generator import VideoGenerator
+from ..job_server.launch import add_serve_args, serve
 from ..parallel.agree import on_main
-from ..preflight import preflight
 from ..process import run_main, run_ranks, watch_launcher
-from ..serving.launch import add_serve_args, serve
+from ..runtime.generator import VideoGenerator
+from ..runtime.preflight import preflight
 from .args import (add_model_args, add_output_args, add_parallel_args, add_sampling_args, configure_logging,
                    start_ranks, token_count)
 

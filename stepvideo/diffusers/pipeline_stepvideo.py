@@ -32,13 +32,13 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from ..caption_service.client import RemoteCaptionEncoder, RemoteVAE
 from ..components import LocalVAE
 from ..config import PRESETS, SamplingConfig
-from ..loading import layout
-from ..pipelines.pipeline import StepVideoPipeline
-from ..loading.hub import resolve_model_dir
 from ..io.frames import decoded_to_frames
-from ..service.client import RemoteCaptionEncoder, RemoteVAE
+from ..loading import layout
+from ..loading.hub import resolve_model_dir
+from ..pipelines.pipeline import StepVideoPipeline
 from .cache import CONTEXT
 from .components import AutoencoderKLStepVideo, StepVideoCaptionEncoder, StepVideoFlowMatchScheduler
 from .transformer import StepVideoTransformer3DModel
@@ -146,7 +146,7 @@ class _StepVideoDiffusersPipeline(DiffusionPipeline):
 
     def setup_service(self, caption_url: Optional[str] = None, vae_url: Optional[str] = None,
                       token: Optional[str] = None) -> None:
-        """Use the caption/VAE service (``stepvideo.service``) for the parts not held in-process."""
+        """Use the caption/VAE service (``stepvideo.caption_service``) for the parts not held in-process."""
         self.caption_url, self.vae_url, self.service_token = caption_url, vae_url, token
 
     # ------------------------------------------------------------------------------------

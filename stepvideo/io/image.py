@@ -8,7 +8,7 @@ reference's rounding (Python ``round``, ties to even), resizes with
 
 Pixel formats (:func:`to_rgb`): RGB, grey, bilevel, YCbCr and palette images convert exactly;
 the rest as below, each with a one-line note that the CLI's pre-flight prints
-(``stepvideo.preflight.check_first_image``):
+(``stepvideo.runtime.preflight.check_first_image``):
 
 * alpha (RGBA, LA, PA, a palette with a transparent colour): the alpha channel is dropped, as
   the reference does (``convert("RGB")``), so transparent pixels show the colour stored under

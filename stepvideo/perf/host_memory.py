@@ -96,7 +96,7 @@ def supports_disk(profile) -> bool:
 
 
 def host_plan(profile, sizes: HostSizes, *, disk: bool = False) -> HostPlan:
-    """Host bytes per stage of ``profile`` (a :class:`~stepvideo.memory_profiles.MemoryProfile`)."""
+    """Host bytes per stage of ``profile`` (a :class:`~stepvideo.perf.memory_profiles.MemoryProfile`)."""
     s = sizes
     streamed = min(profile.dit_streamed_blocks, 48) if profile.dit_streamed_blocks else 0
     n_blocks = max(1, round(s.dit_blocks / s.dit_block)) if s.dit_block else 0

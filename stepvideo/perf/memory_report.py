@@ -38,7 +38,7 @@ class StagePeak:
 
 @dataclass
 class ProfileReport:
-    profile: "MemoryProfile"          # stepvideo.memory_profiles (which imports perf: not imported here)
+    profile: "MemoryProfile"          # stepvideo.perf.memory_profiles (which imports perf: not imported here)
     video: acc.VideoShape
     ti2v: bool
     stages: List[StagePeak] = field(default_factory=list)

@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import geometry
+from ..caption_service.client import RemoteCaptionEncoder, RemoteVAE
 from ..components import check_vae_output
 from ..config import PIPELINE_CALL_DEFAULTS, PIPELINE_CALL_TI2V_FRAMES, OutputConfig, SamplingConfig
 from ..errors import GenerationError, one_line
@@ -46,7 +47,6 @@ from ..loading import layout
 from ..loading.hub import resolve_model_dir
 from ..models.dit import StepVideoModel
 from ..schedulers.flow_match_euler import FlowMatchDiscreteScheduler
-from ..service.client import RemoteCaptionEncoder, RemoteVAE
 from ..timing import StageTimer
 from ..vae.codec import latents_to_mp4
 from ..vae.latents_file import latents_path, run_metadata, save_latents

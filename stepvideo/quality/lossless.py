@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 
-from ..accelerator import accelerator
 from .. import geometry
+from ..accelerator import accelerator
+from ..caption_service.client import RemoteCaptionEncoder, RemoteVAE
 from ..config import SamplingConfig
 from ..loading import checkpoint as ckpt
 from ..loading import fp8_checkpoint, layout
@@ -45,13 +46,12 @@ from ..parallel.state import ParallelConfig, ParallelState
 from ..perf.speed import apply_speed_options
 from ..pipelines.pipeline import StepVideoPipeline
 from ..schedulers.flow_match_euler import FlowMatchDiscreteScheduler
-from ..service.client import RemoteCaptionEncoder, RemoteVAE
 from ..text_encoders.caption import CaptionEncoder
 from ..vae.codec import latents_to_frames
 from .metrics import compare_videos, relative_l2
 
 if TYPE_CHECKING:
-    from ..generator import RuntimeConfig
+    from ..runtime.generator import RuntimeConfig
 
 logger = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ from ..accelerator import accelerator, using
 from ..cli.generate import build_parser, generate
 from ..errors import one_line
 from ..models import rope
-from ..memory_profiles import PROFILES
 from ..perf import memory_accounting as acc
+from ..perf.memory_profiles import PROFILES
 from .audit import DeviceAudit
-from .fake_group import fake_process_group
 from .fake_cuda import GIB, CudaTensorPython, FakeCuda, cuda_generators_on_host, module_to_in_place
+from .fake_group import fake_process_group
 from .model_dir import write_model_dir
 
 DEFAULT_CARD_GIB = 79.0          # an 80 GB card (budget when the profile has none, as multi-rank runs)
@@ -209,7 +209,7 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
 
     audit.enter_stage = enter_and_measure
     placement = _PlacementLog(audit)
-    profiles_logger = logging.getLogger("stepvideo.memory_profiles")
+    profiles_logger = logging.getLogger("stepvideo.perf.memory_profiles")
     old_level = profiles_logger.level
     profiles_logger.setLevel(logging.DEBUG)
     profiles_logger.addHandler(placement)

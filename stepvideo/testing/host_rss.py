@@ -21,11 +21,11 @@ import torch
 
 from ..loading import checkpoint as ckpt
 from ..loading import layout
-from ..memory_profiles import PROFILES
 from ..models.dit import StepVideoModel
 from ..perf import host_memory
 from ..perf.disk_stream import load_dit_from_disk
 from ..perf.memory_accounting import default_dtype
+from ..perf.memory_profiles import PROFILES
 from ..perf.offload import enable_block_offload
 
 

@@ -23,11 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import geometry
+from ..caption_service.client import RemoteVAE
 from ..components import LocalVAE, VAEComponent
 from ..io.frames import decoded_to_frames
 from ..io.video import write_mp4
 from ..models.vae import AutoencoderKL, mix_chunk_seams_
-from ..service.client import RemoteVAE
 
 logger = logging.getLogger(__name__)
 

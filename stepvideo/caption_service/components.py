@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ServiceComponents:
-    """What :func:`stepvideo.service.server.create_app` serves.
+    """What :func:`stepvideo.caption_service.server.create_app` serves.
 
     Args:
         caption: object with ``embedding(prompts) -> {"y", "y_mask", "clip_embedding"}``
@@ -34,7 +34,7 @@ class ServiceComponents:
         caption_device, vae_device: where each runs; model calls on the same device are
             serialised.
         info: extra facts reported by ``/ready`` (dtypes, load times, model dir).
-        vae_cost: the VAE's :class:`~stepvideo.service.cost.VAECostModel`, warmed up by
+        vae_cost: the VAE's :class:`~stepvideo.caption_service.cost.VAECostModel`, warmed up by
             :func:`load_components`; None: the app builds one and warms it in the background.
     """
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .. import geometry
+from ..caption_service.address import check_listen, is_exposed
+from ..caption_service.connections import DEFAULT_CHANNEL_TIMEOUT, DEFAULT_CONNECTION_LIMIT, check_connection_options
 from ..config import PRESETS
-from ..service.address import check_listen, is_exposed
-from ..service.connections import DEFAULT_CHANNEL_TIMEOUT, DEFAULT_CONNECTION_LIMIT, check_connection_options
 
 TOKEN_ENV = "STEPVIDEO_SERVER_TOKEN"
 DEFAULT_PORT = 8000
@@ -26,7 +26,7 @@ class ServerConfig:
     max_queue: queued jobs accepted before ``POST /v1/videos`` answers 429.
     threads: HTTP worker threads.
     connection_limit, channel_timeout: open connections served at once, and seconds an idle one
-        is kept (:mod:`stepvideo.service.connections`).
+        is kept (:mod:`stepvideo.caption_service.connections`).
     max_steps, max_tokens: the largest job accepted (denoising steps; DiT tokens ``F * h * w``),
         so every request's cost is bounded before it is queued.
     max_prompt_chars, max_body_bytes, max_image_pixels: input size limits.

@@ -2,7 +2,7 @@
 
 A model request is admitted the moment a worker thread picks it up, before its body is read.
 At most ``limit`` are held (running, or waiting for their device's gate); the next one gets
-:class:`~stepvideo.service.gate.DeviceBusy` at once (503 + ``Retry-After``) instead of waiting,
+:class:`~stepvideo.caption_service.gate.DeviceBusy` at once (503 + ``Retry-After``) instead of waiting,
 unbounded, for a worker thread. Because the HTTP host runs ``limit`` + a few more threads,
 those spare threads always serve ``/health``, ``/ready`` and the refusals quickly.
 """

@@ -15,7 +15,7 @@ def is_exposed(host: str) -> bool:
 
 def check_listen(host: str, port: int, token: Optional[str], *, flag: str = "", no_token: str = "None") -> None:
     """Refuse an empty bind ``host``, a ``port`` outside [0, 65535] or a blank ``token`` (also for
-    ``stepvideo.serving``); ``flag`` prefixes the names in the messages (``"--"`` for flags),
+    ``stepvideo.job_server``); ``flag`` prefixes the names in the messages (``"--"`` for flags),
     ``no_token`` says how to run without a token."""
     if not 0 <= port <= 65535:
         raise ValueError(f"{flag}port must be in [0, 65535], got {port}")

@@ -18,5 +18,5 @@ Parts (one job each):
 - :mod:`.worker`   the loop every rank runs: rank 0 picks the next job and broadcasts it;
 - :mod:`.launch`   the ``--serve`` flags and the launcher behind ``run_parallel.py --serve``.
 
-``stepvideo.service`` is the other server: the caption/VAE service this one calls.
+``stepvideo.caption_service`` is the other server: the caption/VAE service this one calls.
 """

@@ -144,8 +144,8 @@ def read_header(body: bytes, max_header_bytes: int = MAX_HEADER_BYTES,
     metadata = header.pop("__metadata__", None)
     if not isinstance(metadata, dict) or VERSION_KEY not in metadata:
         raise ProtocolError(f"tensor header has no {VERSION_KEY!r} entry in __metadata__: plain safetensors bytes "
-                            "are not a stepvideo message (build requests with stepvideo.service.protocol."
-                            "encode_tensors or the stepvideo.service.client classes)")
+                            "are not a stepvideo message (build requests with stepvideo.caption_service.protocol."
+                            "encode_tensors or the stepvideo.caption_service.client classes)")
     version = metadata[VERSION_KEY]
     if version != str(PROTOCOL_VERSION):
         raise ProtocolError(f"protocol version {version!r} is not supported: this side speaks version "

@@ -14,8 +14,8 @@ from typing import Any, Dict, Optional
 
 from flask import Response, request
 
-from ..service.handlers import json_response
-from ..service.protocol import encode_json
+from ..caption_service.handlers import json_response
+from ..caption_service.protocol import encode_json
 
 API_PREFIX = "/v1/"
 # status -> (type, code) when the caller names none

@@ -10,7 +10,7 @@ from flask import Flask, Response
 from ..context import ServingContext
 from . import add_route
 
-PAGE = ("stepvideo.serving", "ui/index.html")
+PAGE = ("stepvideo.job_server", "ui/index.html")
 PUBLIC_PATHS = ("/health", "/")          # the only routes answered without a token
 
 

@@ -26,9 +26,9 @@ import logging
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from ..service.handlers import error_response
-from ..service.incidents import internal_error
-from ..service.server import http_error_json, token_error
+from ..caption_service.handlers import error_response
+from ..caption_service.incidents import internal_error
+from ..caption_service.server import http_error_json, token_error
 from . import api_errors
 from .config import TOKEN_ENV
 from .context import ServingContext
@@ -43,7 +43,7 @@ _ROUTES = {"/v1/videos": "GET, POST", "/v1/videos/<id>": "GET, DELETE", "/v1/vid
 
 
 def create_app(ctx: ServingContext) -> Flask:
-    app = Flask("stepvideo.serving")
+    app = Flask("stepvideo.job_server")
     app.config["MAX_CONTENT_LENGTH"] = ctx.config.max_body_bytes
     config = ctx.config
     public = page.PUBLIC_PATHS if config.ui else ("/health",)

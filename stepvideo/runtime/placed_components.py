@@ -1,7 +1,7 @@
 """The caption encoder and the VAE as components that the memory profile loads on demand.
 
 A ``--no_service`` run holds these two in its pipeline from the start. Each call loads the model
-(or reuses it when the profile keeps it), lets :class:`~stepvideo.memory_profiles.Placement`
+(or reuses it when the profile keeps it), lets :class:`~stepvideo.perf.memory_profiles.Placement`
 move the DiT and prepare the model, runs it, then frees it and logs the release. They have the
 methods of :mod:`stepvideo.components`, so the pipeline calls them like the service's clients.
 
@@ -15,10 +15,10 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .accelerator import accelerator
-from .loading import layout
-from .models.vae import AutoencoderKL
-from .text_encoders.caption import CaptionEncoder
+from ..accelerator import accelerator
+from ..loading import layout
+from ..models.vae import AutoencoderKL
+from ..text_encoders.caption import CaptionEncoder
 
 
 def free_device(device: torch.device) -> None:

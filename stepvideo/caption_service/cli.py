@@ -21,7 +21,7 @@ from .components import default_device, load_components
 from .config import DEFAULT_PORT, TOKEN_ENV, ServiceConfig
 from .connections import add_connection_args
 
-logger = logging.getLogger("stepvideo.service")
+logger = logging.getLogger("stepvideo.caption_service")
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
                   "fp32": "float32", "float32": "float32"}

@@ -1,7 +1,7 @@
 """``ServiceState``: what one app instance holds between requests.
 
 The (possibly still loading) components, the per-device gates, the admission counter, the
-memory budget and the cost model. Built by :func:`stepvideo.service.server.create_app`; the
+memory budget and the cost model. Built by :func:`stepvideo.caption_service.server.create_app`; the
 handlers receive it with each call.
 """
 from __future__ import annotations

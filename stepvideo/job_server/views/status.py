@@ -5,7 +5,7 @@ import time
 
 from flask import Flask, Response
 
-from ...service.handlers import json_response
+from ...caption_service.handlers import json_response
 from .. import jobs as js
 from ..api_errors import api_error
 from ..context import ServingContext

@@ -18,14 +18,14 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .errors import PreflightError
-from .geometry import round_size
-from .io.image import describe_fit, to_rgb
-from .loading import layout
-from .loading.hub import looks_like_repo_id
-from .memory_profiles import check_host
-from .service.client import ServiceClient, ServiceError, wait_ready
-from .text_encoders.prompt_length import check_prompt_length
+from ..caption_service.client import ServiceClient, ServiceError, wait_ready
+from ..errors import PreflightError
+from ..geometry import round_size
+from ..io.image import describe_fit, to_rgb
+from ..loading import layout
+from ..loading.hub import looks_like_repo_id
+from ..perf.memory_profiles import check_host
+from ..text_encoders.prompt_length import check_prompt_length
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def check_services(runtime, needs_vae_encode: bool = False, timeout: float = 10.
 
 
 def check_host_memory(runtime, sampling, parallel=None) -> None:
-    """The memory profile's host peak against the available RAM (stepvideo.memory_profiles.check_host)."""
+    """The memory profile's host peak against the available RAM (stepvideo.perf.memory_profiles.check_host)."""
     check_host(runtime, sampling, parallel)
 
 

@@ -20,15 +20,15 @@ import sys
 from dataclasses import fields
 from typing import Optional
 
+from ..caption_service.client import ServiceError, wait_ready
+from ..caption_service.config import ServiceConfig
+from ..caption_service.connections import add_connection_args
 from ..config import DiTConfig
 from ..errors import UserError
-from ..generator import VideoGenerator
 from ..parallel.agree import on_main
 from ..process import debug_requested, exit_now, report
+from ..runtime.generator import VideoGenerator
 from ..sampling import sampling_from_options, sampling_options
-from ..service.client import ServiceError, wait_ready
-from ..service.config import ServiceConfig
-from ..service.connections import add_connection_args
 from ..text_encoders.prompt_length import PromptLengthCounter
 from .capacity import JobLimits, free_memory_bytes, service_decode_limits, tokens_that_fit
 from .config import TOKEN_ENV, MiB, ServerConfig
@@ -37,7 +37,7 @@ from .openai_fields import served_model_name
 from .requests import ModelInfo
 from .worker import ControlChannel, Dispatcher, serve_jobs
 
-logger = logging.getLogger("stepvideo.serving")
+logger = logging.getLogger("stepvideo.job_server")
 
 
 _SERVER = {f.name: f.default for f in fields(ServerConfig)}      # the --serve flags' defaults
@@ -106,7 +106,7 @@ def _die_with_launcher() -> None:
 
 def _check_services(runtime) -> dict:
     """The caption and VAE services answer ``/ready`` with the parts we need (waiting up to
-    ``runtime.service_wait`` (:data:`stepvideo.service.client.READY_TIMEOUT_S`, capped by
+    ``runtime.service_wait`` (:data:`stepvideo.caption_service.client.READY_TIMEOUT_S`, capped by
     ``--dist_timeout``) for one that is still starting or loading). Returns the VAE service's
     decode limits (:func:`.capacity.service_decode_limits`)."""
 
@@ -170,8 +170,8 @@ def serve(args: argparse.Namespace, start_ranks) -> int:
 
 def _start_http(config: ServerConfig, runtime, options: dict, holder: dict) -> None:
     """Rank 0: state dir, services, port, HTTP thread (the model is not loaded yet)."""
-    from ..service.cli import advertised_urls             # flask/waitress and prometheus: imported only
-    from ..service.host import ServiceServer              # when rank 0 of --serve starts its HTTP server,
+    from ..caption_service.cli import advertised_urls             # flask/waitress and prometheus: imported only
+    from ..caption_service.host import ServiceServer              # when rank 0 of --serve starts its HTTP server,
     from .app import ServingContext, create_app           # not by run_parallel.py's one-shot runs
     from .metrics import ServerMetrics                    # (prometheus_client)
 

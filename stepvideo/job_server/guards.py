@@ -1,7 +1,7 @@
 """Guards on what a client sends the generation server, applied before a job is built.
 
 Every check raises :class:`InvalidInput` (400 malformed, 413 too large, 422 out of range)
-naming the field (``stepvideo.serving.requests`` turns it into its ``InvalidInput``), so nothing
+naming the field (``stepvideo.job_server.requests`` turns it into its ``InvalidInput``), so nothing
 a client can send reaches the queue, the database or a 500. What is checked:
 
 * the JSON body: valid UTF-8, nesting at most :data:`MAX_JSON_DEPTH` levels (checked without
@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from ..service.protocol import nesting_within
+from ..caption_service.protocol import nesting_within
 
 MAX_JSON_DEPTH = 8            # a job is a flat object; 8 leaves room for small structured fields
 LARGEST_INT = 2 ** 63         # beyond, integers overflow float conversions (and mean nothing here)

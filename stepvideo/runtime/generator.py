@@ -15,9 +15,9 @@ The generator only places these three stages on ranks and builds the pipeline's 
 Every step is collective (:mod:`stepvideo.parallel.agree`): a failure on any rank raises the
 same :class:`~stepvideo.parallel.agree.RankFailure` on every rank.
 
-With ``--no_service`` the memory profile (``--memory_profile``, :mod:`stepvideo.memory_profiles`)
+With ``--no_service`` the memory profile (``--memory_profile``, :mod:`stepvideo.perf.memory_profiles`)
 decides which of the text encoders, the DiT and the VAE is on the device in each stage: the
-pipeline holds :mod:`stepvideo.placed_components`, which load on demand where the profile says.
+pipeline holds :mod:`stepvideo.runtime.placed_components`, which load on demand where the profile says.
 """
 from __future__ import annotations
 
@@ -28,25 +28,25 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from .accelerator import accelerator
-from .config import DiTConfig, OutputConfig, SamplingConfig
-from .errors import GenerationCancelled, GenerationError  # noqa: F401  (GenerationError: kept importable here)
-from .io.video import output_video_path
-from .loading import checkpoint as ckpt
-from .loading import fp8_checkpoint, layout
-from .loading.hub import resolve_model_dir
-from .memory_profiles import Placement, resolve_profile, run_profile_name
-from .parallel import load_parallel_dit
-from .parallel.agree import on_all, on_main
-from .parallel.state import validate_before_loading
-from .perf.cache import cache_applied
-from .perf.speed import apply_speed_options
-from .pipelines.outputs import StepVideoPipelineOutput
-from .pipelines.pipeline import KeepLatents, StepVideoPipeline
+from ..accelerator import accelerator
+from ..config import DiTConfig, OutputConfig, SamplingConfig
+from ..errors import GenerationCancelled, GenerationError  # noqa: F401  (GenerationError: kept importable here)
+from ..caption_service.client import READY_TIMEOUT_S
+from ..io.video import output_video_path
+from ..loading import checkpoint as ckpt
+from ..loading import fp8_checkpoint, layout
+from ..loading.hub import resolve_model_dir
+from ..parallel import load_parallel_dit
+from ..parallel.agree import on_all, on_main
+from ..parallel.state import validate_before_loading
+from ..perf.cache import cache_applied
+from ..perf.memory_profiles import Placement, resolve_profile, run_profile_name
+from ..perf.speed import apply_speed_options
+from ..pipelines.outputs import StepVideoPipelineOutput
+from ..pipelines.pipeline import KeepLatents, StepVideoPipeline
+from ..schedulers.flow_match_euler import FlowMatchDiscreteScheduler
+from ..timing import StageTimer
 from .placed_components import PlacedCaptionEncoder, PlacedVAE
-from .schedulers.flow_match_euler import FlowMatchDiscreteScheduler
-from .service.client import READY_TIMEOUT_S
-from .timing import StageTimer
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class RuntimeConfig:
     decode_retries: int = 2                  # extra decode/write attempts before the latents are saved
     decode_backoff: float = 2.0              # seconds before the first retry (doubles each time)
     service_wait: float = READY_TIMEOUT_S    # seconds to wait for a service still loading (pre-flight, --serve)
-    memory_profile: str = "auto"             # one-GPU placement (stepvideo.memory_profiles): auto/141g/80g/48g/24g/16g/none
+    memory_profile: str = "auto"             # one-GPU placement (stepvideo.perf.memory_profiles): auto/141g/80g/48g/24g/16g/none
     stream_from_disk: bool = False           # streamed DiT blocks read from the checkpoint files (perf.disk_stream)
 
 

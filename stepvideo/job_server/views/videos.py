@@ -14,9 +14,9 @@ from typing import Any, Dict
 
 from flask import Flask, Response, request, send_file
 
+from ...caption_service.handlers import json_response
 from .. import jobs as js
 from .. import openai_fields
-from ...service.handlers import json_response
 from ..api_errors import api_error
 from ..context import ServingContext
 from ..requests import RequestError, build_job, parse_form, read_form_parts, read_json_body

@@ -1,9 +1,9 @@
 """The caption/VAE service app: ``create_app(components, config)``.
 
-The routes come from one table (:data:`stepvideo.service.routes.ROUTES`; handlers in
+The routes come from one table (:data:`stepvideo.caption_service.routes.ROUTES`; handlers in
 :mod:`.handlers`); this module adds what every request shares: the token check, the protocol
 header, admission of model requests, and the mapping of every failure to a JSON answer.
-The HTTP host (waitress) is :class:`stepvideo.service.host.ServiceServer`.
+The HTTP host (waitress) is :class:`stepvideo.caption_service.host.ServiceServer`.
 
 All answers carry ``X-Stepvideo-Protocol``; errors are ``{"error": "..."}``. Status codes:
 400 bad input (also invalid Unicode, JSON nested deeper than ``max_json_depth``), 401 token,
@@ -58,7 +58,7 @@ def create_app(components: ComponentsArg, config: ServiceConfig) -> Flask:
             are used by the launcher, not here.
     """
     state = ServiceState(components, config)
-    app = Flask("stepvideo.service")
+    app = Flask("stepvideo.caption_service")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.extensions["stepvideo_service"] = state
     app.before_request(lambda: token_error(config.token))
@@ -123,7 +123,7 @@ def _failure(err: Exception) -> Response:
 
 
 def token_error(token: Optional[str], hint: str = "--token or STEPVIDEO_SERVICE_TOKEN") -> Optional[Response]:
-    """``None`` when the request may pass, else the 401 answer (also used by ``stepvideo.serving``).
+    """``None`` when the request may pass, else the 401 answer (also used by ``stepvideo.job_server``).
 
     With ``token`` set, every request must send ``Authorization: Bearer <token>`` (compared in
     constant time); ``hint`` names where the server's token comes from.
@@ -152,7 +152,7 @@ def _stamp(resp: Response) -> Response:
 def http_error_json(err: HTTPException, *, routes: str, max_body_bytes: int, server: str = "service",
                     message: Optional[str] = None) -> Response:
     """``err`` (werkzeug's 404, 405, 413, ...) answered as ``{"error": message}`` with its status and
-    headers (such as Allow); also used by ``stepvideo.serving``. Without ``message``: a 404 lists
+    headers (such as Allow); also used by ``stepvideo.job_server``. Without ``message``: a 404 lists
     ``routes``, a 413 names the limit ``max_body_bytes`` and ``--max_body_mb``."""
     if message is None:
         message = {404: f"unknown route {request.path[:80]!r}; routes: {routes}",
