@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from ..cli.process import run_main
+from ..process import run_main
 from ..loading.fp8_checkpoint import FORMATS
 from .writer import LINK_MODES, quantize_model_dir
 
