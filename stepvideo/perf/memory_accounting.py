@@ -45,6 +45,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from ..fp8_linear import FP8, FP8Linear
 from ..models.token_chunks import set_token_chunk
 
 GIB = 1024 ** 3
@@ -293,7 +294,6 @@ def shard_blocks(model: nn.Module, tp: int) -> None:
 def fp8_blocks(model: nn.Module) -> None:
     """Replace the block linears by :class:`FP8Linear` with fp8 weights (shape-only, as
     ``quantize_blocks`` does), forcing the scaled-matmul path the GPU runs."""
-    from ..fp8_linear import FP8, FP8Linear
 
     for block in model.transformer_blocks:
         for module in list(block.modules()):
@@ -509,13 +509,12 @@ def measure_encode_video(video: VideoShape = VideoShape(height=544, width=992, n
 def linear_peaks(tokens: int, k: int, n: int) -> Tuple[Trace, Trace]:
     """Traces of one ``k -> n`` block linear on a bf16 input ``[2, tokens, k]`` (CFG batch 2):
     ``(bf16 F.linear, FP8Linear with scaled matmul)``; inputs and weights included."""
-    from . import fp8
 
     with fake_mode():
         x = torch.empty(2, tokens, k, dtype=torch.bfloat16)
         with default_dtype(torch.bfloat16):
             linear = nn.Linear(k, n, bias=False)
-        q = fp8.FP8Linear(torch.empty(n, k, dtype=fp8.FP8), torch.empty(n))
+        q = FP8Linear(torch.empty(n, k, dtype=FP8), torch.empty(n))
         q.scaled_mm = True
         bf16, _ = trace_peak(lambda: linear(x), linear, x)
         f8, _ = trace_peak(lambda: q(x), q, x)

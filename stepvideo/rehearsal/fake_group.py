@@ -10,6 +10,7 @@ rank-0 rehearsal of the same layout (:func:`rehearse` runs it first when it is m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +27,24 @@ class TensorSpec:
     device: str
 
 
+def _map_leaves(fn, value):
+    """``tree_map`` that also walks dataclass instances (e.g. the pipeline's ``EncodedInputs``)."""
+    def leaf(x):
+        if dataclasses.is_dataclass(x) and not isinstance(x, (type, TensorSpec)):
+            return dataclasses.replace(x, **{f.name: _map_leaves(fn, getattr(x, f.name))
+                                             for f in dataclasses.fields(x) if f.init})
+        return fn(x)
+    return tree_map(leaf, value)
+
+
 def _to_spec(value):
-    return tree_map(lambda t: TensorSpec(tuple(t.shape), t.dtype, str(t.device))
-                    if isinstance(t, torch.Tensor) else t, value)
+    return _map_leaves(lambda t: TensorSpec(tuple(t.shape), t.dtype, str(t.device))
+                       if isinstance(t, torch.Tensor) else t, value)
 
 
 def _from_spec(value):
-    return tree_map(lambda s: torch.empty(s.shape, dtype=s.dtype, device=s.device)
-                    if isinstance(s, TensorSpec) else s, value)
+    return _map_leaves(lambda s: torch.empty(s.shape, dtype=s.dtype, device=s.device)
+                       if isinstance(s, TensorSpec) else s, value)
 
 
 @contextlib.contextmanager
