@@ -46,7 +46,13 @@ import torch
 from torch import nn
 
 from ..fp8_linear import FP8, FP8Linear
+from ..models import rope
+from ..models.dit import StepVideoModel
 from ..models.token_chunks import set_token_chunk
+from ..models.vae import AutoencoderKL
+from ..parallel.tensor import TensorParallelPlan
+from ..parallel.ulysses import UlyssesSequence
+from ..text_encoders.step_llm import Step1Config, Step1Model
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -104,7 +110,6 @@ def fake_mode() -> Iterator[None]:
     """Shape-only tensors on CPU, inference mode; ops without a shape implementation raise."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..models import rope
 
     # rope keeps a module-level cache of small index tensors: give the trace its own (fake)
     # entries and put the real ones back afterwards, so no fake tensor leaks into real runs
@@ -253,7 +258,6 @@ def accounting_sequence(world_size: int, rank: int = 0):
     """A :class:`UlyssesSequence` for rank ``rank`` of ``world_size`` without a process group: the
     real split / attention / gather code, collectives replaced by no-ops (the buffers are still
     allocated, so their lifetimes are traced)."""
-    from ..parallel.ulysses import UlyssesSequence
 
     class AccountingSequence(UlyssesSequence):
         def __init__(self):                                   # no process group needed
@@ -275,7 +279,6 @@ def shard_blocks(model: nn.Module, tp: int) -> None:
     """Give every block linear its tensor-parallel shard shape (rank 0 of ``tp``)."""
     if tp == 1:
         return
-    from ..parallel.tensor import TensorParallelPlan
 
     plan = TensorParallelPlan.of(model)                 # the model class's _tp_plan
     for name, old in list(model.named_modules()):
@@ -308,7 +311,6 @@ def fp8_blocks(model: nn.Module) -> None:
 def build_dit(layers: int = 48, *, ti2v: bool = False, tp: int = 1, fp8: bool = False,
               dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """The real-width DiT (inside :func:`fake_mode`)."""
-    from ..models.dit import StepVideoModel
 
     with default_dtype(dtype):
         model = StepVideoModel(num_layers=layers, use_additional_conditions=ti2v, attention_backend="sdpa")
@@ -427,7 +429,6 @@ def measure_encode(prompts: int = 2, text_tokens: int = T2V_TEXT_TOKENS) -> Enco
     """Trace Step-LLM (real config, bf16) and HunyuanCLIP (BERT-large, fp32) on ``prompts`` prompts."""
     from transformers import BertConfig, BertModel
 
-    from ..text_encoders.step_llm import Step1Config, Step1Model
 
     config = Step1Config()
     with fake_mode():
@@ -473,7 +474,6 @@ def measure_decode(video: VideoShape = VideoShape(), *, tile: Optional[int] = No
 
     ``chunks`` limits the traced latent chunks (each chunk's lifetime is identical and the output
     is preallocated, so one chunk gives the same peak as all of them)."""
-    from ..models.vae import AutoencoderKL
 
     f, h, w = video.latent
     if chunks is not None:
@@ -496,7 +496,6 @@ def measure_decode(video: VideoShape = VideoShape(), *, tile: Optional[int] = No
 def measure_encode_video(video: VideoShape = VideoShape(height=544, width=992, num_frames=1),
                          dtype: torch.dtype = torch.bfloat16) -> int:
     """Peak of ``AutoencoderKL.encode`` (default: the TI2V first image, one frame), weights included."""
-    from ..models.vae import AutoencoderKL
 
     with fake_mode():
         with default_dtype(dtype):

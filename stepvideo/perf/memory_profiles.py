@@ -44,9 +44,13 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ..accelerator import accelerator
+from ..fp8_linear import quantize_blocks
 from ..models.token_chunks import DEFAULT_TOKEN_CHUNK, set_token_chunk
+from ..parallel import parallelize_dit
 from . import host_memory
+from .disk_stream import load_dit_from_disk
 from .host_memory import GIB
+from .offload import _move_except, enable_block_offload
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +199,6 @@ class Placement:
             return default
 
         def load(transformer_dir, state, *, torch_dtype, device=None, attention_backend="auto"):
-            from ..parallel import parallelize_dit
-            from .disk_stream import load_dit_from_disk
 
             model, self._disk_source = load_dit_from_disk(transformer_dir, torch_dtype=torch_dtype,
                                                           device=self.device, fp8=self.profile.dit_fp8,
@@ -207,12 +209,10 @@ class Placement:
     def prepare_dit(self, dit) -> None:
         """After loading: fp8 and the block streaming the profile asks for; log where it is."""
         if self.profile.dit_fp8 and not self.disk:             # disk: quantised when built, per block when read
-            from ..fp8_linear import quantize_blocks
             quantize_blocks(dit)
         if self.profile.token_chunk:
             set_token_chunk(dit, self.profile.token_chunk)
         if self.disk:
-            from .offload import enable_block_offload
 
             enable_block_offload(dit, self.device, blocks=dit.transformer_blocks, source=self._disk_source)
             self.log("load", "dit_blocks", "disk")
@@ -223,7 +223,6 @@ class Placement:
         self.log("load", "dit", where)
 
     def _stream_dit(self, dit) -> None:
-        from .offload import enable_block_offload
 
         blocks = len(dit.transformer_blocks)
         resident = max(0, blocks - self.profile.dit_streamed_blocks)
@@ -232,7 +231,6 @@ class Placement:
         else:                                   # already streaming: only the resident part moves
             for block in list(dit.transformer_blocks)[:resident]:
                 block.to(self.device)
-            from .offload import _move_except
             _move_except(dit, self.device, {id(b) for b in list(dit.transformer_blocks)[resident:]})
 
     def dit_to(self, dit, stage: str, where: str) -> None:
@@ -241,7 +239,6 @@ class Placement:
         streamer = getattr(dit, "_block_streamer", None)
         if where == "device":
             if streamer is not None:            # streamed (by the profile or --use-cpu-offload): the rest moves
-                from .offload import _move_except
                 _move_except(dit, self.device, {id(b) for b in streamer.blocks})
             elif self.profile.dit_streamed_blocks:
                 self._stream_dit(dit)
@@ -251,7 +248,6 @@ class Placement:
             skip = set() if streamer is None else {id(b) for b in streamer.blocks}
             if streamer is not None:
                 streamer.release_all()          # also the block prefetched for the next step
-            from .offload import _move_except
             _move_except(dit, torch.device("cpu"), skip)
             _free(self.device)
         self._dit_where = where
@@ -273,7 +269,6 @@ class Placement:
     def prepare_caption_encoder(self, encoder) -> None:
         """Stream the Step-LLM layers (24g) with CLIP and the embedding on the device."""
         if self.profile.llm_streamed:
-            from .offload import enable_block_offload
 
             llm = encoder.text_encoder.text_encoder               # STEP1TextEncoder -> Step1Model
             enable_block_offload(llm, self.device, blocks=llm.transformer.layers)
