@@ -70,6 +70,8 @@ def source_line() -> str:
         path = Path(frame.filename).resolve()
         if _THIS in path.parents or path.parent == _THIS:
             continue
+        if "site-packages" in path.parts or "dist-packages" in path.parts:
+            continue                # an installed library, also when the venv sits inside the repository
         if REPO_ROOT in path.parents:
             return f"{path.relative_to(REPO_ROOT)}:{frame.lineno} ({frame.name})"
     return "outside the project"
