@@ -19,6 +19,7 @@ What the package needs from a GPU:
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -101,6 +102,13 @@ class CudaAccelerator:
 
 
 _CURRENT = [CudaAccelerator()]
+
+
+def free_device(device: torch.device) -> None:
+    """Collect garbage and, on CUDA, return the cached blocks to the driver."""
+    gc.collect()
+    if device.type == "cuda":
+        accelerator().empty_cache()
 
 
 def accelerator():

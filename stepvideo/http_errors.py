@@ -10,7 +10,7 @@ nothing).
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 JSON_MEDIA_TYPE = "application/json"
 EXCERPT_CHARS = 300
@@ -19,6 +19,15 @@ EXCERPT_CHARS = 300
 def error_body(message: str, **details: Any) -> Dict[str, Any]:
     """``{"error": message, **details}`` (details with a ``None`` value are left out)."""
     return {"error": message, **{k: v for k, v in details.items() if v is not None}}
+
+
+def error_message(body: Any) -> Optional[str]:
+    """The text of a parsed error answer (or a job's ``error``): ``{"error": {"message": ...}}``
+    (the job server's ``/v1/`` routes) or ``{"error": "..."}`` (``/ready``, the caption/VAE service)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return error.get("message")
+    return error
 
 
 def read_error(body: bytes, content_type: str = "", fallback: str = "") -> Tuple[str, Dict[str, Any]]:
@@ -30,9 +39,7 @@ def read_error(body: bytes, content_type: str = "", fallback: str = "") -> Tuple
         except ValueError:
             obj = None
         if isinstance(obj, dict):
-            message = obj.get("error")
-            if isinstance(message, dict):          # the OpenAI shape of the job server's /v1/ routes
-                message = message.get("message")
+            message = error_message(obj)
             if isinstance(message, str):
                 return message, obj
             if fallback:

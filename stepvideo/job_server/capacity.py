@@ -24,7 +24,7 @@ import torch
 from .. import geometry
 from ..accelerator import accelerator
 from ..config import DiTConfig
-from ..perf import memory_model
+from ..perf import host_memory, memory_model
 
 USABLE_FRACTION = 0.9        # of the free memory: allocator slack, the VAE client's buffers, the OS
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
@@ -56,14 +56,7 @@ def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":     # free on the device, plus what torch's cache holds but does not use
         gpu = accelerator()
         return int(gpu.mem_get_info(device)[0] + gpu.cached_free_bytes(device))
-    available = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = host_memory.available_host_bytes()     # the one seam pre-flight reads too
     if available is None:
         import psutil  # optional: non-Linux hosts
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
 from ..caption_service.client import normalize_service_url
-from ..http_errors import read_error
+from ..http_errors import error_message, read_error
 from ..io.atomic import atomic_write_bytes
 from .config import DEFAULT_PORT, TOKEN_ENV
 
@@ -44,15 +44,6 @@ class ServerError(RuntimeError):
         super().__init__(message)
         self.status = status
         self.body = body or {}
-
-
-def error_message(body: Any) -> Optional[str]:
-    """The text of an error answer: ``{"error": {"message": ...}}`` (the ``/v1/`` routes) or
-    ``{"error": "..."}`` (``/ready``, ``/metrics``, the caption/VAE service)."""
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        return error.get("message")
-    return error
 
 
 class JobFailed(RuntimeError):

@@ -45,7 +45,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from ..fp8_linear import FP8, FP8Linear
+from ..fp8_linear import FP8, FP8Linear, block_linears
 from ..models import rope
 from ..models.dit import StepVideoModel
 from ..models.token_chunks import set_token_chunk
@@ -297,15 +297,11 @@ def shard_blocks(model: nn.Module, tp: int) -> None:
 def fp8_blocks(model: nn.Module) -> None:
     """Replace the block linears by :class:`FP8Linear` with fp8 weights (shape-only, as
     ``quantize_blocks`` does), forcing the scaled-matmul path the GPU runs."""
-
-    for block in model.transformer_blocks:
-        for module in list(block.modules()):
-            for child_name, child in list(module.named_children()):
-                if type(child) is nn.Linear:
-                    q = torch.empty(child.out_features, child.in_features, dtype=FP8)
-                    layer = FP8Linear(q, torch.empty(child.out_features, dtype=torch.float32), child.bias)
-                    layer.scaled_mm = True
-                    setattr(module, child_name, layer)
+    for _, module, child_name, child in block_linears(model):
+        q = torch.empty(child.out_features, child.in_features, dtype=FP8)
+        layer = FP8Linear(q, torch.empty(child.out_features, dtype=torch.float32), child.bias)
+        layer.scaled_mm = True
+        setattr(module, child_name, layer)
 
 
 def build_dit(layers: int = 48, *, ti2v: bool = False, tp: int = 1, fp8: bool = False,

@@ -36,14 +36,13 @@ peak (:mod:`stepvideo.perf.host_memory`) with the available RAM and refuses in o
 """
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ..accelerator import accelerator
+from ..accelerator import accelerator, free_device
 from ..fp8_linear import quantize_blocks
 from ..models.token_chunks import DEFAULT_TOKEN_CHUNK, set_token_chunk
 from ..parallel import parallelize_dit
@@ -153,12 +152,6 @@ def _run_device():
     return torch.device("cuda") if accelerator().is_available() else torch.device("cpu")
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        accelerator().empty_cache()
-
-
 class Placement:
     """Carries out a profile for one process: where the DiT loads, when it moves, how the
     encoders and the VAE are prepared. Every move is logged in :attr:`events`."""
@@ -249,7 +242,7 @@ class Placement:
             if streamer is not None:
                 streamer.release_all()          # also the block prefetched for the next step
             _move_except(dit, torch.device("cpu"), skip)
-            _free(self.device)
+            free_device(self.device)
         self._dit_where = where
         self.log(stage, "dit", where)
 
@@ -281,7 +274,7 @@ class Placement:
         self.log("encode", "clip", "device")
 
     def release(self, stage: str, component: str) -> None:
-        _free(self.device)
+        free_device(self.device)
         self.log(stage, component, "released")
 
     def prepare_vae(self, vae, stage: str) -> None:

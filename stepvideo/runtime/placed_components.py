@@ -9,23 +9,15 @@ Layouts are those of :mod:`stepvideo.components`; results are CPU tensors.
 """
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
 
-from ..accelerator import accelerator
+from ..accelerator import free_device
 from ..loading import layout
 from ..models.vae import AutoencoderKL
 from ..text_encoders.caption import CaptionEncoder
-
-
-def free_device(device: torch.device) -> None:
-    """Collect garbage and, on CUDA, return the cached blocks to the driver."""
-    gc.collect()
-    if device.type == "cuda":
-        accelerator().empty_cache()
 
 
 class PlacedCaptionEncoder:
