@@ -45,7 +45,12 @@ GiB = 1 << 30
 # oneDNN scratch. Stated as a constant, like a CUDA context.
 RUNTIME_OVERHEAD_BYTES = 128 << 20
 SAVE_COPIES = 2                      # safetensors.torch.save: the tensor's bytes, then the body
-DEFAULT_BUDGET_FRACTION = 0.5        # of the memory available when the models are in
+DEFAULT_BUDGET_FRACTION = 0.5        # of the host memory available when the models are in
+# A GPU runs one model call at a time (its device gate), so one request has the card's free memory
+# to itself, less what the caching allocator loses to fragmentation. At 0.5 an 80 GB card that
+# holds the encoders and the VAE (38.7 GiB) refused the 21.2 GiB decode of a 204-frame 544x992
+# video (benchmark/rehearse.py --service, the first full-size rehearsal).
+CUDA_BUDGET_FRACTION = 0.9
 MAX_LATENT_FRAMES = 64               # 64 latents = 362 frames; the released models make at most 204
 MAX_LATENT_SIDE = 256                # latent pixels per side (4096 pixels)
 
@@ -138,8 +143,14 @@ class VAECostModel:
 
     def _fake_model(self):
         if self._fake is None:
+            from torch._guards import detect_fake_mode
             from torch._subclasses.fake_tensor import FakeTensorMode
 
+            active = detect_fake_mode()
+            if active is not None:     # already under fake tensors (a rehearsal): one mode, no copies
+                with torch.device("cpu"):
+                    self._fake = (active, self.vae_type(**self.config).to(self.dtype).eval())
+                return self._fake
             mode = FakeTensorMode()
             with torch.device("meta"):
                 model = self.vae_type(**self.config).eval()
@@ -260,11 +271,22 @@ def available_memory(device: str) -> Tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "the host's free pages"
 
 
-def default_budget(devices: Sequence[str], fraction: float = DEFAULT_BUDGET_FRACTION) -> Tuple[int, str]:
-    """``fraction`` of the smallest available memory among ``devices`` (measured after loading)."""
-    found = [available_memory(d) for d in sorted(set(devices))]
-    free, where = min(found)
-    return int(free * fraction), f"{fraction:g} x {where} after loading ({free / GiB:.1f} GiB)"
+def budget_fraction(device: str) -> float:
+    """The share of ``device``'s free memory one request may use: :data:`CUDA_BUDGET_FRACTION` on
+    a GPU, :data:`DEFAULT_BUDGET_FRACTION` of the host's memory (shared with the response bodies
+    and everything else the host runs)."""
+    return CUDA_BUDGET_FRACTION if device.startswith("cuda") else DEFAULT_BUDGET_FRACTION
+
+
+def default_budget(devices: Sequence[str], fraction: Optional[float] = None) -> Tuple[int, str]:
+    """The smallest of ``fraction`` (default :func:`budget_fraction`) x the available memory of
+    each of ``devices`` (measured after loading), and where it comes from."""
+    found = []
+    for device in sorted(set(devices)):
+        free, where = available_memory(device)
+        share = budget_fraction(device) if fraction is None else fraction
+        found.append((int(free * share), f"{share:g} x {where} after loading ({free / GiB:.1f} GiB)"))
+    return min(found)
 
 
 def check_budget(what: str, shape: Sequence[int], predicted: int, budget: int) -> None:
@@ -278,5 +300,5 @@ def check_budget(what: str, shape: Sequence[int], predicted: int, budget: int) -
             "a smaller size", details)
 
 
-__all__ = ["LiveBytesTracker", "VAECostModel", "RequestTooCostly", "cost_model_for", "default_budget",
+__all__ = ["LiveBytesTracker", "VAECostModel", "RequestTooCostly", "cost_model_for", "default_budget", "budget_fraction",
            "check_budget", "available_memory", "RUNTIME_OVERHEAD_BYTES"]

@@ -188,11 +188,8 @@ def vae_decode(call: Call) -> Response:
     samples = _bounded_vae_input(call, body, specs, "samples", vae.z_channels, "decode (/vae-api)", decode_cost,
                                  layout="[B, F, C, h, w]")
 
-    def decode(z):
-        video = vae.decode(z)
-        return (to_uint8_frames(video) if output == "uint8" else video).cpu()
-
-    return tensor_response(call, {"video": run_model(call, device, decode, samples)}, {"output": output})
+    video = run_model(call, device, lambda z: decoded_video(vae, z, output), samples)
+    return tensor_response(call, {"video": video}, {"output": output})
 
 
 def vae_encode(call: Call) -> Response:
@@ -214,10 +211,24 @@ def vae_encode(call: Call) -> Response:
 
     videos = _bounded_vae_input(call, body, specs, "videos", vae.in_channels, "encode (/vae-encode-api)",
                                 encode_cost, dtypes=FLOAT_DTYPES, layout="[B, T, C, H, W]")
+    latents = run_model(call, device, lambda x: encoded_latents(vae, x, mode, seed), videos)
+    return tensor_response(call, {"latents": latents}, {"mode": mode, "seed": seed})
+
+
+def decoded_video(vae, samples: torch.Tensor, output: str) -> torch.Tensor:
+    """What ``/vae-api`` answers for ``samples [B, F, z, h, w]`` (any device): the video
+    ``[B, T, 3, H, W]`` on the host, in the VAE dtype or as uint8 frames (``output``). The model
+    work of the route, also run by the service rehearsal (``benchmark/rehearse.py --service``)."""
+    video = vae.decode(samples)
+    return (to_uint8_frames(video) if output == "uint8" else video).cpu()
+
+
+def encoded_latents(vae, videos: torch.Tensor, mode: str, seed: Optional[int]) -> torch.Tensor:
+    """What ``/vae-encode-api`` answers for ``videos [B, T, 3, H, W]``: the latents
+    ``[B, F, z, h, w]`` on the host (``mode``: "sample" or "mean"; ``seed``: a reproducible sample)."""
     # a CPU generator makes seeded samples identical whatever device the VAE runs on
     generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-    latents = run_model(call, device, lambda x: vae.encode(x, generator=generator, mode=mode).cpu(), videos)
-    return tensor_response(call, {"latents": latents}, {"mode": mode, "seed": seed})
+    return vae.encode(videos, generator=generator, mode=mode).cpu()
 
 
 # ----------------------------------------------------------------------------------------

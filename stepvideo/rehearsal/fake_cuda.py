@@ -220,8 +220,15 @@ _NUMPY_DTYPES = {torch.uint8: np.uint8, torch.int64: np.int64, torch.int32: np.i
 def _cuda_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """The kernel PyTorch's CUDA SDPA picks, as shape-only ops: flash attention for bf16 / fp16
     without a mask, the memory-efficient kernel with one (a boolean mask becomes an additive
-    bias). A CPU-only build would otherwise fall back to the math path and its L x L scores."""
+    bias). A CPU-only build would otherwise fall back to the math path and its L x L scores.
+
+    Every fused CUDA kernel needs the last dimension of q, k and v at stride 1 (or of size 1);
+    otherwise CUDA runs the math path too, scores and all (the VAE's single-head attention on a
+    transposed view is such a call), and so does this answer."""
     aten = torch.ops.aten
+    if any(t.stride(-1) != 1 and t.shape[-1] != 1 for t in (q, k, v)):
+        return aten._scaled_dot_product_attention_math.default(q, k, v, attn_mask, dropout_p, is_causal,
+                                                               scale=scale, enable_gqa=enable_gqa)[0]
     if attn_mask is None and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256 and not enable_gqa:
         return aten._scaled_dot_product_flash_attention.default(q, k, v, dropout_p, is_causal, False,
                                                                 scale=scale)[0]

@@ -18,26 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..accelerator import accelerator, using
+from ..accelerator import accelerator
 from ..cli.generate import build_parser, generate
 from ..errors import one_line
 from ..models import rope
 from ..perf import memory_accounting as acc
 from ..perf.memory_profiles import PROFILES
 from .audit import DeviceAudit
-from .fake_cuda import GIB, CudaTensorPython, FakeCuda, cuda_generators_on_host, module_to_in_place
-from .fake_group import fake_process_group
-from .model_dir import write_model_dir
+from .fake_cuda import GIB
+from .service import ServiceAnswers, ServiceRehearsal, answers_path, model_dir_for, rehearse_service
+from .session import DeviceSession
+from .stand_in_service import fake_tensors_sent_as_zeros, stand_in_service
 
 DEFAULT_CARD_GIB = 79.0          # an 80 GB card (budget when the profile has none, as multi-rank runs)
 
@@ -62,6 +60,15 @@ class Rehearsal:
     card_gib: Optional[float] = None         # device memory; default: the profile's budget
     work_dir: Optional[str] = None           # where the shape-only model folder and the mp4 go
     on_gpu: bool = False                     # the same run and audit on the real CUDA device (zero weights)
+    no_service: Optional[bool] = None        # rank 0 encodes and decodes itself; default: one-GPU runs
+                                             # with a memory profile; else the service is elsewhere
+
+    @property
+    def local(self) -> bool:
+        """``--no_service``: the encoders and the VAE on this rank (else a service on another GPU)."""
+        if self.no_service is not None:
+            return self.no_service
+        return self.nproc == 1 and self.profile != "none"
 
     @property
     def frames(self) -> int:
@@ -71,7 +78,7 @@ class Rehearsal:
     def layout_name(self) -> str:
         return (f"{self.mode}-{self.height}x{self.width}x{self.frames}-{self.steps}steps-{self.nproc}ranks-"
                 f"sp{self.ulysses_degree}-tp{self.tensor_parallel_degree}-cfg{int(self.cfg_parallel)}-"
-                f"{self.sp_backend}-{'full' if self.full else 'tiny'}")
+                f"{self.sp_backend}-{'full' if self.full else 'tiny'}-{'local' if self.local else 'service'}")
 
     @property
     def budget_gib(self) -> float:
@@ -116,13 +123,15 @@ class RehearsalResult:
                 f"h2d_gib_per_step={a.bytes_per_step(a.h2d) / GIB:.2f}")
 
 
-def command_line(r: Rehearsal, model_dir: Path, output: Path, image: Optional[Path]) -> List[str]:
-    """The ``run_parallel.py`` flags of the rehearsed run."""
+def command_line(r: Rehearsal, model_dir: Path, output: Path, image: Optional[Path],
+                 service_url: Optional[str] = None) -> List[str]:
+    """The ``run_parallel.py`` flags of the rehearsed run (``service_url``: where the caption/VAE
+    service is, unless ``r.local``)."""
     argv = ["--model_dir", str(model_dir), "--prompt", "a cat on a window sill, rain outside",
             "--height", str(r.height), "--width", str(r.width), "--num_frames", str(r.frames),
             "--infer_steps", str(r.steps), "--output_path", str(output), "--decode_retries", "0",
             "--attention_backend", "auto"]
-    argv += ["--no_service"]
+    argv += ["--no_service"] if r.local else ["--vae_url", service_url, "--caption_url", service_url]
     if r.nproc == 1:
         argv += ["--memory_profile", r.profile]
     else:
@@ -150,65 +159,24 @@ class _PlacementLog(logging.Handler):
             self._audit.enter_stage("placement")
 
 
-@contextlib.contextmanager
-def _launch_env(rank: int, world_size: int):
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _device_bytes(snapshot: dict, device: torch.device) -> int:
-    return sum(v.get("Total", 0) for k, v in snapshot.items() if torch.device(k) == device)
-
-
 def rehearse(r: Rehearsal) -> RehearsalResult:
     """Run the rehearsal described in the module docstring; never raises for a failed run
     (``RehearsalResult.error`` holds the one-line reason)."""
     start = time.perf_counter()
     work = Path(r.work_dir or tempfile.mkdtemp(prefix="stepvideo-rehearsal-"))
     work.mkdir(parents=True, exist_ok=True)
-    variant = "ti2v" if r.mode == "ti2v" else "t2v"
-    model_dir = work / f"model-{variant}-{'full' if r.full else 'tiny'}"
-    if not (model_dir / "model_index.json").is_file():
-        write_model_dir(model_dir, variant, full=r.full)
-    image = _first_image(work, r) if variant == "ti2v" else None
+    model_dir = model_dir_for(work, r.mode, r.full)
+    image = _first_image(work, r) if r.mode == "ti2v" else None
     output = work / f"rehearsal-rank{r.rank}.mp4"
     recording = work / f"broadcasts-{r.layout_name}.pickle"
     if r.on_gpu and (r.nproc != 1 or not accelerator().is_available()):
         raise ValueError("--on_gpu runs one rank on this host's CUDA device: it needs a GPU and --nproc 1")
     if r.rank != 0 and not recording.is_file():
         rehearse(replace(r, rank=0))                      # rank 0 first: its broadcasts are replayed here
-    args = build_parser().parse_args(command_line(r, model_dir, output, image))
+    answers = None if r.local else _service_answers(work, r)
 
-    device = torch.device("cuda", r.rank)
-    audit = DeviceAudit(device=device, total_steps=r.steps, answer_host_reads=not r.on_gpu)
-    tracker = acc._StorageTracker()
-    fake_cuda = FakeCuda(r.nproc, int(r.budget_gib * GIB), on_sync=audit.note_sync,
-                         used_bytes=lambda index: _device_bytes(tracker.get_tracker_snapshot("current"),
-                                                                torch.device("cuda", index)))
-    stage_peaks: Dict[str, int] = {}
-    enter_stage = audit.enter_stage
-
-    def close_stage() -> None:                             # the stage's own peak, then start afresh
-        label = audit.stage_order[-1] if audit.stage_order else "load"
-        stage_peaks[label] = max(stage_peaks.get(label, 0), tracker._peak_mem.get(device, 0))
-        current = tracker.get_tracker_snapshot("current")
-        tracker._peak_mem = {d: snap.get("Total", 0) for d, snap in current.items()}
-        tracker._peak_mem_snap = current
-
-    def enter_and_measure(stage: str) -> None:
-        close_stage()
-        enter_stage(stage)
-
-    audit.enter_stage = enter_and_measure
-    placement = _PlacementLog(audit)
+    session = DeviceSession(r.rank, r.nproc, r.budget_gib, r.steps, recording=recording, on_gpu=r.on_gpu)
+    placement = _PlacementLog(session.audit)
     profiles_logger = logging.getLogger("stepvideo.perf.memory_profiles")
     old_level = profiles_logger.level
     profiles_logger.setLevel(logging.DEBUG)
@@ -217,17 +185,14 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
     rope._PARTNERS.clear()
     error = None
     try:
-        with _launch_env(r.rank, r.nproc), contextlib.ExitStack() as fake:
-            if not r.on_gpu:
-                for mode in (fake_process_group(r.rank, r.nproc, recording), using(fake_cuda), module_to_in_place(),
-                             cuda_generators_on_host(), FakeTensorMode(allow_non_fake_inputs=True),
-                             acc._ShapeOnlyScaledMM()):
-                    fake.enter_context(mode)
-            with tracker:
-                if not r.on_gpu:
-                    fake.enter_context(CudaTensorPython(audit.answer_cuda_read))
-                with audit, torch.no_grad():
-                    generate(args)
+        with contextlib.ExitStack() as stack:
+            url = None
+            if answers is not None:
+                url = stack.enter_context(stand_in_service(answers))
+                stack.enter_context(fake_tensors_sent_as_zeros())
+            args = build_parser().parse_args(command_line(r, model_dir, output, image, url))
+            stack.enter_context(session.running())
+            generate(args)
     except Exception as exc:                              # reported in the last line, with the cause
         error = f"{type(exc).__name__}: {one_line(exc)}"
         logging.getLogger(__name__).debug("rehearsal failed", exc_info=True)
@@ -236,11 +201,23 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
         rope._PARTNERS.update(saved_partners)
         profiles_logger.removeHandler(placement)
         profiles_logger.setLevel(old_level)
-    close_stage()
-    peak = max(stage_peaks.values(), default=0)
-    return RehearsalResult(config=r, audit=audit, allocated_peak=peak, stage_peaks=stage_peaks,
+    return RehearsalResult(config=r, audit=session.audit, allocated_peak=session.allocated_peak,
+                           stage_peaks=session.stage_peaks,
                            placement=placement.lines, output=str(output) if output.is_file() else None,
                            seconds=time.perf_counter() - start, error=error)
+
+
+def _service_answers(work: Path, r: Rehearsal) -> ServiceAnswers:
+    """What the service elsewhere answers: the shapes of its own rehearsal at this size (run
+    first when not yet in ``work``)."""
+    service = ServiceRehearsal(mode=r.mode, height=r.height, width=r.width, num_frames=r.frames, full=r.full,
+                               work_dir=str(work))
+    path = answers_path(work, service)
+    if not path.is_file():
+        result = rehearse_service(service)
+        if result.answers is None:
+            raise ValueError(f"the service rehearsal this run needs failed: {result.error}")
+    return ServiceAnswers.load(path)
 
 
 def _first_image(work: Path, r: Rehearsal) -> Path:
