@@ -4,6 +4,7 @@ r"""Rehearse the first GPU run on this CPU-only host: fake CUDA devices, fake pr
     python benchmark/rehearse.py --profile 24g --mode ti2v              # TI2V, 102 frames
     python benchmark/rehearse.py --profile none --nproc 4 --rank 3 --ulysses_degree 4
     python benchmark/rehearse.py --profile 48g --tiny --height 64 --width 64 --num_frames 17
+    python benchmark/rehearse.py --service [--mode ti2v]                # the caption/VAE service's own GPU
 
 The real entry path of ``run_parallel.py`` (``stepvideo.cli.generate.generate``) runs on fake
 ``cuda:<rank>`` tensors (FakeTensorMode) with the released architecture's weights as shape-only
@@ -31,6 +32,7 @@ from stepvideo.perf import memory_accounting as acc  # noqa: E402
 from stepvideo.rehearsal.audit import print_events  # noqa: E402
 from stepvideo.rehearsal.fake_cuda import GIB  # noqa: E402
 from stepvideo.rehearsal.run import Rehearsal, rehearse  # noqa: E402
+from stepvideo.rehearsal.service import ServiceRehearsal, rehearse_service  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="denoising steps")
     p.add_argument("--card_gib", type=float, default=None, help="device memory (default: the profile's budget)")
     p.add_argument("--tiny", action="store_true", help="the tiny test model instead of the released sizes")
+    p.add_argument("--host_ram_gib", type=float, default=1024.0,
+                   help="host RAM the run's pre-flight plans with (the fake weights take none; default: a GPU "
+                        "node's 1024 GiB; a small value rehearses the host-memory choice)")
+    p.add_argument("--service", action="store_true",
+                   help="rehearse the caption/VAE service on its own device instead: the prompt embedding, "
+                        "(TI2V) the image encode and the full-size decode of one generation")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--no_service", dest="no_service", action="store_true", default=None,
+                       help="rank 0 encodes and decodes itself (default for one-GPU runs with a memory profile)")
+    where.add_argument("--service_elsewhere", dest="no_service", action="store_false",
+                       help="rank 0 talks to a caption/VAE service on another GPU (default for multi-rank runs "
+                            "and --profile none): the real service app on 127.0.0.1 answering the shapes "
+                            "of the service's own rehearsal")
     p.add_argument("--work_dir", default=None, help="folder for the shape-only model and the mp4 (default: a temp dir)")
     p.add_argument("--on_gpu", action="store_true",
                    help="run the same command and audit on this host's CUDA GPU (zero weights; scripts/gpu_check.sh)")
@@ -65,17 +80,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def main_service(args: argparse.Namespace) -> int:
+    """``--service``: the caption/VAE service's requests on its own fake device."""
+    config = ServiceRehearsal(mode=args.mode, height=args.height, width=args.width, num_frames=args.num_frames,
+                              full=not args.tiny, card_gib=args.card_gib, work_dir=args.work_dir, on_gpu=args.on_gpu)
+    print(f"# service rehearsal: {args.mode} {config.height}x{config.width}x{config.frames}, "
+          f"{'tiny' if args.tiny else 'released'} model, encoders and VAE on fake cuda:0 of {config.budget_gib:g} GiB",
+          flush=True)
+    result = rehearse_service(config)
+    print(f"loaded: {result.loaded / GIB:.2f} GiB on the device")
+    for name, peak in result.request_peaks.items():
+        print(f"peak during {name}: {peak / GIB:.2f} GiB allocated")
+    for line in result.comparison():
+        print(line)
+    print(f"budget per request: {result.budget / GIB:.2f} GiB ({result.budget_source})")
+    for line in result.refusals:
+        print(f"refused: {line}")
+    print_events(result.audit)
+    print(f"{result.seconds:.0f} s")
+    if result.error:
+        print(f"error: {result.error}")
+    print(result.last_line())
+    return 0 if result.ok else 1
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.service:
+        return main_service(args)
     config = Rehearsal(profile=args.profile, mode=args.mode, nproc=args.nproc, rank=args.rank,
                        ulysses_degree=args.ulysses_degree, tensor_parallel_degree=args.tensor_parallel_degree,
                        cfg_parallel=args.cfg_parallel, sp_backend=args.sp_backend, height=args.height,
                        width=args.width, num_frames=args.num_frames, steps=args.steps, full=not args.tiny,
-                       card_gib=args.card_gib, work_dir=args.work_dir, on_gpu=args.on_gpu)
+                       card_gib=args.card_gib, work_dir=args.work_dir, on_gpu=args.on_gpu,
+                       no_service=args.no_service, host_ram_gib=args.host_ram_gib)
     print(f"# rehearsal: {args.mode} {config.height}x{config.width}x{config.frames}, {config.steps} steps, "
           f"{'tiny' if args.tiny else 'released'} model, profile {args.profile}, rank {args.rank} of {args.nproc} "
           f"(SP {config.ulysses_degree} x TP {config.tensor_parallel_degree}"
-          f"{' x CFG 2' if config.cfg_parallel else ''}), fake cuda:{args.rank} of {config.budget_gib:g} GiB",
+          f"{' x CFG 2' if config.cfg_parallel else ''}), fake cuda:{args.rank} of {config.budget_gib:g} GiB, "
+          f"{'encoders and VAE on this rank (--no_service)' if config.local else 'caption/VAE service elsewhere'}, "
+          f"host RAM {args.host_ram_gib:g} GiB",
           flush=True)
     try:
         result = rehearse(config)

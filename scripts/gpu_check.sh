@@ -12,6 +12,8 @@
 #    the shape-only folder's zero weights) on fake CUDA, then the same run and audit on this GPU
 #    (--on_gpu); the two lines carry the same fields (peak_gib, mixed_device_ops, host_syncs_per_step,
 #    h2d_gib_per_step) and compare field by field.
+# 4. The same for the caption/VAE service on its own GPU: benchmark/rehearse.py --service (the prompt
+#    embedding and the full-size 204-frame decode, zero weights) on fake CUDA, then --on_gpu.
 # Prints one line per comparison: measured GiB, accounted GiB, ratio. Needs 80 GiB of device memory
 # and ~64 GiB of host memory (the DiT is parked on the host while the VAE decodes).
 set -euo pipefail
@@ -148,4 +150,6 @@ EOF
 work=$(mktemp -d)
 "$PY" benchmark/rehearse.py --profile 80g --work_dir "$work" | tail -n 1
 timeout 900 "$PY" benchmark/rehearse.py --profile 80g --work_dir "$work" --on_gpu | tail -n 1
+"$PY" benchmark/rehearse.py --service --work_dir "$work" | tail -n 1
+timeout 300 "$PY" benchmark/rehearse.py --service --work_dir "$work" --on_gpu | tail -n 1
 rm -rf "$work"

@@ -44,12 +44,59 @@ def test_one_gpu_rehearsal_passes_for_every_profile(work_dir, profile):
 
 
 @pytest.mark.parametrize("layout", [dict(nproc=2, rank=1, ulysses_degree=2),
-                                    dict(nproc=2, rank=0, ulysses_degree=1, tensor_parallel_degree=2)],
-                         ids=["SP2-rank1", "TP2-rank0"])
+                                    dict(nproc=2, rank=0, ulysses_degree=1, tensor_parallel_degree=2),
+                                    dict(nproc=2, rank=0, ulysses_degree=2, no_service=True)],
+                         ids=["SP2-rank1", "TP2-rank0-service-elsewhere", "SP2-rank0-no-service"])
 def test_multi_rank_rehearsal_passes(work_dir, layout):
     result = rehearse(Rehearsal(profile="none", work_dir=work_dir, **layout, **TINY))
     _passes(result)
     assert str(result.audit.device) == f"cuda:{layout['rank']}"
+    if layout["rank"] == 0:            # rank 0 writes the mp4 (of the stand-in service's zero video, or its own)
+        assert result.output is not None and Path(result.output).stat().st_size > 0
+        # with the service elsewhere nothing encodes or decodes on this rank's device
+        assert ("encode" in result.audit.stage_order) == bool(layout.get("no_service"))
+
+
+def test_the_service_rehearsal_passes_and_agrees_with_the_cost_model(work_dir):
+    """The service's requests of a TI2V generation on its own fake device: caption, image encode,
+    decode; each VAE request's device bytes beyond the weights within 3% of cost.py's trace."""
+    from stepvideo.caption_service.cost import RUNTIME_OVERHEAD_BYTES
+    from stepvideo.rehearsal.service import ServiceRehearsal, rehearse_service
+
+    result = rehearse_service(ServiceRehearsal(mode="ti2v", full=False, height=32, width=32, num_frames=17,
+                                               work_dir=work_dir))
+    assert result.error is None, result.error
+    assert result.ok and result.last_line().startswith("rehearsal: ok "), result.last_line()
+    assert set(result.request_peaks) == {"caption", "image encode", "decode"}
+    assert result.refusals == [] and result.budget > 0
+    for name in ("image encode", "decode"):
+        traced = result.predicted[name] - RUNTIME_OVERHEAD_BYTES
+        assert abs(traced - result.request_extra[name]) <= 0.03 * result.request_extra[name], result.comparison()
+    answers = result.answers        # what the stand-in service will answer rank 0
+    assert answers.caption["y_mask"].shape == (2, 397) and answers.video.shape == (1, 17, 3, 32, 32)
+    assert answers.latents.shape[:2] == (1, 1)
+
+
+def test_fused_cuda_attention_needs_stride_one_last_dims():
+    """PyTorch's CUDA SDPA runs a fused kernel only when q, k and v have stride 1 in their last
+    dimension; the VAE's attention on a transposed view runs the math path and its L x L scores.
+    The rehearsal's answer must do the same (it once picked flash: 0.75 GiB missing per chunk)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from stepvideo.caption_service.cost import LiveBytesTracker
+    from stepvideo.rehearsal.fake_cuda import CudaTensorPython
+
+    length, width = 512, 64
+    with FakeTensorMode(allow_non_fake_inputs=True), CudaTensorPython():
+        dense = torch.empty(1, 1, length, width, dtype=torch.bfloat16, device="cuda:0")
+        strided = torch.empty(1, width, length, dtype=torch.bfloat16, device="cuda:0").transpose(1, 2).unsqueeze(1)
+        peaks = {}
+        for name, q in (("dense", dense), ("strided", strided)):
+            with LiveBytesTracker() as tracker:
+                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+            peaks[name] = tracker.peak
+    scores = length * length * 2
+    assert peaks["dense"] < scores <= peaks["strided"], peaks
 
 
 def test_a_cpu_tensor_in_the_step_loop_fails_the_rehearsal_naming_op_and_line(work_dir):

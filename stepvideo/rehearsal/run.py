@@ -60,6 +60,7 @@ class Rehearsal:
     card_gib: Optional[float] = None         # device memory; default: the profile's budget
     work_dir: Optional[str] = None           # where the shape-only model folder and the mp4 go
     on_gpu: bool = False                     # the same run and audit on the real CUDA device (zero weights)
+    host_ram_gib: Optional[float] = 1024.0   # the host RAM pre-flight plans with (None: this machine's)
     no_service: Optional[bool] = None        # rank 0 encodes and decodes itself; default: one-GPU runs
                                              # with a memory profile; else the service is elsewhere
 
@@ -175,7 +176,8 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
         rehearse(replace(r, rank=0))                      # rank 0 first: its broadcasts are replayed here
     answers = None if r.local else _service_answers(work, r)
 
-    session = DeviceSession(r.rank, r.nproc, r.budget_gib, r.steps, recording=recording, on_gpu=r.on_gpu)
+    session = DeviceSession(r.rank, r.nproc, r.budget_gib, r.steps, recording=recording, on_gpu=r.on_gpu,
+                            host_ram_gib=None if r.on_gpu else r.host_ram_gib)
     placement = _PlacementLog(session.audit)
     profiles_logger = logging.getLogger("stepvideo.perf.memory_profiles")
     old_level = profiles_logger.level

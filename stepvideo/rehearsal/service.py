@@ -60,6 +60,7 @@ class ServiceRehearsal:
     full: bool = True
     card_gib: Optional[float] = None     # the service's device; default an 80 GB card
     work_dir: Optional[str] = None
+    on_gpu: bool = False                 # the same requests and audit on this host's CUDA device (zero weights)
 
     @property
     def frames(self) -> int:
@@ -130,7 +131,8 @@ class ServiceRehearsalResult:
 
     def last_line(self) -> str:
         a = self.audit
-        return (f"rehearsal: {'ok' if self.ok else 'FAIL'} peak_gib={self.peak / GIB:.2f} "
+        word = "gpu" if self.config.on_gpu else "rehearsal"
+        return (f"{word}: {'ok' if self.ok else 'FAIL'} peak_gib={self.peak / GIB:.2f} "
                 f"budget_gib={self.config.budget_gib:g} mixed_device_ops={len(a.mixed())} "
                 f"host_syncs_per_step=0 h2d_gib_per_step=0.00")
 
@@ -171,7 +173,7 @@ def rehearse_service(r: ServiceRehearsal) -> ServiceRehearsalResult:
     work = Path(r.work_dir or tempfile.mkdtemp(prefix="stepvideo-rehearsal-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir = model_dir_for(work, r.mode, r.full)
-    session = DeviceSession(0, 1, r.budget_gib, steps=0)
+    session = DeviceSession(0, 1, r.budget_gib, steps=0, on_gpu=r.on_gpu)
     predicted: Dict[str, int] = {}
     shapes: Dict[str, Tuple[int, ...]] = {}
     answers = None

@@ -21,16 +21,17 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..accelerator import using
 from ..perf import memory_accounting as acc
+from ..perf.host_memory import HOST_RAM_ENV
 from .audit import DeviceAudit
 from .fake_cuda import GIB, CudaTensorPython, FakeCuda, cuda_generators_on_host, module_to_in_place
 from .fake_group import fake_process_group
 
 
 @contextlib.contextmanager
-def _launch_env(rank: int, world_size: int) -> Iterator[None]:
-    """The environment torchrun gives rank ``rank`` of ``world_size``, restored afterwards."""
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+def _environment(values: Dict[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` (torchrun's rank variables, the host's RAM), restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -54,11 +55,16 @@ class DeviceSession:
         steps: denoising steps the audit expects (0 for the service).
         recording: the file of rank 0's object broadcasts (:mod:`.fake_group`), for ``nproc > 1``.
         on_gpu: run on the host's real CUDA device instead (no fakes).
+        host_ram_gib: the host RAM the run's pre-flight plans with (``STEPVIDEO_HOST_RAM_GIB``);
+            None: this machine's.
     """
 
     def __init__(self, rank: int, nproc: int, budget_gib: float, steps: int, *,
-                 recording: Optional[Path] = None, on_gpu: bool = False):
+                 recording: Optional[Path] = None, on_gpu: bool = False, host_ram_gib: Optional[float] = None):
         self.rank, self.nproc, self.on_gpu, self.recording = rank, nproc, on_gpu, recording
+        self.env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc)}
+        if host_ram_gib is not None:          # the host the run plans its RAM for (fake weights take none)
+            self.env[HOST_RAM_ENV] = f"{host_ram_gib:g}"
         self.device = torch.device("cuda", rank)
         self.audit = DeviceAudit(device=self.device, total_steps=steps, answer_host_reads=not on_gpu)
         self.tracker = acc._StorageTracker()
@@ -116,7 +122,7 @@ class DeviceSession:
     @contextlib.contextmanager
     def running(self) -> Iterator["DeviceSession"]:
         """Everything of the module docstring, entered in order and left in reverse."""
-        with _launch_env(self.rank, self.nproc), contextlib.ExitStack() as stack:
+        with _environment(self.env), contextlib.ExitStack() as stack:
             if not self.on_gpu:
                 for mode in (fake_process_group(self.rank, self.nproc, self.recording), using(self.fake_cuda),
                              module_to_in_place(), cuda_generators_on_host(),
