@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a request waits for its device before 503 (default %(default)s)")
     lim.add_argument("--max_memory_gb", type=float, default=None,
                      help="most memory one model call may use beyond the weights, predicted from the request's "
-                          "shape before it runs; 413 above (default: half the device's free memory after loading)")
+                          "shape before it runs; 413 above (default: 0.9 of a GPU's free memory after loading, half "
+                          "the host's on CPU)")
     lim.add_argument("--max_json_depth", type=int, default=32, help="deepest JSON nesting accepted (default %(default)s)")
     lim.add_argument("--test_delay", type=float, default=0.0,
                      help="testing only: seconds each model call sleeps while holding its device (default 0)")
