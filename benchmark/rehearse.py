@@ -37,8 +37,9 @@ from stepvideo.rehearsal.service import ServiceRehearsal, rehearse_service  # no
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--profile", default="80g", choices=list(PROFILES),
-                   help="memory profile of a one-GPU run (multi-rank runs: its budget; 'none': an 80 GB card)")
+    p.add_argument("--profile", default="80g", choices=[*PROFILES, "auto"],
+                   help="--memory_profile of the run (its budget is the card's; 'none' and 'auto': an 80 GB card, "
+                        "or --card_gib)")
     p.add_argument("--mode", default="t2v", choices=["t2v", "ti2v"])
     p.add_argument("--nproc", type=int, default=1, help="ranks in the layout")
     p.add_argument("--rank", type=int, default=0, help="the rank this process rehearses")

@@ -16,6 +16,30 @@ def test_resolve_profile_names_and_auto_on_cpu():
         resolve_profile("12g", "cpu")
 
 
+def test_auto_parks_rank0s_dit_only_for_multi_rank_runs_without_a_service():
+    """``auto``: one GPU by the card's size; several ranks with ``--no_service``: rank 0 parks its
+    DiT share while it encodes and decodes on a card under 141g's budget; others keep ``none``."""
+    from types import SimpleNamespace
+
+    from stepvideo.accelerator import using
+    from stepvideo.perf.memory_profiles import RANK0_PARKS_DIT, run_profile
+    from stepvideo.rehearsal.fake_cuda import FakeCuda
+
+    local = SimpleNamespace(memory_profile="auto", local=True)
+    service = SimpleNamespace(memory_profile="auto", local=False)
+    gib = 1 << 30
+    with using(FakeCuda(4, 79 * gib)):
+        assert run_profile(local, 4, 0, "cuda:0") is RANK0_PARKS_DIT
+        assert run_profile(local, 4, 3, "cuda:3").name == "none"
+        assert run_profile(service, 4, 0, "cuda:0").name == "none"
+        assert run_profile(local, 1, 0, "cuda:0").name == "80g"
+        assert run_profile(SimpleNamespace(memory_profile="none", local=True), 4, 0, "cuda:0").name == "none"
+    with using(FakeCuda(4, 140 * gib)):
+        assert run_profile(local, 4, 0, "cuda:0").name == "none"        # 96.5 GiB fits a 141 GB card
+    assert run_profile(local, 4, 0, "cpu").name == "none"
+    assert RANK0_PARKS_DIT.moves_dit and not RANK0_PARKS_DIT.dit_fp8 and not RANK0_PARKS_DIT.dit_streamed_blocks
+
+
 def test_memory_profile_flag_reaches_runtime_config():
     from stepvideo import cli
     from stepvideo.cli.generate import build_parser

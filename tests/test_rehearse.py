@@ -57,6 +57,24 @@ def test_multi_rank_rehearsal_passes(work_dir, layout):
         assert ("encode" in result.audit.stage_order) == bool(layout.get("no_service"))
 
 
+def test_rank0_without_a_service_parks_its_dit_while_it_encodes_and_decodes(work_dir):
+    """``--no_service`` on several 80 GB ranks: rank 0 encodes and decodes on top of its DiT share.
+    Its first full-size rehearsal (SP4) peaked at 96.5 GiB while encoding; with ``auto`` its share
+    now waits on the host meanwhile, as the 80g profile does for one GPU, and the other ranks keep
+    theirs."""
+    layout = dict(nproc=2, ulysses_degree=2, no_service=True)
+    rank0 = rehearse(Rehearsal(profile="auto", rank=0, work_dir=work_dir, **layout, **TINY))
+    _passes(rank0)
+    events = rank0.placement
+    assert "memory profile auto (rank 0 parks its DiT): encode: text_encoders -> released" in events, events
+    assert events.index("memory profile auto (rank 0 parks its DiT): encode: text_encoders -> released") < \
+        events.index("memory profile auto (rank 0 parks its DiT): denoise: dit -> device") < \
+        events.index("memory profile auto (rank 0 parks its DiT): decode: dit -> host")
+    rank1 = rehearse(Rehearsal(profile="auto", rank=1, work_dir=work_dir, **layout, **TINY))
+    _passes(rank1)
+    assert rank1.placement == ["memory profile none: load: dit -> device"], rank1.placement
+
+
 def test_the_service_rehearsal_passes_and_agrees_with_the_cost_model(work_dir):
     """The service's requests of a TI2V generation on its own fake device: caption, image encode,
     decode; each VAE request's device bytes beyond the weights within 3% of cost.py's trace."""

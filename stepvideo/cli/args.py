@@ -50,7 +50,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "encoders before the DiT, DiT off the device while the VAE decodes; 48g fp8 DiT + 80g; "
                         "24g DiT blocks and Step-LLM layers streamed with prefetch, tiled VAE decode; 16g the 24g "
                         "placement with fp8 blocks and token-chunked blocks; none: keep everything as "
-                        "loaded; auto (default): by the device's memory for one-GPU --no_service runs, else none; "
+                        "loaded; auto (default): by the device's memory for one-GPU --no_service runs; with several "
+                        "ranks and --no_service rank 0 parks its DiT on the host while it encodes and decodes "
+                        "(cards under 141 GB); else none; "
                         "the host's RAM is checked before any weight is read")
     g.add_argument("--stream_from_disk", action="store_true",
                    help="read the streamed DiT blocks from the checkpoint files as they are needed (memory-mapped, "

@@ -27,7 +27,9 @@ less the driver's share), 15.5 GiB of a 16 GB RTX 4080 / 4070 Ti Super / 5070 Ti
 T4 (16,376 MiB less the driver's share). Every profile's full-size peak (``benchmark/bench_memory.py``, measured
 under FakeTensorMode + MemTracker plus the stated CUDA constants) stays at least 3% under its
 budget at 544x992x204 (T2V) and 544x992x102 (TI2V); the numbers are in docs/performance.md.
-``auto`` picks the largest profile whose budget fits the device's total memory (``none`` on CPU).
+``auto`` picks the largest profile whose budget fits the device's total memory (``none`` on CPU)
+for a one-GPU ``--no_service`` run; rank 0 of a multi-rank ``--no_service`` run gets
+:data:`RANK0_PARKS_DIT` on a card under 141g's budget (:func:`run_profile`); other runs ``none``.
 
 Host RAM: :func:`check_host` (pre-flight, before any weight is read) compares the profile's host
 peak (:mod:`stepvideo.perf.host_memory`) with the available RAM and refuses in one line, or, with
@@ -112,12 +114,31 @@ def resolve_profile(name: str, device) -> MemoryProfile:
     return PROFILES["16g"]
 
 
+# Rank 0 of a multi-rank ``--no_service`` run encodes and decodes on top of its DiT share. On a card
+# under the 141g size its share waits on the host meanwhile, as the 80g profile does for one GPU
+# (an SP4 rank 0 on an 80 GB card kept it there: 96.5 GiB while encoding, benchmark/rehearse.py).
+# Nothing else of a profile applies (no fp8, no streaming): every rank holds the same DiT.
+RANK0_PARKS_DIT = MemoryProfile("auto (rank 0 parks its DiT)", 0.0, dit_on_device_for_encode=False,
+                                dit_on_device_for_decode=False)
+
+
 def run_profile_name(runtime, world_size: int) -> str:
     """The profile a run asks for: ``auto`` applies to one-GPU ``--no_service`` runs only (else ``none``)."""
     name = runtime.memory_profile
     if name == "auto" and not (runtime.local and world_size == 1):
         return "none"
     return name
+
+
+def run_profile(runtime, world_size: int, rank: int, device) -> MemoryProfile:
+    """The profile rank ``rank`` runs: :func:`run_profile_name` resolved on ``device``, except that
+    with ``auto`` rank 0 of a multi-rank ``--no_service`` run on a card under 141g's budget gets
+    :data:`RANK0_PARKS_DIT`."""
+    if runtime.memory_profile == "auto" and runtime.local and world_size > 1 and rank == 0:
+        total = device_memory_gib(device)
+        if total is not None and total < PROFILES["141g"].budget_gib:
+            return RANK0_PARKS_DIT
+    return resolve_profile(run_profile_name(runtime, world_size), device)
 
 
 def check_host(runtime, sampling, parallel=None):
@@ -127,14 +148,15 @@ def check_host(runtime, sampling, parallel=None):
     checked for the DiT alone the same way. Returns the :class:`~stepvideo.perf.host_memory.HostChoice`."""
     world = parallel.world_size if parallel is not None else 1
     name = run_profile_name(runtime, world)
-    profile = resolve_profile(name, _run_device())
+    profile = run_profile(runtime, world, 0, _run_device())      # rank 0 holds the most
     if getattr(runtime, "stream_from_disk", False) and not host_memory.supports_disk(profile):
         streaming = ", ".join(p.name for p in PROFILES.values() if host_memory.supports_disk(p))
         raise host_memory.HostMemoryError(
             f"--stream_from_disk needs a profile that streams every DiT block ({streaming}); this run uses "
             f"--memory_profile {profile.name}" + (f" (auto: {runtime.memory_profile})" if name != profile.name else ""))
+    fallbacks = [PROFILES["none"]] if profile is RANK0_PARKS_DIT else smaller_profiles(profile)
     choice = host_memory.decide_for_run(runtime, profile, sampling.height, sampling.width, sampling.num_frames,
-                                        auto=runtime.memory_profile == "auto", fallbacks=smaller_profiles(profile))
+                                        auto=runtime.memory_profile == "auto", fallbacks=fallbacks)
     if choice.disk and not getattr(runtime, "stream_from_disk", False):
         logger.warning("host RAM: %.1f GiB available, profile %s holds more; streaming the DiT blocks from disk "
                        "(host peak %.1f GiB)", choice.available / GIB, profile.name, choice.plan.peak / GIB)

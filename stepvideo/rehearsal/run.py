@@ -69,7 +69,7 @@ class Rehearsal:
         """``--no_service``: the encoders and the VAE on this rank (else a service on another GPU)."""
         if self.no_service is not None:
             return self.no_service
-        return self.nproc == 1 and self.profile != "none"
+        return self.nproc == 1 and self.profile not in ("none", "auto")
 
     @property
     def frames(self) -> int:
@@ -85,7 +85,7 @@ class Rehearsal:
     def budget_gib(self) -> float:
         if self.card_gib is not None:
             return self.card_gib
-        budget = PROFILES[self.profile].budget_gib
+        budget = PROFILES[self.profile].budget_gib if self.profile in PROFILES else 0    # auto: the card
         return budget if budget > 0 else DEFAULT_CARD_GIB
 
 
@@ -133,9 +133,8 @@ def command_line(r: Rehearsal, model_dir: Path, output: Path, image: Optional[Pa
             "--infer_steps", str(r.steps), "--output_path", str(output), "--decode_retries", "0",
             "--attention_backend", "auto"]
     argv += ["--no_service"] if r.local else ["--vae_url", service_url, "--caption_url", service_url]
-    if r.nproc == 1:
-        argv += ["--memory_profile", r.profile]
-    else:
+    argv += ["--memory_profile", r.profile]
+    if r.nproc > 1:
         argv += ["--ulysses_degree", str(r.ulysses_degree), "--tensor_parallel_degree",
                  str(r.tensor_parallel_degree), "--sp_backend", r.sp_backend]
         if r.cfg_parallel:

@@ -28,7 +28,6 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..accelerator import accelerator
 from ..config import DiTConfig, OutputConfig, SamplingConfig
 from ..errors import GenerationCancelled, GenerationError  # noqa: F401  (GenerationError: kept importable here)
 from ..caption_service.client import READY_TIMEOUT_S
@@ -40,7 +39,7 @@ from ..parallel import load_parallel_dit
 from ..parallel.agree import on_all, on_main
 from ..parallel.state import validate_before_loading
 from ..perf.cache import cache_applied
-from ..perf.memory_profiles import Placement, resolve_profile, run_profile_name
+from ..perf.memory_profiles import Placement, run_profile
 from ..perf.speed import apply_speed_options
 from ..pipelines.outputs import StepVideoPipelineOutput
 from ..pipelines.pipeline import KeepLatents, StepVideoPipeline
@@ -128,9 +127,10 @@ class VideoGenerator:
 
     @staticmethod
     def _memory_placement(runtime: RuntimeConfig, state) -> Placement:
-        """The memory profile's placement (``auto`` applies to one-GPU ``--no_service`` runs only)."""
-        name = run_profile_name(runtime, state.world_size)
-        profile = resolve_profile(name, state.device)
+        """The memory profile's placement (``auto``: one-GPU ``--no_service`` runs by the card's
+        size; rank 0 of a multi-rank ``--no_service`` run parks its DiT share while it encodes and
+        decodes, :data:`~stepvideo.perf.memory_profiles.RANK0_PARKS_DIT`)."""
+        profile = run_profile(runtime, state.world_size, state.rank, state.device)
         logger.info("memory profile: %s", profile.name)
         return Placement.for_run(profile, state.device, runtime, auto=runtime.memory_profile == "auto")
 
