@@ -144,3 +144,21 @@ def test_the_command_prints_the_last_line(work_dir):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert last.startswith("rehearsal: ok peak_gib=") and " budget_gib=44.5 mixed_device_ops=0 " \
         "host_syncs_per_step=0 h2d_gib_per_step=" in last, last
+
+
+def test_a_failing_multi_rank_rehearsal_reports_instead_of_ending_the_process(tmp_path):
+    """A failed multi-rank run leaves its process at once (``process.exit_now``: a broken NCCL
+    group must not be torn down). A rehearsal must say FAIL with the rank's line and return: its
+    ``fake`` group cannot break, and the caller (this test process) must live on."""
+    def fail(module, args, output):
+        if type(module).__name__ == "StepVideoModel":
+            raise RuntimeError("planted failure in the DiT")
+
+    handle = torch.nn.modules.module.register_module_forward_hook(fail)
+    try:
+        result = rehearse(Rehearsal(profile="none", nproc=2, rank=1, ulysses_degree=2, work_dir=str(tmp_path),
+                                    **TINY))
+    finally:
+        handle.remove()
+    assert result.last_line().startswith("rehearsal: FAIL ")
+    assert result.error == "RankFailure: RuntimeError: planted failure in the DiT", result.error

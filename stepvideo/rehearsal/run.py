@@ -34,7 +34,7 @@ from ..perf.memory_profiles import PROFILES
 from .audit import DeviceAudit
 from .fake_cuda import GIB
 from .service import ServiceAnswers, ServiceRehearsal, answers_path, model_dir_for, rehearse_service
-from .session import DeviceSession
+from .session import DeviceSession, RankExit
 from .stand_in_service import fake_tensors_sent_as_zeros, stand_in_service
 
 DEFAULT_CARD_GIB = 79.0          # an 80 GB card (budget when the profile has none, as multi-rank runs)
@@ -194,6 +194,9 @@ def rehearse(r: Rehearsal) -> RehearsalResult:
             args = build_parser().parse_args(command_line(r, model_dir, output, image, url))
             stack.enter_context(session.running())
             generate(args)
+    except RankExit as exc:                               # the rank's own failure line, unwrapped
+        error = str(exc)
+        logging.getLogger(__name__).debug("rehearsal failed", exc_info=True)
     except Exception as exc:                              # reported in the last line, with the cause
         error = f"{type(exc).__name__}: {one_line(exc)}"
         logging.getLogger(__name__).debug("rehearsal failed", exc_info=True)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .. import process
 from ..accelerator import using
 from ..perf import memory_accounting as acc
 from ..perf.host_memory import HOST_RAM_ENV
@@ -40,6 +42,29 @@ def _environment(values: Dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class RankExit(RuntimeError):
+    """A rehearsed rank left the way a failed multi-rank run leaves (``process.exit_now``)."""
+
+
+@contextlib.contextmanager
+def _exits_raise() -> Iterator[None]:
+    """A failed multi-rank run prints its line and leaves the process at once
+    (:func:`stepvideo.process.exit_now`: a broken NCCL group must not be torn down). A rehearsal's
+    ``fake`` group cannot break, and the rehearsal must report the failure, not end the caller's
+    process: here the exit raises :class:`RankExit` from the failure being handled."""
+    original = process.exit_now
+
+    def exit_raises(code: int) -> None:
+        failure = sys.exc_info()[1]
+        raise RankExit(f"{type(failure).__name__}: {failure}" if failure is not None else f"exit code {code}")
+
+    process.exit_now = exit_raises
+    try:
+        yield
+    finally:
+        process.exit_now = original
 
 
 def _device_bytes(snapshot: dict, device: torch.device) -> int:
@@ -122,7 +147,7 @@ class DeviceSession:
     @contextlib.contextmanager
     def running(self) -> Iterator["DeviceSession"]:
         """Everything of the module docstring, entered in order and left in reverse."""
-        with _environment(self.env), contextlib.ExitStack() as stack:
+        with _environment(self.env), _exits_raise(), contextlib.ExitStack() as stack:
             if not self.on_gpu:
                 for mode in (fake_process_group(self.rank, self.nproc, self.recording), using(self.fake_cuda),
                              module_to_in_place(), cuda_generators_on_host(),
