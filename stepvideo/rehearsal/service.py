@@ -12,6 +12,10 @@ route handlers' own functions:
 * ``/vae-api``: :func:`~stepvideo.caption_service.handlers.decoded_video` of the run's latents
   ``[1, F, 64, h, w]`` (float32, as the pipeline sends them) with ``output="uint8"``.
 
+The handlers run these under ``torch.inference_mode``; the rehearsal runs them under ``no_grad``,
+which allocates the same on a device: under ``inference_mode`` composite ops (SDPA) reach
+FakeTensorMode undecomposed and their real allocations (the math path's scores) would be missed.
+
 Each request's device peak is measured (the loaded weights plus what the request adds); the VAE
 requests' extra bytes are set beside the prediction of the service's cost model
 (:mod:`stepvideo.caption_service.cost`), which the service checks against its budget before it
