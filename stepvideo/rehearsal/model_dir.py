@@ -108,6 +108,15 @@ def _full_vae(root: Path) -> None:
     _replace_weights(folder, stem, dict(iter_checkpoint_items(model)), torch.float32)
 
 
+def model_dir_for(work: Path, mode: str, full: bool) -> Path:
+    """The shape-only model folder of ``mode`` ("t2v" / "ti2v") in ``work``, written on first use."""
+    variant = "ti2v" if mode == "ti2v" else "t2v"
+    folder = work / f"model-{variant}-{'full' if full else 'tiny'}"
+    if not (folder / "model_index.json").is_file():
+        write_model_dir(folder, variant, full=full)
+    return folder
+
+
 def write_model_dir(out, variant: str = "t2v", full: bool = True) -> Path:
     """The folder described in the module docstring; replaces ``out`` if it exists."""
     out = Path(out)

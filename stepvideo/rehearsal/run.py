@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
-
 from ..accelerator import accelerator
 from ..cli.generate import build_parser, generate
 from ..errors import one_line
@@ -33,11 +32,10 @@ from ..perf import memory_accounting as acc
 from ..perf.memory_profiles import PROFILES
 from .audit import DeviceAudit
 from .fake_cuda import GIB
-from .service import ServiceAnswers, ServiceRehearsal, answers_path, model_dir_for, rehearse_service
-from .session import DeviceSession, RankExit
+from .model_dir import model_dir_for
+from .service import ServiceAnswers, ServiceRehearsal, answers_path, rehearse_service
+from .session import DEFAULT_CARD_GIB, DeviceSession, RankExit
 from .stand_in_service import fake_tensors_sent_as_zeros, stand_in_service
-
-DEFAULT_CARD_GIB = 79.0          # an 80 GB card (budget when the profile has none, as multi-rank runs)
 
 
 @dataclass

@@ -45,10 +45,9 @@ from ..perf import memory_accounting as acc
 from .audit import DeviceAudit
 from .fake_cuda import GIB
 from .fake_group import TensorSpec
-from .model_dir import write_model_dir
-from .session import DeviceSession
+from .model_dir import model_dir_for
+from .session import DEFAULT_CARD_GIB, DeviceSession
 
-DEFAULT_CARD_GIB = 79.0                 # an 80 GB card, as for the generation ranks
 PROMPTS = ["a cat on a window sill, rain outside", ""]      # the pipeline's [prompt + pos_magic, neg_magic]
 IMAGE_SEED = 0                          # the pipeline sends a seed with every image encode
 
@@ -109,7 +108,7 @@ class ServiceRehearsalResult:
     config: ServiceRehearsal
     audit: DeviceAudit
     request_peaks: Dict[str, int]                   # bytes on the device during each request
-    request_extra: Dict[str, int]                   # the same minus the bytes alive before it
+    request_starts: Dict[str, int]                  # bytes alive on the device when each request began
     predicted: Dict[str, int]                       # cost.py's prediction for the VAE requests
     loaded: int = 0                                 # bytes on the device once the models are in
     answers: Optional[ServiceAnswers] = None
@@ -118,6 +117,11 @@ class ServiceRehearsalResult:
     refusals: List[str] = field(default_factory=list)   # requests the service's budget check refuses
     seconds: float = 0.0
     error: Optional[str] = None
+
+    @property
+    def request_extra(self) -> Dict[str, int]:
+        """Bytes each request added to what was on the device before it."""
+        return {name: peak - self.request_starts[name] for name, peak in self.request_peaks.items()}
 
     @property
     def allocated_peak(self) -> int:
@@ -156,15 +160,6 @@ class ServiceRehearsalResult:
 
 def _spec(t: torch.Tensor) -> TensorSpec:
     return TensorSpec(tuple(t.shape), t.dtype, "cpu")
-
-
-def model_dir_for(work: Path, mode: str, full: bool) -> Path:
-    """The shape-only model folder of ``mode`` in ``work``, written on first use."""
-    variant = "ti2v" if mode == "ti2v" else "t2v"
-    folder = work / f"model-{variant}-{'full' if full else 'tiny'}"
-    if not (folder / "model_index.json").is_file():
-        write_model_dir(folder, variant, full=full)
-    return folder
 
 
 def answers_path(work: Path, r: ServiceRehearsal) -> Path:
@@ -216,7 +211,6 @@ def rehearse_service(r: ServiceRehearsal) -> ServiceRehearsalResult:
         logging.getLogger(__name__).debug("service rehearsal failed", exc_info=True)
     if answers is not None:
         answers.save(answers_path(work, r))
-    extra = {k: session.window_peaks[k] - session.window_starts[k] for k in session.window_peaks}
     refusals = []
     for name, predicted_bytes in predicted.items():
         try:
@@ -224,6 +218,6 @@ def rehearse_service(r: ServiceRehearsal) -> ServiceRehearsalResult:
         except RequestTooCostly as refused:
             refusals.append(f"413 {refused}")
     return ServiceRehearsalResult(config=r, audit=session.audit, request_peaks=dict(session.window_peaks),
-                                  request_extra=extra, predicted=predicted, loaded=loaded, answers=answers,
+                                  request_starts=dict(session.window_starts), predicted=predicted, loaded=loaded, answers=answers,
                                   budget=budget, budget_source=budget_source, refusals=refusals,
                                   seconds=time.perf_counter() - start, error=error)

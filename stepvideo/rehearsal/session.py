@@ -67,6 +67,9 @@ def _exits_raise() -> Iterator[None]:
         process.exit_now = original
 
 
+DEFAULT_CARD_GIB = 79.0          # an 80 GB card: a rank's budget when no profile states one, and the service's
+
+
 def _device_bytes(snapshot: dict, device: torch.device) -> int:
     return sum(v.get("Total", 0) for k, v in snapshot.items() if torch.device(k) == device)
 
@@ -110,9 +113,6 @@ class DeviceSession:
     def used_bytes(self, device: torch.device) -> int:
         """Bytes of the storages alive on ``device`` now."""
         return _device_bytes(self.tracker.get_tracker_snapshot("current"), device)
-
-    def enter_stage(self, stage: str) -> None:
-        self.audit.enter_stage(stage)
 
     def close_stage(self) -> None:
         """Keep the current stage's own peak, then start measuring afresh."""
