@@ -58,7 +58,8 @@ def env(tmp_path_factory):
     shared = {}
     try:
         # started together: the server's start-up check waits for the service's /ready
-        server = GenerationServer(model, url, root / "state", root / "server.log")
+        # --max_queue 3: the three concurrent submissions fit even before the first one starts
+        server = GenerationServer(model, url, root / "state", root / "server.log", max_queue=3)
         wait_ready(url, timeout=180, abort=process_exited(service))
         # the one-shot CLI run the server's frames must equal, while the server loads
         reference = subprocess.Popen(_torchrun("--model_dir", str(model), "--vae_url", url, "--caption_url", url,
@@ -289,15 +290,15 @@ def test_cancel_queued_and_running_and_full_queue(env):
     client = env["server"].client
     running = client.submit("a long one", seed=1, num_inference_steps=LONG)
     _wait_for(client, running["id"], _denoising)
-    queued = [client.submit("waits", seed=s) for s in (2, 3)]          # --max_queue 2
+    queued = [client.submit("waits", seed=s) for s in (2, 3, 6)]       # --max_queue 3
     with pytest.raises(ServerError) as err:
         client.submit("one too many")
     assert err.value.status == 429 and "retry after" in str(err.value)
     r = _post(client.url, json={"prompt": "one too many"})
     assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
 
-    answer = client.cancel(queued[0]["id"])                        # a queued job: at once
-    assert answer["status"] == "cancelled"
+    for job in (queued[0], queued[2]):                              # a queued job: at once
+        assert client.cancel(job["id"])["status"] == "cancelled"
     r = requests.delete(f"{client.url}/v1/videos/{running['id']}", headers={"Authorization": f"Bearer {TOKEN}"},
                         timeout=10)
     assert r.status_code == 202 and r.json()["cancel_requested"]     # a running one: at the next step
@@ -333,7 +334,7 @@ def test_kill_minus_nine_then_restart_on_the_same_state_dir(env):
     _truncated_database_is_refused_then_restored_with_bad_rows(env)
 
     env["server"] = server = GenerationServer(env["model"], env["service"], env["root"] / "state",
-                                              env["root"] / "server.log")
+                                              env["root"] / "server.log", max_queue=3)
     server.wait_ready()
     client = server.client
     for seed in (7, 8, 9):                          # completed jobs: listed and downloadable, same bytes
