@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stepvideo.config import PRESETS  # noqa: E402
 from stepvideo.perf.memory_profiles import PROFILES  # noqa: E402
 from stepvideo.perf import host_memory  # noqa: E402
 from stepvideo.perf import memory_accounting as acc  # noqa: E402
@@ -58,7 +59,7 @@ def parse_args(argv=None):
         if value < 16 or value % 16:
             p.error(f"--{name} must be a positive multiple of 16, got {value}")
     if args.num_frames is None:
-        args.num_frames = 102 if args.mode == "ti2v" else 204
+        args.num_frames = PRESETS[args.mode].num_frames
     if args.num_frames < 17:
         p.error(f"--num_frames must be at least 17, got {args.num_frames}")
     return args

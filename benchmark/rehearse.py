@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stepvideo.perf.memory_profiles import PROFILES  # noqa: E402
 from stepvideo.perf import memory_accounting as acc  # noqa: E402
+from stepvideo.perf.memory_accounting import GIB  # noqa: E402
 from stepvideo.rehearsal.audit import print_events  # noqa: E402
-from stepvideo.rehearsal.fake_cuda import GIB  # noqa: E402
 from stepvideo.rehearsal.run import Rehearsal, rehearse  # noqa: E402
 from stepvideo.rehearsal.service import ServiceRehearsal, rehearse_service  # noqa: E402
 
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             "stage_peaks_gib": {k: v / GIB for k, v in result.stage_peaks.items()},
             "mixed_device_ops": [f"{t} x{n}" for t, n in a.grouped("mixed")],
             "host_syncs": [f"{t} x{n}" for t, n in a.grouped("sync")],
-            "host_syncs_per_step": result.host_syncs_per_step,
+            "host_syncs_per_step": a.most_syncs_in_a_step(),
             "h2d_gib_per_step": a.bytes_per_step(a.h2d) / GIB, "placement": result.placement,
             "stages": a.stage_order, "error": result.error, "seconds": result.seconds}, indent=2))
     print(result.last_line())

@@ -21,7 +21,7 @@ def work_dir(tmp_path_factory):
 def _passes(result):
     assert result.error is None, result.error
     assert result.audit.mixed() == [], result.audit.grouped("mixed")
-    assert result.host_syncs_per_step == 0, result.audit.grouped("sync")
+    assert result.audit.most_syncs_in_a_step() == 0, result.audit.grouped("sync")
     assert result.audit.steps() == result.config.steps
     assert result.last_line().startswith("rehearsal: ok ")
 

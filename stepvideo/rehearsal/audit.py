@@ -30,6 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..perf.memory_accounting import GIB
 from .fake_cuda import ValueNeeded
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +222,10 @@ class DeviceAudit(TorchDispatchMode):
     def steps(self) -> int:
         return self.step + 1
 
+    def most_syncs_in_a_step(self) -> int:
+        """The host syncs of the denoising step with the most (0 without steps)."""
+        return max((len(v) for v in self.syncs_in_steps().values()), default=0)
+
     def bytes_per_step(self, table) -> float:
         """Mean bytes per denoising step (0 without steps)."""
         steps = self.steps()
@@ -232,6 +237,15 @@ class DeviceAudit(TorchDispatchMode):
         """``"op at line (stage)"`` -> count, most frequent first."""
         counter = Counter(f"{e.op} at {e.where} [{e.stage}] {e.detail}" for e in self.events if e.kind == kind)
         return counter.most_common()
+
+
+def last_line(audit: DeviceAudit, *, on_gpu: bool, ok: bool, peak_bytes: float, budget_gib: float) -> str:
+    """The one line a rehearsal (or its ``--on_gpu`` twin, ``gpu:``) ends with, field for field
+    the same in ``scripts/gpu_check.sh``'s runs."""
+    return (f"{'gpu' if on_gpu else 'rehearsal'}: {'ok' if ok else 'FAIL'} peak_gib={peak_bytes / GIB:.2f} "
+            f"budget_gib={budget_gib:g} mixed_device_ops={len(audit.mixed())} "
+            f"host_syncs_per_step={audit.most_syncs_in_a_step()} "
+            f"h2d_gib_per_step={audit.bytes_per_step(audit.h2d) / GIB:.2f}")
 
 
 def print_events(audit: DeviceAudit, out=sys.stdout, limit: int = 20) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 
-GIB = 1024 ** 3
+from ..perf.memory_accounting import GIB
 
 
 class _InertStream(torch.Stream):

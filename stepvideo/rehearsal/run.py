@@ -26,12 +26,13 @@ from typing import Dict, List, Optional
 
 from ..accelerator import accelerator
 from ..cli.generate import build_parser, generate
+from ..config import PRESETS
 from ..errors import one_line
 from ..models import rope
 from ..perf import memory_accounting as acc
+from ..perf.memory_accounting import GIB
 from ..perf.memory_profiles import PROFILES
-from .audit import DeviceAudit
-from .fake_cuda import GIB
+from .audit import DeviceAudit, last_line
 from .model_dir import model_dir_for
 from .service import ServiceAnswers, ServiceRehearsal, answers_path, rehearse_service
 from .session import DEFAULT_CARD_GIB, DeviceSession, RankExit
@@ -71,7 +72,7 @@ class Rehearsal:
 
     @property
     def frames(self) -> int:
-        return self.num_frames or (102 if self.mode == "ti2v" else 204)
+        return self.num_frames or PRESETS[self.mode].num_frames
 
     @property
     def layout_name(self) -> str:
@@ -104,22 +105,13 @@ class RehearsalResult:
         return self.allocated_peak + acc.overhead_bytes(self.allocated_peak, self.config.nproc)
 
     @property
-    def host_syncs_per_step(self) -> int:
-        per_step = self.audit.syncs_in_steps()
-        return max((len(v) for v in per_step.values()), default=0)
-
-    @property
     def ok(self) -> bool:
         return (self.error is None and not self.audit.mixed() and self.peak / GIB <= self.config.budget_gib
                 and self.audit.steps() == self.config.steps)
 
     def last_line(self) -> str:
-        a = self.audit
-        word = "gpu" if self.config.on_gpu else "rehearsal"
-        return (f"{word}: {'ok' if self.ok else 'FAIL'} peak_gib={self.peak / GIB:.2f} "
-                f"budget_gib={self.config.budget_gib:g} mixed_device_ops={len(a.mixed())} "
-                f"host_syncs_per_step={self.host_syncs_per_step} "
-                f"h2d_gib_per_step={a.bytes_per_step(a.h2d) / GIB:.2f}")
+        return last_line(self.audit, on_gpu=self.config.on_gpu, ok=self.ok, peak_bytes=self.peak,
+                         budget_gib=self.config.budget_gib)
 
 
 def command_line(r: Rehearsal, model_dir: Path, output: Path, image: Optional[Path],

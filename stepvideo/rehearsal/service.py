@@ -40,10 +40,11 @@ from ..caption_service.config import ServiceConfig
 from ..caption_service.cost import RUNTIME_OVERHEAD_BYTES, RequestTooCostly, check_budget
 from ..caption_service.handlers import decoded_video, encoded_latents
 from ..caption_service.state import ServiceState
+from ..config import PRESETS
 from ..errors import one_line
 from ..perf import memory_accounting as acc
-from .audit import DeviceAudit
-from .fake_cuda import GIB
+from ..perf.memory_accounting import GIB
+from .audit import DeviceAudit, last_line
 from .fake_group import TensorSpec
 from .model_dir import model_dir_for
 from .session import DEFAULT_CARD_GIB, DeviceSession
@@ -67,7 +68,7 @@ class ServiceRehearsal:
 
     @property
     def frames(self) -> int:
-        return self.num_frames or (102 if self.mode == "ti2v" else 204)
+        return self.num_frames or PRESETS[self.mode].num_frames
 
     @property
     def budget_gib(self) -> float:
@@ -138,11 +139,8 @@ class ServiceRehearsalResult:
                 and not self.refusals and self.peak / GIB <= self.config.budget_gib)
 
     def last_line(self) -> str:
-        a = self.audit
-        word = "gpu" if self.config.on_gpu else "rehearsal"
-        return (f"{word}: {'ok' if self.ok else 'FAIL'} peak_gib={self.peak / GIB:.2f} "
-                f"budget_gib={self.config.budget_gib:g} mixed_device_ops={len(a.mixed())} "
-                f"host_syncs_per_step=0 h2d_gib_per_step=0.00")
+        return last_line(self.audit, on_gpu=self.config.on_gpu, ok=self.ok, peak_bytes=self.peak,
+                         budget_gib=self.config.budget_gib)
 
     def comparison(self) -> List[str]:
         """One line per VAE request: the measured extra bytes next to cost.py's prediction."""

@@ -23,9 +23,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .. import process
 from ..accelerator import using
 from ..perf import memory_accounting as acc
+from ..perf.memory_accounting import GIB
 from ..perf.host_memory import HOST_RAM_ENV
 from .audit import DeviceAudit
-from .fake_cuda import GIB, CudaTensorPython, FakeCuda, cuda_generators_on_host, module_to_in_place
+from .fake_cuda import CudaTensorPython, FakeCuda, cuda_generators_on_host, module_to_in_place
 from .fake_group import fake_process_group
 
 
