@@ -18,7 +18,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from ..config import CACHE_KINDS, OFF, CacheSpec, parse_cache  # noqa: F401  (the spec lives in the config)
+from ..config import CacheSpec, parse_cache  # noqa: F401  (the spec lives in the config; callers name CacheSpec here)
 
 
 @contextmanager

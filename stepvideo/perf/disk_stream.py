@@ -33,10 +33,8 @@ from ..loading import checkpoint as ckpt
 from ..accelerator import accelerator
 from ..fp8_linear import FP8Linear, quantize_blocks, quantize_weight
 from ..models.dit import StepVideoModel
+from .offload import named_block_tensors
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-           "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
-           "BOOL": torch.bool}
 _PAGE = mmap.PAGESIZE
 
 
@@ -56,7 +54,7 @@ class MappedSafetensors:
                 if key == "__metadata__":
                     continue
                 start, end = info["data_offsets"]
-                self.entries[key] = (len(self.maps) - 1, _DTYPES[info["dtype"]], info["shape"], base + start,
+                self.entries[key] = (len(self.maps) - 1, ckpt.SAFETENSORS_DTYPES[info["dtype"]], info["shape"], base + start,
                                      base + end)
 
     def view(self, key: str) -> torch.Tensor:
@@ -77,11 +75,6 @@ class MappedSafetensors:
         return end - start
 
 
-def _block_tensors(block: nn.Module) -> List[Tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` in :func:`stepvideo.perf.offload._tensors` order (parameters, then buffers)."""
-    return list(block.named_parameters(recurse=True)) + list(block.named_buffers(recurse=True))
-
-
 class DiskBlockSource:
     """Reads block ``i`` (keys ``f"{prefixes[i]}{name}"``) from the mapped files into host tensors
     of the block's own dtypes, in the order the streamer assigns them."""
@@ -90,7 +83,7 @@ class DiskBlockSource:
                  pin_memory: bool = False):
         self.mapped = mapped
         self.prefixes = list(prefixes)
-        self.layout = [[(name, t.dtype) for name, t in _block_tensors(b)] for b in blocks]
+        self.layout = [[(name, t.dtype) for name, t in named_block_tensors(b)] for b in blocks]
         self.fp8 = [{name for name, m in b.named_modules() if isinstance(m, FP8Linear)} for b in blocks]
         self.pin_memory = pin_memory
         self.bytes_read = 0
@@ -109,8 +102,8 @@ class DiskBlockSource:
         (each row's scale is its own: the same numbers as one :func:`quantize_weight` call, with
         fp32 temporaries of ``rows`` rows instead of two of the whole weight)."""
         view = self.mapped.view(key)
-        q = torch.empty(view.shape, dtype=torch.float8_e4m3fn)
-        scale = torch.empty(view.shape[0], dtype=torch.float32)
+        q = torch.empty(view.shape, dtype=torch.float8_e4m3fn, pin_memory=self.pin_memory)
+        scale = torch.empty(view.shape[0], dtype=torch.float32, pin_memory=self.pin_memory)
         for start in range(0, view.shape[0], rows):
             q[start:start + rows], scale[start:start + rows] = quantize_weight(view[start:start + rows])
         self.mapped.drop(key)
@@ -132,10 +125,7 @@ class DiskBlockSource:
                         out[f"{module}.weight"], out[f"{module}.weight_scale"] = self._quantise(key)
                 continue
             out[name] = self._copy(prefix + name, dtype)
-        tensors = [out[name] for name, _ in self.layout[index]]
-        if self.pin_memory:
-            tensors = [t if t.is_pinned() else t.pin_memory() for t in tensors]
-        return tensors
+        return [out[name] for name, _ in self.layout[index]]     # pinned already when pin_memory
 
     def submit(self, index: int) -> "Future[List[torch.Tensor]]":
         return self._pool.submit(self.read, index)
@@ -166,7 +156,7 @@ def load_dit_from_disk(transformer_dir, *, torch_dtype=torch.bfloat16, device="c
         if not key.startswith("transformer_blocks."):
             mapped.drop(key)
     for block in model.transformer_blocks:                    # placeholders until the streamer loads a block
-        for name, t in _block_tensors(block):
+        for name, t in named_block_tensors(block):
             module, _, attr = name.rpartition(".")
             owner = block.get_submodule(module) if module else block
             keep = isinstance(owner, FP8Linear) and attr in ("weight", "weight_scale")

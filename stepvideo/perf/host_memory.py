@@ -5,7 +5,7 @@ placement: which weights the profile keeps in host memory in each stage, pinned 
 the streamed blocks' host copies, never swapped) or pageable (a component parked on the host),
 plus the loader's one tensor in flight and the decoded frames. :func:`host_plan` is the one
 formula; ``benchmark/bench_memory.py`` feeds it the traced module sizes, pre-flight
-(:func:`check_host_ram`) the sizes read from the checkpoint's safetensors headers (no weight
+(:func:`decide_for_run`) the sizes read from the checkpoint's safetensors headers (no weight
 is read). Stages:
 
 ``load``     the DiT read from the checkpoint (whole, on the host, when the profile parks or
@@ -26,6 +26,7 @@ how the tests simulate a small host).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,6 @@ class HostSizes:
     dit_blocks: int            # all blocks as stored by the profile
     llm: int                   # Step-LLM
     clip: int                  # HunyuanCLIP
-    vae: int                   # Video-VAE
     largest_tensor: int        # the loader's one tensor in flight
     frames_peak: int           # decoded video on the host -> uint8 frames (conversion peak)
     frames: int                # the uint8 frames handed to the mp4 writer
@@ -98,9 +98,8 @@ def supports_disk(profile) -> bool:
 def host_plan(profile, sizes: HostSizes, *, disk: bool = False) -> HostPlan:
     """Host bytes per stage of ``profile`` (a :class:`~stepvideo.perf.memory_profiles.MemoryProfile`)."""
     s = sizes
-    streamed = min(profile.dit_streamed_blocks, 48) if profile.dit_streamed_blocks else 0
     n_blocks = max(1, round(s.dit_blocks / s.dit_block)) if s.dit_block else 0
-    streamed = min(streamed, n_blocks)
+    streamed = min(profile.dit_streamed_blocks, 48, n_blocks)
     dit_stored = s.dit_other + s.dit_blocks
     parked = not profile.dit_on_device_for_encode or profile.dit_streamed_blocks   # loaded to the host first
     plan = HostPlan(profile.name, disk)
@@ -142,9 +141,12 @@ def host_plan(profile, sizes: HostSizes, *, disk: bool = False) -> HostPlan:
     # step
     plan.stages.append(HostStage("step", pinned_dit, resident_blocks_host, stream_note))
     # decode / write
-    dit_at_decode = dit_stored - pinned_dit if (not profile.dit_on_device_for_decode and not disk) else 0
-    if not profile.dit_on_device_for_decode and disk:
+    if profile.dit_on_device_for_decode:
+        dit_at_decode = 0
+    elif disk:
         dit_at_decode = s.dit_other
+    else:
+        dit_at_decode = dit_stored - pinned_dit
     plan.stages.append(HostStage("decode", pinned_dit, dit_at_decode + s.largest_tensor + s.frames_peak,
                                  f"{stream_note}; DiT parked {_g(dit_at_decode)}; VAE read to the device; "
                                  f"decoded video -> uint8 frames {_g(s.frames_peak)}"))
@@ -205,10 +207,11 @@ def choose_for_host(profile, sizes_for, *, auto: bool, disk: Optional[bool] = No
     profiles, that fits), unless ``auto``, which picks disk streaming instead.
     """
     available = available_host_bytes() if available is None else available
-    plan = host_plan(profile, sizes_for(profile), disk=bool(disk))
+    sizes = sizes_for(profile)
+    plan = host_plan(profile, sizes, disk=bool(disk))
     if available is None or plan.peak <= HOST_MARGIN * available:
         return HostChoice(profile, bool(disk), plan, available)
-    disk_plan = host_plan(profile, sizes_for(profile), disk=True)
+    disk_plan = host_plan(profile, sizes, disk=True)
     disk_fits = supports_disk(profile) and disk_plan.peak <= HOST_MARGIN * available
     if auto and disk_fits and disk is not False:
         return HostChoice(profile, True, disk_plan, available)
@@ -250,10 +253,6 @@ def is_block_linear_weight(key: str, shape) -> bool:
     return key.endswith(".weight") and len(shape) == 2 and "scale_shift_table" not in key
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
 def _tensor_table(files) -> Dict[str, Tuple[str, list]]:
     """key -> (dtype, shape) of every tensor in ``files`` (headers only)."""
     table = {}
@@ -264,11 +263,10 @@ def _tensor_table(files) -> Dict[str, Tuple[str, list]]:
     return table
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def _stored_bytes(dtype: str, shape) -> int:
+    """Bytes of a safetensors entry (an unknown dtype counts 4 bytes an element)."""
+    known = ckpt.SAFETENSORS_DTYPES.get(dtype)
+    return math.prod(shape) * (known.itemsize if known is not None else 4)
 
 
 def _files(folder: Path, pattern: str) -> List[Path]:
@@ -277,35 +275,33 @@ def _files(folder: Path, pattern: str) -> List[Path]:
 
 def sizes_from_checkpoint(model_dir, profile, height: int, width: int, num_frames: int) -> HostSizes:
     """:class:`HostSizes` from the safetensors headers of ``model_dir`` (no weight is read): the
-    DiT in bf16 (as loaded), its blocks as the profile stores them, Step-LLM in bf16, CLIP and
-    the VAE as stored (a ``.bin`` CLIP counts its file size)."""
+    DiT in bf16 (as loaded), its blocks as the profile stores them, Step-LLM in bf16, CLIP as
+    stored (a ``.bin`` CLIP counts its file size). The VAE is read to the device, one tensor at
+    a time (``largest_tensor`` bounds it)."""
     root = Path(model_dir)
     dit = _tensor_table(_files(root / layout.TRANSFORMER_DIR, "*.safetensors"))
     llm = _tensor_table(_files(root / layout.LLM_DIR, "*.safetensors"))
     blocks: Dict[str, int] = {}
     other = loaded = largest = 0
     for key, (dtype, shape) in dit.items():
-        bf16 = 2 * _numel(shape)
+        bf16 = 2 * math.prod(shape)
         loaded += bf16
         largest = max(largest, bf16)
         if key.startswith("transformer_blocks."):
             index = key.split(".")[1]
-            stored = (_numel(shape) + 4 * shape[0]) if profile.dit_fp8 and is_block_linear_weight(key, shape) else bf16
+            stored = (math.prod(shape) + 4 * shape[0]) if profile.dit_fp8 and is_block_linear_weight(key, shape) else bf16
             blocks[index] = blocks.get(index, 0) + stored
         else:
             other += bf16
-    llm_bytes = sum(2 * _numel(shape) for _, shape in llm.values())
-    largest = max([largest] + [2 * _numel(shape) for _, shape in llm.values()])
+    llm_bytes = sum(2 * math.prod(shape) for _, shape in llm.values())
+    largest = max([largest] + [2 * math.prod(shape) for _, shape in llm.values()])
     clip_folder = root / layout.CLIP_DIR / layout.CLIP_ENCODER_SUBDIR
-    clip = sum(_DTYPE_BYTES.get(d, 4) * _numel(s) for d, s in
-               _tensor_table(_files(clip_folder, "*.safetensors")).values())
+    clip = sum(_stored_bytes(d, s) for d, s in _tensor_table(_files(clip_folder, "*.safetensors")).values())
     clip = clip or sum(f.stat().st_size for f in _files(clip_folder, "*.bin"))
-    vae = sum(_DTYPE_BYTES.get(d, 4) * _numel(s) for d, s in
-              _tensor_table(_files(root / layout.VAE_DIR, layout.VAE_V2_FILE)).values())
     block = max(blocks.values(), default=0)
     peak, frames, frame = frame_bytes(height, width, num_frames)
     return HostSizes(dit_loaded=loaded, dit_other=other, dit_block=block, dit_blocks=sum(blocks.values()),
-                     llm=llm_bytes, clip=clip, vae=vae, largest_tensor=largest, frames_peak=peak, frames=frames,
+                     llm=llm_bytes, clip=clip, largest_tensor=largest, frames_peak=peak, frames=frames,
                      frame=frame)
 
 

@@ -110,7 +110,6 @@ def fake_mode() -> Iterator[None]:
     """Shape-only tensors on CPU, inference mode; ops without a shape implementation raise."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-
     # rope keeps a module-level cache of small index tensors: give the trace its own (fake)
     # entries and put the real ones back afterwards, so no fake tensor leaks into real runs
     saved = dict(rope._PARTNERS)
@@ -424,7 +423,6 @@ class EncodeMeasurement:
 def measure_encode(prompts: int = 2, text_tokens: int = T2V_TEXT_TOKENS) -> EncodeMeasurement:
     """Trace Step-LLM (real config, bf16) and HunyuanCLIP (BERT-large, fp32) on ``prompts`` prompts."""
     from transformers import BertConfig, BertModel
-
 
     config = Step1Config()
     with fake_mode():

@@ -214,7 +214,6 @@ class Placement:
             return default
 
         def load(transformer_dir, state, *, torch_dtype, device=None, attention_backend="auto"):
-
             model, self._disk_source = load_dit_from_disk(transformer_dir, torch_dtype=torch_dtype,
                                                           device=self.device, fp8=self.profile.dit_fp8,
                                                           attention_backend=attention_backend)
@@ -227,22 +226,21 @@ class Placement:
             quantize_blocks(dit)
         if self.profile.token_chunk:
             set_token_chunk(dit, self.profile.token_chunk)
-        if self.disk:
-
-            enable_block_offload(dit, self.device, blocks=dit.transformer_blocks, source=self._disk_source)
-            self.log("load", "dit_blocks", "disk")
         where = "device" if self.profile.dit_on_device_for_encode else "host"
-        if where == "device" and self.profile.dit_streamed_blocks:
+        if where == "device" and self.profile.dit_streamed_blocks:     # always so with disk (supports_disk)
             self._stream_dit(dit)
         self._dit_where = where
         self.log("load", "dit", where)
 
     def _stream_dit(self, dit) -> None:
-
+        """Stream the profile's blocks (from the files with disk streaming, where every block streams)."""
         blocks = len(dit.transformer_blocks)
         resident = max(0, blocks - self.profile.dit_streamed_blocks)
         if getattr(dit, "_block_streamer", None) is None and not getattr(dit, "_offload_handles", None):
-            enable_block_offload(dit, self.device, blocks=dit.transformer_blocks, resident=resident)
+            enable_block_offload(dit, self.device, blocks=dit.transformer_blocks, resident=resident,
+                                 source=self._disk_source)
+            if self.disk:
+                self.log("load", "dit_blocks", "disk")
         else:                                   # already streaming: only the resident part moves
             for block in list(dit.transformer_blocks)[:resident]:
                 block.to(self.device)
@@ -284,7 +282,6 @@ class Placement:
     def prepare_caption_encoder(self, encoder) -> None:
         """Stream the Step-LLM layers (24g) with CLIP and the embedding on the device."""
         if self.profile.llm_streamed:
-
             llm = encoder.text_encoder.text_encoder               # STEP1TextEncoder -> Step1Model
             enable_block_offload(llm, self.device, blocks=llm.transformer.layers)
             clip = getattr(encoder.clip, "text_encoder", None)

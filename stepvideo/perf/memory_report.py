@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..config import DiTConfig
-from ..models.vae import AutoencoderKL
 from . import host_memory
 from . import memory_accounting as acc
 
@@ -151,22 +150,14 @@ def layout_rows(video: acc.VideoShape = acc.VideoShape(), layouts=None, *, ti2v:
     return rows
 
 
-def host_sizes(profile: MemoryProfile, video: acc.VideoShape, encode: acc.EncodeMeasurement,
+def host_sizes(profile: "MemoryProfile", video: acc.VideoShape, encode: acc.EncodeMeasurement,
                dit: acc.DiTWeights) -> host_memory.HostSizes:
     """:class:`~stepvideo.perf.host_memory.HostSizes` from the traced module sizes (the Step-LLM
     embedding and the largest DiT tensor bound the loader's one tensor in flight)."""
     block = dit.block_fp8 if profile.dit_fp8 else dit.block_bf16
     peak, frames, frame = host_memory.frame_bytes(video.height, video.width, video.num_frames)
-    vae = _vae_weights()
     return host_memory.HostSizes(
         dit_loaded=dit.total_bf16, dit_other=dit.other, dit_block=block, dit_blocks=dit.layers * block,
-        llm=encode.llm_weights, clip=encode.clip_weights, vae=vae,
+        llm=encode.llm_weights, clip=encode.clip_weights,
         largest_tensor=max(dit.largest, encode.llm_other), frames_peak=peak, frames=frames, frame=frame)
 
-
-def _vae_weights() -> int:
-    import torch
-
-
-    with acc.fake_mode(), acc.default_dtype(torch.bfloat16):
-        return acc.module_bytes(AutoencoderKL())

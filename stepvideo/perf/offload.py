@@ -28,7 +28,7 @@ per fp8 block (see docs/performance.md for the per-profile totals and PCIe times
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,8 +36,13 @@ from torch import nn
 from ..accelerator import accelerator
 
 
+def named_block_tensors(block: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of a block in the streamer's order: parameters, then buffers."""
+    return list(block.named_parameters(recurse=True)) + list(block.named_buffers(recurse=True))
+
+
 def _tensors(block: nn.Module) -> List[torch.Tensor]:
-    return [t for _, t in block.named_parameters(recurse=True)] + [t for _, t in block.named_buffers(recurse=True)]
+    return [t for _, t in named_block_tensors(block)]
 
 
 class BlockStreamer:
