@@ -96,8 +96,6 @@ def _serve(port: int, names: List[str]) -> None:
     serve(app, host="127.0.0.1", port=port, threads=2, max_request_body_size=1 << 31, _quiet=True)
 
 
-
-
 def _wait_for(port: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

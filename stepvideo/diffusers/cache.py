@@ -154,7 +154,6 @@ def apply_cache(model: torch.nn.Module, config, group=None) -> ActiveCache:
     return ActiveCache(model, config)
 
 
-
 def calibrate_mag_ratios(model: torch.nn.Module, run: Callable[[], object], num_inference_steps: int) -> List[float]:
     """MagCache's per-step magnitude ratios for ``model``: ``run()`` one generation of
     ``num_inference_steps`` steps with diffusers' calibrate mode on (nothing is skipped)."""

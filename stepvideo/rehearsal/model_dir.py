@@ -71,7 +71,6 @@ def _full_transformer(root: Path, variant: str) -> None:
 def _full_step_llm(root: Path) -> None:
     from types import SimpleNamespace
 
-
     real = Step1Config()
     dims = SimpleNamespace(llm_hidden=real.hidden_size, llm_layers=real.num_layers, llm_heads=real.num_attention_heads,
                            llm_groups=real.num_attention_groups, llm_ffn=real.ffn_hidden_size,
@@ -86,7 +85,6 @@ def _full_step_llm(root: Path) -> None:
 
 def _full_clip(root: Path) -> None:
     from transformers import BertConfig, BertModel
-
 
     folder = root / layout.CLIP_DIR / layout.CLIP_ENCODER_SUBDIR
     config = BertConfig(**CLIP_BERT_CONFIG, hidden_act="gelu", hidden_dropout_prob=0.0,
