@@ -19,7 +19,6 @@ import logging
 import time
 from typing import Callable, Optional
 
-import torch
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 

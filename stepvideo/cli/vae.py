@@ -101,7 +101,6 @@ def _read_video(args):
 def _vae(args):
     device = args.device
     if device is None and args.model_dir is not None:
-        import torch
         device = "cuda" if accelerator().is_available() else "cpu"
     return open_vae(args.model_dir, args.vae_url, device=device or "cpu", dtype=args.dtype,
                     token=args.service_token, tiling=getattr(args, "tiling", False))

@@ -215,12 +215,7 @@ class StepVideoPipeline:
         """``[prompt + pos_magic, neg_magic]`` -> ``(y [2, L, C], y_mask [2, 77 + L], clip [2, 77, C'])``
         in the transformer dtype; ``y`` and ``clip`` on the execution device, the mask on the host
         (the DiT reads its lengths there: no device sync per step)."""
-        if prompt_embeds is None:
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"`prompt` must be a non-empty string, got {prompt!r}")
-            prompt_embeds = self._caption().embedding([prompt + pos_magic, neg_magic])
-        elif isinstance(prompt_embeds, (tuple, list)):
-            prompt_embeds = dict(zip(("y", "y_mask", "clip_embedding"), prompt_embeds))
+        prompt_embeds = self._prompt_embeds(prompt, pos_magic, neg_magic, prompt_embeds)
         missing = {"y", "y_mask", "clip_embedding"} - set(prompt_embeds)
         if missing:
             raise ValueError(f"prompt_embeds lacks {sorted(missing)}")
@@ -232,6 +227,17 @@ class StepVideoPipeline:
             raise ValueError(f"y_mask has {mask.shape[1]} columns, expected clip {clip.shape[1]} + text {y.shape[1]}")
         device, dtype = self.device, self.dtype
         return y.to(device, dtype), mask.to(dtype=dtype), clip.to(device, dtype)
+
+    def _prompt_embeds(self, prompt, pos_magic: str, neg_magic: str, prompt_embeds) -> dict:
+        """The caption encoder's ``{"y", "y_mask", "clip_embedding"}`` of ``[prompt + pos_magic,
+        neg_magic]``, or the given ``prompt_embeds`` (a dict, or a tuple in that order) as a dict."""
+        if prompt_embeds is None:
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"`prompt` must be a non-empty string, got {prompt!r}")
+            return self._caption().embedding([prompt + pos_magic, neg_magic])
+        if isinstance(prompt_embeds, (tuple, list)):
+            return dict(zip(("y", "y_mask", "clip_embedding"), prompt_embeds))
+        return prompt_embeds
 
     def prepare_latents(self, shape, latents: Optional[torch.Tensor] = None, seed: Optional[int] = None,
                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -280,8 +286,8 @@ class StepVideoPipeline:
         return encode_image(self._vae(), image, seed).cpu()
 
     def denoise(self, latents, y, y_mask, clip, num_inference_steps: int, guidance_scale: float,
-                    time_shift: float, condition=None, motion_score: Optional[float] = None,
-                    callback: Optional[Callable] = None, progress: bool = True) -> torch.Tensor:
+                time_shift: float, condition=None, motion_score: Optional[float] = None,
+                callback: Optional[Callable] = None, progress: bool = True) -> torch.Tensor:
         """The CFG + Euler loop; returns the final latents (fp32)."""
         do_cfg = guidance_scale > 1
         if not do_cfg:        # the reference sends batch-2 text anyway and fails; we use the cond row
@@ -327,21 +333,17 @@ class StepVideoPipeline:
         if first_image is not None and not self.is_ti2v:
             raise ValueError(f"a first image was given ({first_image}), but {self.source} is a text-to-video "
                              "(T2V) checkpoint; use a Step-Video-TI2V checkpoint or drop the image")
-        if prompt_embeds is None:
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"`prompt` must be a non-empty string, got {prompt!r}")
-            prompt_embeds = self._caption().embedding([prompt + sampling.pos_magic, sampling.neg_magic])
-        elif isinstance(prompt_embeds, (tuple, list)):
-            prompt_embeds = dict(zip(("y", "y_mask", "clip_embedding"), prompt_embeds))
+        prompt_embeds = self._prompt_embeds(prompt, sampling.pos_magic, sampling.neg_magic, prompt_embeds)
         condition = condition_latents
         if self.is_ti2v and condition is None:
             condition = self._encode_first_image(first_image, geometry.round_size(sampling.height),
                                                  geometry.round_size(sampling.width), sampling.seed)
         return EncodedInputs(embeds=prompt_embeds, condition=condition)
 
-    def denoise_inputs(self, inputs: EncodedInputs, sampling: SamplingConfig, *, latents: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None,
-                progress: bool = True, timer: Optional[StageTimer] = None) -> torch.Tensor:
+    def denoise_inputs(self, inputs: EncodedInputs, sampling: SamplingConfig, *,
+                       latents: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                       callback: Optional[Callable] = None, progress: bool = True,
+                       timer: Optional[StageTimer] = None) -> torch.Tensor:
         """Stage 2 (every rank): the initial noise (or ``latents``), the TI2V condition, then
         :meth:`denoise` (the loop); returns the final latents ``[1, F, C, h, w]`` (fp32).
         ``callback(step, t, latents)`` runs after each step."""

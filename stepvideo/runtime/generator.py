@@ -22,14 +22,13 @@ pipeline holds :mod:`stepvideo.runtime.placed_components`, which load on demand 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import DiTConfig, OutputConfig, SamplingConfig
-from ..errors import GenerationCancelled, GenerationError  # noqa: F401  (GenerationError: kept importable here)
+from ..errors import GenerationCancelled
 from ..caption_service.client import READY_TIMEOUT_S
 from ..io.video import output_video_path
 from ..loading import checkpoint as ckpt
@@ -190,8 +189,7 @@ class VideoGenerator:
         def denoise():
             self.placement.enter("denoise", self.dit)
             try:
-                steps_cache = cache_applied(self.dit, sampling.cache) if sampling.cache else nullcontext()
-                with steps_cache:       # --cache: diffusers' hooks; off: the model is not touched
+                with cache_applied(self.dit, sampling.cache):     # --cache: diffusers' hooks; off: untouched
                     return self.pipeline.denoise_inputs(inputs, sampling, callback=after_step, progress=progress,
                                                         timer=timer)
             except GenerationCancelled as cancelled:     # not a failure: every rank stops at this step

@@ -168,11 +168,6 @@ def check_services(runtime, needs_vae_encode: bool = False, timeout: float = 10.
                                  f"(started with --no_{'caption' if route == 'caption' else 'vae'}?)")
 
 
-def check_host_memory(runtime, sampling, parallel=None) -> None:
-    """The memory profile's host peak against the available RAM (stepvideo.perf.memory_profiles.check_host)."""
-    check_host(runtime, sampling, parallel)
-
-
 def preflight(runtime, sampling, output, parallel=None, first_image=None, check_output_target: bool = True,
               prompt: Optional[str] = None) -> None:
     """Every check above, cheapest first; with ``prompt``, its length against the text encoders."""
@@ -184,4 +179,4 @@ def preflight(runtime, sampling, output, parallel=None, first_image=None, check_
     if prompt is not None:
         check_prompt_length(runtime.model_dir, prompt, sampling.pos_magic)
     check_services(runtime, needs_vae_encode=first_image is not None)
-    check_host_memory(runtime, sampling, parallel)
+    check_host(runtime, sampling, parallel)           # the profile's host peak against the RAM
