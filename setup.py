@@ -5,6 +5,10 @@ torch 2.11 on Python 3.12). CI pins the CPU wheel through ``constraints-ci.txt``
 """
 from setuptools import find_packages, setup
 
+# diffusers' pipelines and caches on our models (stepvideo.diffusers, --cache); 0.38: newer
+# releases need huggingface-hub >= 1.x, which transformers 4.48 does not accept
+DIFFUSERS = ["diffusers>=0.38,<0.39", "huggingface-hub<1.0"]
+
 setup(
     name="stepvideo",
     version="0.1.0",
@@ -32,12 +36,9 @@ setup(
     ],
     extras_require={
         "hub": ["huggingface_hub>=0.20"],
-        # diffusers' pipelines and caches on our models (stepvideo.diffusers, --cache); 0.38: newer
-        # releases need huggingface-hub >= 1.x, which transformers 4.48 does not accept
-        "diffusers": ["diffusers>=0.38,<0.39", "huggingface-hub<1.0"],
+        "diffusers": DIFFUSERS,
         # the OpenAI SDK, a real browser (Selenium) and stock diffusers are acceptance tests
-        "test": ["pytest>=7", "pytest-timeout", "openai==3.51.0", "selenium==4.39.0", "diffusers>=0.38,<0.39",
-                 "huggingface-hub<1.0"],
+        "test": ["pytest>=7", "pytest-timeout", "openai==3.51.0", "selenium==4.39.0", *DIFFUSERS],
         "gpu": ["flash-attn"],
     },
     entry_points={

@@ -12,8 +12,13 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Optional, Tuple
 
-JSON_MEDIA_TYPE = "application/json"
+JSON_CONTENT_TYPE = "application/json"
 EXCERPT_CHARS = 300
+
+
+def media_type(content_type: Optional[str]) -> str:
+    """``"application/json; charset=utf-8"`` -> ``"application/json"`` (lower case, no parameters)."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
 
 
 def error_body(message: str, **details: Any) -> Dict[str, Any]:
@@ -33,7 +38,7 @@ def error_message(body: Any) -> Optional[str]:
 def read_error(body: bytes, content_type: str = "", fallback: str = "") -> Tuple[str, Dict[str, Any]]:
     """``(message, JSON object)`` of an error answer: the ``"error"`` text of a JSON body, else
     ``fallback`` (e.g. the HTTP reason) for JSON without one, else a short excerpt of the body."""
-    if content_type.split(";")[0].strip().lower() == JSON_MEDIA_TYPE:
+    if media_type(content_type) == JSON_CONTENT_TYPE:
         try:
             obj = json.loads(body.decode("utf-8"))
         except ValueError:

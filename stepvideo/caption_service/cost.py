@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -266,8 +267,6 @@ def available_memory(device: str) -> Tuple[int, str]:
                     return int(line.split()[1]) * 1024, "the host's MemAvailable"
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "the host's free pages"
 
 
@@ -278,13 +277,13 @@ def budget_fraction(device: str) -> float:
     return CUDA_BUDGET_FRACTION if device.startswith("cuda") else DEFAULT_BUDGET_FRACTION
 
 
-def default_budget(devices: Sequence[str], fraction: Optional[float] = None) -> Tuple[int, str]:
-    """The smallest of ``fraction`` (default :func:`budget_fraction`) x the available memory of
-    each of ``devices`` (measured after loading), and where it comes from."""
+def default_budget(devices: Sequence[str]) -> Tuple[int, str]:
+    """The smallest of :func:`budget_fraction` x the available memory of each of ``devices``
+    (measured after loading), and where it comes from."""
     found = []
     for device in sorted(set(devices)):
         free, where = available_memory(device)
-        share = budget_fraction(device) if fraction is None else fraction
+        share = budget_fraction(device)
         found.append((int(free * share), f"{share:g} x {where} after loading ({free / GiB:.1f} GiB)"))
     return min(found)
 

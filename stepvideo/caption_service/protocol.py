@@ -32,9 +32,10 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from ..http_errors import JSON_CONTENT_TYPE, media_type  # noqa: F401  (part of this protocol's names)
+
 PROTOCOL_VERSION = 1
 TENSOR_CONTENT_TYPE = "application/x-stepvideo-tensors"
-JSON_CONTENT_TYPE = "application/json"
 PROTOCOL_HEADER = "X-Stepvideo-Protocol"      # sent with every server response
 
 VERSION_KEY = "stepvideo_protocol"            # safetensors __metadata__ keys
@@ -67,11 +68,6 @@ class ProtocolError(ValueError):
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling used in messages and ``/ready``)."""
     return str(dtype).replace("torch.", "")
-
-
-def media_type(content_type: Optional[str]) -> str:
-    """``"application/json; charset=utf-8"`` -> ``"application/json"`` (lower case, no parameters)."""
-    return (content_type or "").split(";", 1)[0].strip().lower()
 
 
 # ----------------------------------------------------------------------------------------

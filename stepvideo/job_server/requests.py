@@ -160,9 +160,10 @@ def build_job(fields: Mapping[str, Any], server_options: Mapping[str, Any], mode
     if sampling.seed is None:
         sampling = replace(sampling, seed=secrets.randbelow(2 ** 31))
     _check_cost(sampling, model, config)
-    length = model.prompt_length.check(prompt, sampling.pos_magic) if model.prompt_length is not None else None
-    tokens = None if length is None else {**length.to_dict(), **({"warning": length.warning()} if length.truncated
-                                                                 else {})}
+    tokens = None
+    if model.prompt_length is not None:
+        length = model.prompt_length.check(prompt, sampling.pos_magic)
+        tokens = {**length.to_dict(), **({"warning": length.warning()} if length.truncated else {})}
     return JobRequest(prompt=prompt, sampling=sampling, preset=preset, image=image, prompt_tokens=tokens)
 
 
