@@ -100,9 +100,9 @@ class AgreedFirstBlockHook(FBCHeadBlockHook):
         sums = torch.stack([(hidden_states_residual - previous).abs().sum(dtype=torch.float32),
                             previous.abs().sum(dtype=torch.float32)]).double()
         dist.all_reduce(sums, group=self.group)
-        compute = torch.tensor([float((sums[0] / sums[1]).item() > self.threshold)], device=sums.device)
+        compute = (sums[0] / sums[1] > self.threshold).double()     # decided on the device, in float64
         dist.all_reduce(compute, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(compute.item())
+        return bool(compute.item())                                   # the step's one host read
 
 
 def _agree_first_block(model: torch.nn.Module, group) -> None:
@@ -116,16 +116,10 @@ def _agree_first_block(model: torch.nn.Module, group) -> None:
 class ActiveCache:
     """A cache installed on a model by :func:`apply_cache`; :meth:`remove` takes it off again."""
 
-    def __init__(self, model: torch.nn.Module, config):
+    def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.config = config
         self._context = ExitStack()
         self._context.enter_context(CacheMixin.cache_context(model, CONTEXT))
-
-    def reset(self) -> None:
-        """Forget the cached residuals (a new video starts)."""
-        CacheMixin._reset_stateful_cache(self.model)
-        HookRegistry.check_if_exists_or_initialize(self.model)._set_context(CONTEXT)
 
     def remove(self) -> None:
         self._context.close()
@@ -151,7 +145,7 @@ def apply_cache(model: torch.nn.Module, config, group=None) -> ActiveCache:
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
     if distributed and isinstance(config, FirstBlockCacheConfig):
         _agree_first_block(model, group)
-    return ActiveCache(model, config)
+    return ActiveCache(model)
 
 
 def calibrate_mag_ratios(model: torch.nn.Module, run: Callable[[], object], num_inference_steps: int) -> List[float]:

@@ -16,11 +16,10 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from diffusers import ConfigMixin, ModelMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..loading import layout
-from ..models.vae import AutoencoderKL, iter_checkpoint_items, resolve_vae_files
+from ..models.vae import AutoencoderKL, iter_checkpoint_items
 from ..schedulers.flow_match_euler import FlowMatchDiscreteScheduler
 from ..text_encoders.caption import CaptionEncoder
 
@@ -92,9 +91,6 @@ class AutoencoderKLStepVideo(AutoencoderKL, ModelMixin, ConfigMixin):
         """A model dir, its ``vae/`` folder (official or saved) or a Hub repo id, in ``torch_dtype``
         (``None``: the stored dtype)."""
         path = _folder(pretrained_model_name_or_path, subfolder)
-        if torch_dtype is None:
-            with safe_open(str(resolve_vae_files(path)[0]), framework="pt") as weights:
-                torch_dtype = weights.get_tensor(next(iter(weights.keys()))).dtype
         return AutoencoderKL.from_pretrained.__func__(cls, path, dtype=torch_dtype, device=device,
                                                       **drop_loader_kwargs(kwargs))
 

@@ -99,11 +99,18 @@ class CrossAttention(nn.Module):
         ``backend`` is the model's attention backend; a masked call on a flash backend runs
         SDPA (flash-attn takes no mask), see :func:`stepvideo.models.attention.attention`.
         """
+        k, v = self.context_kv(context)
+        return self.attend(x, k, v, mask, backend)
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               backend: str = "sdpa") -> torch.Tensor:
+        """``x [B, L, D]`` against the keys and values of :meth:`context_kv` -> ``[B, L, D]`` (the
+        token-chunked block calls this once per chunk with the same ``k``, ``v``)."""
         b, length, _ = x.shape
         q = self.wq(x).view(b, length, -1, self.head_dim)                        # [B, L, N, Dh]
         q = rms_norm_(q, self.q_norm.weight, self.q_norm.eps)
-        k, v = self.context_kv(context)
         out = attention(q, k, v, mask=mask, backend=backend)
+        del q
         return self.wo(out.reshape(b, length, -1))
 
     def context_kv(self, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,6 @@ from torch import nn
 
 from .attention import attention
 from .blocks import StepVideoTransformerBlock, modulate
-from .norms import rms_norm_
 from .parallel_hooks import LocalSequence
 from .rope import signed_sin_table
 
@@ -86,13 +85,7 @@ class TokenChunkedBlock(StepVideoTransformerBlock):
         attn2 = self.attn2
         k, v = attn2.context_kv(context)
         for start, stop in spans:
-            chunk = y[:, start:stop]
-            q = attn2.wq(chunk).view(b, stop - start, -1, dh)
-            q = rms_norm_(q, attn2.q_norm.weight, attn2.q_norm.eps)
-            o = attention(q, k, v, mask=cross_mask, backend=backend)
-            del q
-            chunk.add_(attn2.wo(o.reshape(b, stop - start, -1)))
-            del o
+            y[:, start:stop].add_(attn2.attend(y[:, start:stop], k, v, cross_mask, backend))
         del k, v
 
         # 3. Feed-forward

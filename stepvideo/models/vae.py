@@ -383,10 +383,10 @@ class AutoencoderKL(nn.Module):
     # -- loading --------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], dtype: Union[torch.dtype, str] = torch.bfloat16,
+    def from_pretrained(cls, path: Union[str, os.PathLike], dtype: Optional[Union[torch.dtype, str]] = torch.bfloat16,
                         device: Union[torch.device, str] = "cpu", **overrides) -> "AutoencoderKL":
         """Load the VAE from ``path``: a model dir containing ``vae/``, a ``vae/`` folder, the
-        ``vae_v2.safetensors`` file itself, or a Hub repo id.
+        ``vae_v2.safetensors`` file itself, or a Hub repo id; in ``dtype`` (``None``: as stored).
 
         ``vae/config.json`` (written by the tiny factory; absent in the official folder, whose
         architecture is the default) supplies constructor kwargs; unknown keys are ignored and
@@ -402,10 +402,11 @@ class AutoencoderKL(nn.Module):
         kwargs.pop("weight_dict", None)
         with torch.device("meta"):
             model = cls(**kwargs)
-        load_files_into_model(model, [weights], dtype=parse_dtype(dtype), device=device,
+        dtype = None if dtype is None else parse_dtype(dtype)
+        load_files_into_model(model, [weights], dtype=dtype, device=device,
                               rename=checkpoint_to_module_key, strict=True)
         assert_materialized(model, f"AutoencoderKL from {weights}")
-        logger.info("loaded VAE from %s (%s, %s)", weights, parse_dtype(dtype), device)
+        logger.info("loaded VAE from %s (%s, %s)", weights, model.dtype, device)
         return model.eval().requires_grad_(False)
 
 
