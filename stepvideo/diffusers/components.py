@@ -129,7 +129,7 @@ class StepVideoCaptionEncoder(ModelMixin, ConfigMixin):
         folder = _folder(pretrained_model_name_or_path, subfolder)
         config_file = folder / cls.config_name
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        model = cls(max_length=config.get("max_length", 320), clip_max_length=config.get("clip_max_length", 77))
+        model = cls(**{name: config[name] for name in ("max_length", "clip_max_length") if name in config})
         encoder = CaptionEncoder.from_pretrained(folder, device=device, max_length=model.config.max_length,
                                                  clip_max_length=model.config.clip_max_length)
         model.text_encoder, model.clip = encoder.text_encoder, encoder.clip

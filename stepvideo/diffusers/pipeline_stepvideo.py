@@ -34,7 +34,7 @@ from diffusers.utils import BaseOutput
 
 from ..caption_service.client import RemoteCaptionEncoder, RemoteVAE
 from ..components import LocalVAE
-from ..config import PRESETS, SamplingConfig
+from ..config import PRESETS
 from ..io.frames import decoded_to_frames
 from ..loading import layout
 from ..loading.hub import resolve_model_dir
@@ -161,9 +161,6 @@ class _StepVideoDiffusersPipeline(DiffusionPipeline):
             vae = RemoteVAE(self.vae_url, token=self.service_token, output="uint8")
         return StepVideoPipeline(self.transformer, self.scheduler, caption_encoder=caption, vae=vae)
 
-    def _defaults(self) -> SamplingConfig:
-        return PRESETS[self.preset]
-
     @staticmethod
     def _frames(frames: np.ndarray, output_type: str):
         """``uint8 [T, H, W, 3]`` (as ``run_parallel.py`` writes) -> the requested format (batch 1)."""
@@ -186,7 +183,7 @@ class _StepVideoDiffusersPipeline(DiffusionPipeline):
             if len(generator) != 1:
                 raise ValueError(f"one video per call: pass one generator, got {len(generator)}")
             generator = generator[0]
-        preset = self._defaults()
+        preset = PRESETS[self.preset]
         pick = lambda value, name: getattr(preset, name) if value is None else value      # noqa: E731
         stages = self._stages()
         height, width, num_frames = stages.check_inputs(pick(height, "height"), pick(width, "width"),
@@ -239,8 +236,6 @@ class StepVideoTextToVideoPipeline(_StepVideoDiffusersPipeline):
         frames = pipe("a red fox running through snow", generator=torch.Generator("cuda").manual_seed(0)).frames[0]
         export_to_video(frames, "fox.mp4", fps=25)
     """
-
-    preset = "t2v"
 
     @torch.no_grad()
     def __call__(self, prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
