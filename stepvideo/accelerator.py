@@ -28,8 +28,6 @@ import torch
 class CudaAccelerator:
     """The real ``torch.cuda`` (every method is a one-line pass-through)."""
 
-    name = "cuda"
-
     # ---- facts ---------------------------------------------------------------------------
     def is_available(self) -> bool:
         return torch.cuda.is_available()
