@@ -22,6 +22,7 @@ pipeline holds :mod:`stepvideo.runtime.placed_components`, which load on demand 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -189,7 +190,9 @@ class VideoGenerator:
         def denoise():
             self.placement.enter("denoise", self.dit)
             try:
-                with cache_applied(self.dit, sampling.cache):     # --cache: diffusers' hooks; off: untouched
+                # --cache: diffusers' hooks; without one, perf.cache is not even entered
+                steps_cache = cache_applied(self.dit, sampling.cache) if sampling.cache else nullcontext()
+                with steps_cache:
                     return self.pipeline.denoise_inputs(inputs, sampling, callback=after_step, progress=progress,
                                                         timer=timer)
             except GenerationCancelled as cancelled:     # not a failure: every rank stops at this step
